@@ -1,0 +1,5 @@
+import sys
+
+from ratplus.cli import main
+
+sys.exit(main())

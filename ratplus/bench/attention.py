@@ -1,0 +1,127 @@
+"""``ratplus bench attention``: prefill latency of the attention operator and of one RAT+ layer.
+
+Dense causal SDPA against each sparse pattern at several lengths, measured side by side in one run
+(ratios, not absolute times, are what carry between machines). Before timing, every backend is
+checked against the reference at a small shape; a backend that fails parity is not timed.
+Also measures the recurrence overhead: one full layer forward+backward, RAT+ vs apply_re=False.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ratplus.bench.common import emit_json, environment, print_table, time_fn
+from ratplus.config import AttentionPattern, HeadGroups, ModelConfig
+from ratplus.model.rat import RATPlusLayer
+from ratplus.ops.attention import attention
+from ratplus.ops.rope import rope_cos_sin
+
+DEFAULT_PATTERNS = ("D4", "D16", "D64", "D16-W256-P4", "local-W256-P4")
+
+
+def check_parity(patterns: list[AttentionPattern], device: torch.device, dtype: torch.dtype) -> None:
+    """Each pattern's auto backend vs the reference at a small odd shape, outputs and gradients."""
+    torch.manual_seed(0)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for pattern in [AttentionPattern(), *patterns]:
+        q, k, v = (torch.randn(1, 2, 333, 32, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        ref = attention(q.float(), k.float(), v.float(), pattern, backend="reference")
+        out = attention(q, k, v, pattern)
+        err = (out.float() - ref).abs().max().item()
+        if err > tol:
+            raise RuntimeError(f"parity check failed for {pattern}: max |out - reference| = {err:.3g} > {tol}")
+
+
+def run(
+    seq_lens: list[int],
+    patterns: list[str],
+    heads: int = 8,
+    head_dim: int = 64,
+    batch: int = 1,
+    repeats: int = 3,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    layer: bool = True,
+    layer_len: int = 4096,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    device = device or torch.device("cpu")
+    parsed = [AttentionPattern.parse(p) for p in patterns]
+    check_parity(parsed, device, dtype)
+    rows, results = [], []
+    for T in seq_lens:
+        q, k, v = (torch.randn(batch, heads, T, head_dim, device=device, dtype=dtype) for _ in range(3))
+        with torch.no_grad():
+            dense = time_fn(lambda q=q, k=k, v=v: attention(q, k, v, None), device, repeats)
+            entry = {"T": T, "dense_s": dense, "patterns": {}}
+            for name, p in zip(patterns, parsed):
+                t = time_fn(lambda p=p, q=q, k=k, v=v: attention(q, k, v, p), device, repeats)
+                entry["patterns"][name] = {"s": t, "speedup": dense / t, "flop_ratio": _flop_ratio(p, T)}
+                rows.append([T, name, dense * 1e3, t * 1e3, dense / t, _flop_ratio(p, T)])
+        results.append(entry)
+    print(f"attention operator prefill, B={batch} H={heads} K={head_dim} {environment(device, dtype)['dtype']}")
+    print_table(["T", "pattern", "dense ms", "sparse ms", "speedup", "FLOP ratio"], rows)
+    record: dict[str, Any] = {
+        "bench": "attention",
+        **environment(device, dtype),
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "backends": {p: _backend_name(AttentionPattern.parse(p), device) for p in patterns},
+        "operator": results,
+    }
+    if layer:
+        record["layer"] = _layer_bench(layer_len, heads, head_dim, batch, patterns, repeats, device, dtype)
+    emit_json(record, json_path)
+    return record
+
+
+def _flop_ratio(p: AttentionPattern, T: int) -> float:
+    dense = T * (T + 1) / 2
+    return dense / sum(p.keys_per_query(t) for t in range(0, T, max(1, T // 512))) / max(1, T // 512)
+
+
+def _backend_name(p: AttentionPattern, device: torch.device) -> str:
+    from ratplus.ops.dispatch import choose_attention_backend
+
+    return choose_attention_backend(p, device)
+
+
+def _layer_bench(T, heads, head_dim, batch, patterns, repeats, device, dtype) -> dict[str, Any]:
+    """One full layer: forward per pattern (RAT+), and forward+backward dense RAT+ vs baseline."""
+    C = heads * head_dim
+    out: dict[str, Any] = {"T": T}
+    torch.manual_seed(0)
+    x = torch.randn(batch, T, C, device=device, dtype=dtype)
+    cos, sin = rope_cos_sin(torch.arange(T, device=device), head_dim, dtype=dtype)
+    layers = {}
+    for re in (True, False):
+        cfg = ModelConfig(vocab_size=8, d_model=C, num_layers=1, num_heads=heads, max_seq_len=T, apply_re=re)
+        layers[re] = RATPlusLayer(cfg).to(device=device, dtype=dtype)
+    dense = HeadGroups(((AttentionPattern(), heads),))
+    rows = []
+    with torch.no_grad():
+        base = time_fn(lambda: layers[True](x, dense, cos, sin), device, repeats)
+        out["forward_dense_s"] = base
+        for name in patterns:
+            g = HeadGroups(((AttentionPattern.parse(name), heads),))
+            t = time_fn(lambda g=g: layers[True](x, g, cos, sin), device, repeats)
+            out[f"forward_{name}_s"] = t
+            rows.append([name, base * 1e3, t * 1e3, base / t])
+    print(f"\nRAT+ layer forward, T={T}, C={C}")
+    print_table(["pattern", "dense ms", "sparse ms", "speedup"], rows)
+
+    def step(layer):
+        xg = x.clone().requires_grad_(True)
+        layer(xg, dense, cos, sin).sum().backward()
+
+    fb = {re: time_fn(lambda re=re: step(layers[re]), device, repeats) for re in (True, False)}
+    out["fwd_bwd_ratplus_s"], out["fwd_bwd_attention_s"] = fb[True], fb[False]
+    out["recurrence_overhead"] = fb[True] / fb[False] - 1
+    print(
+        f"\nlayer forward+backward, dense, T={T}: RAT+ {fb[True] * 1e3:.1f} ms, "
+        f"attention baseline {fb[False] * 1e3:.1f} ms, recurrence overhead {out['recurrence_overhead']:+.1%}"
+    )
+    return out

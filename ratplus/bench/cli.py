@@ -1,0 +1,53 @@
+"""``ratplus bench <what>`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from ratplus.bench.common import resolve_device, resolve_dtype
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (table + one JSON line)")
+    bsub = bench.add_subparsers(dest="what", metavar="WHAT")
+    bsub.required = True
+    a = bsub.add_parser("attention", help="attention operator / layer prefill latency, dense vs sparse")
+    a.add_argument("--seq-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384, 32768])
+    a.add_argument("--patterns", default="D4,D16,D64,D16-W256-P4,local-W256-P4")
+    a.add_argument("--heads", type=int, default=8)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
+    a.add_argument("--layer-len", type=int, default=4096, help="T of the full-layer measurements")
+    a.add_argument("--no-layer", action="store_true", help="skip the full-layer measurements")
+    a.add_argument("--json", default=None, help="also write the JSON record to this file")
+    a.set_defaults(func=_attention)
+
+
+def _attention(args) -> int:
+    from ratplus.bench.attention import run
+
+    device = resolve_device(args.device)
+    run(
+        args.seq_lens,
+        [p for p in args.patterns.split(",") if p],
+        args.heads,
+        args.head_dim,
+        args.batch,
+        args.repeats,
+        device,
+        resolve_dtype(args.dtype, device),
+        not args.no_layer,
+        args.layer_len,
+        args.json,
+    )
+    return 0

@@ -1,0 +1,381 @@
+"""Model configuration, attention patterns and named presets.
+
+Everything here is plain data: no tensors, no modules. Two things live here:
+
+* ``ModelConfig``: the architecture (DESIGN.md section 2) plus named presets.
+* ``AttentionPattern``: which keys each query sees (DESIGN.md section 3), with a compact string
+  form (``dense``, ``D16``, ``D16-W256-P4``, ``local-W64-P4``, ``topk-B64-K16-W64-P4-quest``), per-head
+  groups (``D16:4+local-W64:4``) and per-layer lists (``D16/dense/D64/dense``).
+
+A *pattern spec* (what ``RATPlusLM.forward(pattern=...)`` accepts) is any of: ``None`` (dense), a
+string, an ``AttentionPattern``, a ``HeadGroups``, or a list with one of those per layer.
+``resolve_pattern`` turns any spec into the canonical form the model runs: one ``HeadGroups`` per layer.
+
+Bad values raise ``ValueError`` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+TopKScoring = Literal["quest", "moba"]
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """One attention pattern: the key set S(t) of DESIGN.md section 3.
+
+    For query position t (0-based) the keys are the union of
+      local    { p : t - W <= p <= t }                            (W = local_size)
+      initial  { p : p < P, p <= t }                              (P = initial_size)
+      dilated  { p : (p + 1) % D == 0, p >= P, p < t - W }        (D = dilation_size)
+
+    ``dilation_size=1`` is dense causal attention (whatever W and P are); ``dilation_size=None`` drops
+    the dilated part (local window + initial tokens only, the recurrence carries the rest).
+
+    ``kind="topk"`` is inference-time top-k block attention: keys are grouped in blocks of
+    ``block_size``; each query attends to its ``top_k`` best-scoring complete blocks older than the
+    local window (scored Quest- or MoBA-style) plus the local window and initial tokens.
+    """
+
+    dilation_size: int | None = 1
+    local_size: int = 0
+    initial_size: int = 0
+    kind: Literal["dilated", "topk"] = "dilated"
+    block_size: int = 64
+    top_k: int = 16
+    scoring: TopKScoring = "quest"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dilated", "topk"):
+            raise ValueError(f"kind must be 'dilated' or 'topk', got {self.kind!r}")
+        if self.kind == "dilated":
+            if self.dilation_size is not None:
+                if isinstance(self.dilation_size, bool) or not isinstance(self.dilation_size, int):
+                    raise ValueError(f"dilation_size must be an int >= 1 or None, got {self.dilation_size!r}")
+                if self.dilation_size < 1:
+                    raise ValueError(
+                        f"dilation_size must be >= 1 (or None for no dilated keys), got {self.dilation_size}"
+                    )
+        else:
+            if self.dilation_size is not None and self.dilation_size != 1:
+                raise ValueError("dilation_size must be None for a top-k pattern")
+            object.__setattr__(self, "dilation_size", None)
+            if self.block_size < 1:
+                raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+            if self.top_k < 0:
+                raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            if self.scoring not in ("quest", "moba"):
+                raise ValueError(f"scoring must be 'quest' or 'moba', got {self.scoring!r}")
+        for name in ("local_size", "initial_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def is_dense(self) -> bool:
+        """True when every causal key is visible (D = 1)."""
+        return self.kind == "dilated" and self.dilation_size == 1
+
+    @property
+    def is_topk(self) -> bool:
+        return self.kind == "topk"
+
+    def kv_slots(self, seq_len: int) -> int:
+        """Cache slots needed to decode at context ``seq_len``: P + W + 1 + floor(T / D) (DESIGN.md 4).
+
+        Dense needs T + 1; top-k keeps every key (it only skips work, not memory).
+        """
+        if self.is_dense or self.is_topk:
+            return seq_len + 1
+        dilated = 0 if self.dilation_size is None else seq_len // self.dilation_size
+        return self.initial_size + self.local_size + 1 + dilated
+
+    def keys_per_query(self, t: int) -> int:
+        """Exact |S(t)| for query position t (used for FLOP accounting)."""
+        if self.is_dense:
+            return t + 1
+        W, P = self.local_size, self.initial_size
+        n = min(W, t) + 1  # local
+        n += max(0, min(P, t - W))  # initial keys not already in the window
+        if self.is_topk:
+            n_blocks = max(0, t - W - P) // self.block_size
+            return n + min(self.top_k, n_blocks) * self.block_size
+        if self.dilation_size is not None:
+            D = self.dilation_size
+            hi = t - W  # p < hi
+            lo = P  # p >= lo
+            if hi > lo:
+                # count p in [lo, hi) with (p + 1) % D == 0  <=>  p + 1 in [lo + 1, hi] divisible by D
+                n += hi // D - lo // D
+        return n
+
+    # ---- string form --------------------------------------------------------------------------
+    def __str__(self) -> str:
+        W, P = self.local_size, self.initial_size
+        if self.is_topk:
+            return f"topk-B{self.block_size}-K{self.top_k}-W{W}-P{P}-{self.scoring}"
+        if self.dilation_size is None:
+            return f"local-W{W}-P{P}"
+        if self.dilation_size == 1 and W == 0 and P == 0:
+            return "dense"
+        return f"D{self.dilation_size}-W{W}-P{P}"
+
+    @classmethod
+    def parse(cls, text: str) -> AttentionPattern:
+        """Parse one pattern: ``dense``, ``D16``, ``D16-W256-P4``, ``local-W64-P4``,
+        ``topk-B64-K16-W64-P4-quest`` (fields after the head may come in any order, missing ones
+        default to 0 / the dataclass default)."""
+        if not isinstance(text, str):
+            raise ValueError(f"pattern must be a string, got {type(text).__name__}")
+        s = text.strip()
+        low = s.lower()
+        if low in ("dense", "causal", "full"):
+            return cls()
+        parts = s.split("-")
+        head = parts[0]
+        fields: dict[str, Any] = {}
+        rest = parts[1:]
+        if head.lower() == "local":
+            fields["dilation_size"] = None
+        elif head.lower() == "topk":
+            fields["kind"] = "topk"
+            fields["dilation_size"] = None
+        elif re.fullmatch(r"[Dd]\d+", head):
+            fields["dilation_size"] = int(head[1:])
+        else:
+            raise ValueError(
+                f"unknown attention pattern {text!r}: expected 'dense', 'D<d>[-W<w>][-P<p>]', "
+                "'local-W<w>[-P<p>]' or 'topk-B<b>-K<k>[-W<w>][-P<p>][-quest|-moba]'"
+            )
+        letters = {"W": "local_size", "P": "initial_size"}
+        if fields.get("kind") == "topk":
+            letters.update({"B": "block_size", "K": "top_k"})
+        for part in rest:
+            if fields.get("kind") == "topk" and part.lower() in ("quest", "moba"):
+                fields["scoring"] = part.lower()
+                continue
+            m = re.fullmatch(r"([A-Za-z])(\d+)", part)
+            if not m or m.group(1).upper() not in letters:
+                raise ValueError(f"unknown field {part!r} in attention pattern {text!r}")
+            name = letters[m.group(1).upper()]
+            if name in fields:
+                raise ValueError(f"field {part!r} given twice in attention pattern {text!r}")
+            fields[name] = int(m.group(2))
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class HeadGroups:
+    """Per-head mix within one layer: consecutive head groups, each with its own pattern.
+
+    ``HeadGroups(((AttentionPattern(16), 4), (AttentionPattern(None, 64), 4)))`` gives heads 0-3 D=16
+    and heads 4-7 a 64-token local window. String form: ``D16:4+local-W64-P0:4``.
+    """
+
+    groups: tuple[tuple[AttentionPattern, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ValueError("HeadGroups needs at least one group")
+        for pattern, n in self.groups:
+            if not isinstance(pattern, AttentionPattern):
+                raise ValueError(f"HeadGroups entries must be AttentionPattern, got {type(pattern).__name__}")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"head count of a group must be >= 1, got {n!r}")
+
+    @property
+    def num_heads(self) -> int:
+        return sum(n for _, n in self.groups)
+
+    @property
+    def is_dense(self) -> bool:
+        return all(p.is_dense for p, _ in self.groups)
+
+    def __str__(self) -> str:
+        if len(self.groups) == 1:
+            return str(self.groups[0][0])
+        return "+".join(f"{p}:{n}" for p, n in self.groups)
+
+    @classmethod
+    def parse(cls, text: str, num_heads: int | None = None) -> HeadGroups:
+        """Parse ``D16:4+local-W64:4``; a single pattern without ``:n`` takes all ``num_heads``."""
+        items = [t for t in text.split("+")]
+        if len(items) == 1 and ":" not in items[0]:
+            if num_heads is None:
+                raise ValueError("num_heads is needed to expand a single pattern into head groups")
+            return cls(((AttentionPattern.parse(items[0]), num_heads),))
+        groups = []
+        for item in items:
+            name, sep, count = item.rpartition(":")
+            if not sep or not count.strip().isdigit():
+                raise ValueError(f"head group {item!r} in {text!r} must look like '<pattern>:<num_heads>'")
+            groups.append((AttentionPattern.parse(name), int(count)))
+        return cls(tuple(groups))
+
+
+LayerPattern = HeadGroups
+PatternSpec = None | str | AttentionPattern | HeadGroups | Sequence[str | AttentionPattern | HeadGroups]
+
+
+def _one_layer(spec: str | AttentionPattern | HeadGroups, num_heads: int) -> HeadGroups:
+    if isinstance(spec, HeadGroups):
+        groups = spec
+    elif isinstance(spec, AttentionPattern):
+        groups = HeadGroups(((spec, num_heads),))
+    elif isinstance(spec, str):
+        groups = HeadGroups.parse(spec, num_heads)
+    else:
+        raise ValueError(f"pattern must be a string, AttentionPattern or HeadGroups, got {type(spec).__name__}")
+    if groups.num_heads != num_heads:
+        raise ValueError(f"pattern {groups} covers {groups.num_heads} heads but the layer has num_heads={num_heads}")
+    return groups
+
+
+def resolve_pattern(spec: PatternSpec, num_layers: int, num_heads: int) -> tuple[HeadGroups, ...]:
+    """Canonical form of any pattern spec: one ``HeadGroups`` per layer.
+
+    Strings may hold a per-layer list separated by ``/`` (``D16/dense``); its length must equal
+    ``num_layers``.
+    """
+    if spec is None:
+        spec = AttentionPattern()
+    if isinstance(spec, str) and "/" in spec:
+        spec = [s for s in spec.split("/")]
+    if isinstance(spec, (str, AttentionPattern, HeadGroups)):
+        layer = _one_layer(spec, num_heads)
+        return (layer,) * num_layers
+    if isinstance(spec, Sequence):
+        if len(spec) != num_layers:
+            raise ValueError(
+                f"per-layer pattern list has {len(spec)} entries but the model has num_layers={num_layers}"
+            )
+        return tuple(_one_layer(s, num_heads) for s in spec)
+    raise ValueError(f"cannot interpret pattern {spec!r}")
+
+
+def pattern_to_str(layers: Sequence[HeadGroups]) -> str:
+    """Inverse of ``resolve_pattern`` for printing: one pattern if all layers agree, else ``a/b/c``."""
+    texts = [str(layer) for layer in layers]
+    if len(set(texts)) == 1:
+        return texts[0]
+    return "/".join(texts)
+
+
+# ---- model config ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a RAT+ language model (DESIGN.md section 2).
+
+    ``apply_re=False`` gives the gated-attention baseline (no recurrence, in_proj packs o,q,k,v).
+    ``max_seq_len`` bounds training/prefill length and RoPE positions; longer input raises.
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    max_seq_len: int = 4096
+    rope_base: float = 10000.0
+    apply_re: bool = True
+    tie_embeddings: bool = True
+    ffn_mult: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    eos_token_id: int | None = None
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "ffn_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head dim d_model/num_heads={self.head_dim} must be even for RoPE")
+        if self.rope_base <= 0:
+            raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.eos_token_id is not None and not (0 <= self.eos_token_id < self.vocab_size):
+            raise ValueError(f"eos_token_id={self.eos_token_id} is outside [0, vocab_size={self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def d_ffn(self) -> int:
+        return self.ffn_mult * self.d_model
+
+    def num_params(self) -> int:
+        """Closed-form parameter count (tied head): V*C + L*(c*C^2 + 2C) + C (+ V*C if untied),
+        with c = 5 + 1 + 2*ffn_mult for RAT+ (14 at ffn_mult 4) and one C^2 less for the baseline."""
+        C, V, L = self.d_model, self.vocab_size, self.num_layers
+        per_layer = (5 if self.apply_re else 4) * C * C + C * C + 2 * self.d_ffn * C + 2 * C
+        total = V * C + L * per_layer + C
+        if not self.tie_embeddings:
+            total += V * C
+        return total
+
+    def resolve_pattern(self, spec: PatternSpec) -> tuple[HeadGroups, ...]:
+        return resolve_pattern(spec, self.num_layers, self.num_heads)
+
+    # ---- presets & serialisation --------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[key])
+        values.update(overrides)
+        values.setdefault("name", key)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"model config not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {p} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+
+#: Named presets. ``tiny`` is for tests, ``demo`` trains on 2 CPU cores (DESIGN.md: C=256, 4 layers,
+#: T=512, about 4.7M parameters with a 4096-token vocabulary), the last three are the paper's sizes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, max_seq_len=256),
+    "demo": dict(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, max_seq_len=512),
+    "125m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, max_seq_len=4096),
+    "350m": dict(vocab_size=32000, d_model=1024, num_layers=24, num_heads=16, max_seq_len=4096),
+    "1.5b": dict(vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, max_seq_len=4096),
+    "2.6b": dict(vocab_size=32000, d_model=2560, num_layers=28, num_heads=20, max_seq_len=4096),
+    "7.6b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, max_seq_len=4096),
+}

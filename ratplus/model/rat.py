@@ -1,0 +1,223 @@
+"""The RAT+ language model in one readable file (DESIGN.md section 2).
+
+Shapes: B batch, T sequence length, H heads, K head dim, C model width (d_model), V vocab.
+
+A block is ``x = x + RATPlus(x); x = x + FFN(x)``. The RAT+ layer projects the normed input to
+[o, q, k, v, f], runs a gated linear recurrence over k and v (gate g = sigmoid(f), float32, zero
+start state), applies RoPE to q and the recurrent k *after* the recurrence, attends with the chosen
+pattern, gates the result with sigmoid(o) and projects back. ``apply_re=False`` drops f and the
+recurrence: that is the gated-attention baseline of the paper.
+
+Module names mirror the paper's reference checkpoints key for key (``embedding.wte``,
+``backbone.layers.{i}.seq_layer.in_proj``, ``...hidden_layer.fc1``, ``backbone.ln``,
+``head.lm_head``), so converting one is a plain ``load_state_dict``.
+
+The attention pattern is an argument of ``forward``, not of the module: one set of weights serves
+dense training, joint training and every sparse inference pattern.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ratplus.config import HeadGroups, ModelConfig, PatternSpec
+from ratplus.ops.attention import attention
+from ratplus.ops.rope import apply_rope, rope_cos_sin
+from ratplus.ops.scan import gated_scan
+
+
+class LMOutput(NamedTuple):
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RATPlusLayer(nn.Module):
+    """Recurrence-augmented attention (the paper's ``seq_layer``)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.d_model
+        self.num_heads, self.head_dim, self.apply_re = config.num_heads, config.head_dim, config.apply_re
+        self.input_norm = RMSNorm(C, config.norm_eps)
+        # packed rows: o, q, k, v, f (f = forget-gate logits; absent in the attention baseline)
+        self.in_proj = nn.Linear(C, (5 if config.apply_re else 4) * C, bias=False)
+        self.out_proj = nn.Linear(C, C, bias=False)
+
+    def project(self, x: torch.Tensor):
+        """x (B, T, C) -> o (B, T, C); q, k, v (B, H, T, K); g (B, H, T, K) float32 or None."""
+        B, T, C = x.shape
+        parts = self.in_proj(self.input_norm(x)).split(C, dim=-1)
+        o, q, k, v = parts[:4]
+        heads = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        g = heads(torch.sigmoid(parts[4].float())) if self.apply_re else None
+        return o, heads(q), heads(k), heads(v), g
+
+    def recur(
+        self,
+        g: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: torch.Tensor | None = None,
+        scan_backend: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated recurrence over k and v with one shared gate, in float32 as in the paper.
+
+        state: (B, H, 2K) float32 = [k~, v~] before the first step (None = zeros).
+        Returns recurrent k~, v~ (B, H, T, K) in float32."""
+        # k and v share the gate, so one scan over their concatenation does both.
+        kv = torch.cat([k.float(), v.float()], dim=-1)  # (B, H, T, 2K)
+        h = gated_scan(torch.cat([g, g], dim=-1), kv, state, backend=scan_backend)
+        return h[..., : self.head_dim], h[..., self.head_dim :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pattern: HeadGroups,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: str = "auto",
+        scan_backend: str = "auto",
+    ) -> torch.Tensor:
+        """x (B, T, C) at positions 0..T-1; cos/sin (T, K). Returns the layer output y (B, T, C)."""
+        B, T, C = x.shape
+        o, q, k, v, g = self.project(x)
+        if g is not None:
+            k, v = self.recur(g, k, v, scan_backend=scan_backend)
+            # Attention runs in the activation dtype (bf16 under autocast); the recurrence stayed fp32.
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE after the recurrence, not on v
+        a = attention(q, k, v, pattern, backend=backend)  # (B, H, T, K)
+        a = a.transpose(1, 2).reshape(B, T, C)
+        return self.out_proj(a * torch.sigmoid(o))
+
+
+class FFN(nn.Module):
+    """fc2(GELU(fc1(RMSNorm(x)))), exact GELU, no bias (the paper's ``hidden_layer``)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln = RMSNorm(config.d_model, config.norm_eps)
+        self.fc1 = nn.Linear(config.d_model, config.d_ffn, bias=False)
+        self.fc2 = nn.Linear(config.d_ffn, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.seq_layer = RATPlusLayer(config)
+        self.hidden_layer = FFN(config)
+
+    def forward(self, x, pattern, cos, sin, backend="auto", scan_backend="auto"):
+        x = x + self.seq_layer(x, pattern, cos, sin, backend, scan_backend)
+        return x + self.hidden_layer(x)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
+        self.ln = RMSNorm(config.d_model, config.norm_eps)
+
+
+class LMHead(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+
+class RATPlusLM(nn.Module):
+    """RAT+ causal language model. ``forward(input_ids, pattern=...)`` returns logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config)
+        self.backbone = Backbone(config)
+        self.head = LMHead(config)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.head.lm_head.weight = self.embedding.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied head counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def resolve_pattern(self, pattern: PatternSpec) -> tuple[HeadGroups, ...]:
+        return self.config.resolve_pattern(pattern)
+
+    def check_length(self, T: int, offset: int = 0) -> None:
+        if offset + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {offset + T - 1} but max_seq_len={self.config.max_seq_len}; "
+                "build the model with a larger max_seq_len"
+            )
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: h (B, T, C) -> logits (B, T, V)."""
+        return self.head.lm_head(self.backbone.ln(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pattern: PatternSpec = None,
+        labels: torch.Tensor | None = None,
+        *,
+        backend: str = "auto",
+        scan_backend: str = "auto",
+    ) -> torch.Tensor | LMOutput:
+        """input_ids (B, T) int64. ``pattern``: any pattern spec (None = dense causal).
+
+        Without ``labels`` returns logits (B, T, V). With ``labels`` (B, T) of next-token targets
+        aligned with the logits (labels[:, t] is the token after input_ids[:, t]; -100 = ignore)
+        returns ``LMOutput(loss, logits)`` with the mean cross-entropy in float32.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if T == 0:
+            raise ValueError("input_ids is empty (T = 0)")
+        self.check_length(T)
+        layers = self.resolve_pattern(pattern)
+        x = self.embedding.wte(input_ids)  # (B, T, C)
+        cos, sin = self.rope(torch.arange(T, device=input_ids.device), x.dtype)
+        for block, layer_pattern in zip(self.backbone.layers, layers, strict=True):
+            x = block(x, layer_pattern, cos, sin, backend, scan_backend)
+        logits = self.logits(x)
+        if labels is None:
+            return logits
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LMOutput(loss, logits)

@@ -1,0 +1,25 @@
+"""Rotary position embedding, rotate-half convention over the whole head dim (DESIGN.md 2, step 5).
+
+Shapes: B batch, H heads, T length, K head dim (even).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, K) for integer positions (T,). Computed in float32, then cast."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (T, K/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, K): rotate-half pairs i with i + K/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (..., T, K); cos, sin broadcastable to it. Returns x rotated (same dtype)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
