@@ -1,0 +1,148 @@
+"""Saving and loading a model folder (the native checkpoint format).
+
+A model folder holds:
+  config.json        the ``ModelConfig`` as a dict
+  model.safetensors  the weights (tied head stored once, under ``embedding.wte.weight``)
+  tokenizer.json     a Hugging Face ``tokenizers`` file, when the model was trained with one
+  metadata.json      free-form facts (e.g. ``adapted_pattern``, tokens seen), optional
+
+Files are written to a temporary name and renamed, so an interrupted save never leaves a file
+that loads wrong. Loading checks keys and shapes and refuses anything that does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratplus.config import ModelConfig
+from ratplus.model.rat import RATPlusLM
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+METADATA_FILE = "metadata.json"
+_TIED = "head.lm_head.weight"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def model_state_for_saving(model: RATPlusLM) -> dict[str, torch.Tensor]:
+    """State dict with the tied head dropped (safetensors refuses shared storage)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop(_TIED, None)
+    return state
+
+
+def save_pretrained(
+    model: RATPlusLM, path: str | Path, tokenizer: Any = None, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a model folder (see module docstring). ``tokenizer``: a ``tokenizers.Tokenizer`` or None."""
+    from safetensors.torch import save
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / WEIGHTS_FILE, save(model_state_for_saving(model), metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2) + "\n")
+    if tokenizer is not None:
+        atomic_write_text(out / TOKENIZER_FILE, tokenizer.to_str())
+    if metadata is not None:
+        atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupt file raises ValueError naming it."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file not found: {p}")
+    try:
+        return load_file(str(p))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise ValueError(f"cannot read weights {p}: the file is truncated or corrupt ({e})") from e
+
+
+def load_into(model: RATPlusLM, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Strict load with a clear message: missing/unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    if model.config.tie_embeddings and _TIED not in state and "embedding.wte.weight" in state:
+        state = {**state, _TIED: state["embedding.wte.weight"]}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad_shapes = [
+        f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if bad_shapes:
+        problems.append(f"shape mismatches: {'; '.join(bad_shapes[:8])}")
+    if problems:
+        raise ValueError(f"{source} does not match the model config: " + " | ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    return ModelConfig.load(folder / CONFIG_FILE)
+
+
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> RATPlusLM:
+    """Build the model from ``config.json`` and load ``model.safetensors``; returns it in eval mode."""
+    folder = Path(path)
+    config = load_config(folder)
+    model = RATPlusLM(config)
+    load_into(model, load_state_dict_file(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The folder's ``tokenizers.Tokenizer``, or None when it has no tokenizer.json."""
+    p = Path(path) / TOKENIZER_FILE
+    if not p.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:
+        raise ValueError(f"cannot read tokenizer {p}: {e}") from e
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / METADATA_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metadata {p} is not valid JSON: {e}") from e
