@@ -30,6 +30,11 @@ from ratplus.ops.rope import apply_rope, rope_cos_sin
 from ratplus.ops.scan import gated_scan
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The recurrence and its gate run in float32 even under bf16 autocast (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class LMOutput(NamedTuple):
     loss: torch.Tensor
     logits: torch.Tensor
@@ -63,7 +68,7 @@ class RATPlusLayer(nn.Module):
         parts = self.in_proj(self.input_norm(x)).split(C, dim=-1)
         o, q, k, v = parts[:4]
         heads = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        g = heads(torch.sigmoid(parts[4].float())) if self.apply_re else None
+        g = heads(torch.sigmoid(_at_least_fp32(parts[4]))) if self.apply_re else None
         return o, heads(q), heads(k), heads(v), g
 
     def recur(
@@ -79,7 +84,7 @@ class RATPlusLayer(nn.Module):
         state: (B, H, 2K) float32 = [k~, v~] before the first step (None = zeros).
         Returns recurrent k~, v~ (B, H, T, K) in float32."""
         # k and v share the gate, so one scan over their concatenation does both.
-        kv = torch.cat([k.float(), v.float()], dim=-1)  # (B, H, T, 2K)
+        kv = torch.cat([_at_least_fp32(k), _at_least_fp32(v)], dim=-1).to(g.dtype)  # (B, H, T, 2K)
         h = gated_scan(torch.cat([g, g], dim=-1), kv, state, backend=scan_backend)
         return h[..., : self.head_dim], h[..., self.head_dim :]
 

@@ -11,9 +11,13 @@ import torch
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, K) for integer positions (T,). Computed in float32, then cast."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (T, K/2)
+    """cos, sin of shape (T, K) for integer positions (T,).
+
+    Angles are computed in float32 (float64 when asked for float64), then cast: in bf16 the angle
+    of a large position would be wrong by whole radians."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
+    angles = positions.to(work).unsqueeze(-1) * inv_freq  # (T, K/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, K): rotate-half pairs i with i + K/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
