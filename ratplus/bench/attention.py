@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, time_fn
+from ratplus.bench.common import emit_json, environment, print_table, time_fn, time_interleaved
 from ratplus.config import AttentionPattern, HeadGroups, ModelConfig
-from ratplus.model.rat import RATPlusLayer
+from ratplus.model.rat import Block, RATPlusLayer
 from ratplus.ops.attention import attention
 from ratplus.ops.rope import rope_cos_sin
 
@@ -53,13 +53,16 @@ def run(
     rows, results = [], []
     for T in seq_lens:
         q, k, v = (torch.randn(batch, heads, T, head_dim, device=device, dtype=dtype) for _ in range(3))
+        fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
+        fns.update({name: (lambda p=p, q=q, k=k, v=v: attention(q, k, v, p)) for name, p in zip(patterns, parsed)})
         with torch.no_grad():
-            dense = time_fn(lambda q=q, k=k, v=v: attention(q, k, v, None), device, repeats)
-            entry = {"T": T, "dense_s": dense, "patterns": {}}
-            for name, p in zip(patterns, parsed):
-                t = time_fn(lambda p=p, q=q, k=k, v=v: attention(q, k, v, p), device, repeats)
-                entry["patterns"][name] = {"s": t, "speedup": dense / t, "flop_ratio": _flop_ratio(p, T)}
-                rows.append([T, name, dense * 1e3, t * 1e3, dense / t, _flop_ratio(p, T)])
+            times = time_interleaved(fns, device, repeats)
+        dense = times["dense"]
+        entry = {"T": T, "dense_s": dense, "patterns": {}}
+        for name, p in zip(patterns, parsed):
+            t = times[name]
+            entry["patterns"][name] = {"s": t, "speedup": dense / t, "flop_ratio": _flop_ratio(p, T)}
+            rows.append([T, name, dense * 1e3, t * 1e3, dense / t, _flop_ratio(p, T)])
         results.append(entry)
     print(f"attention operator prefill, B={batch} H={heads} K={head_dim} {environment(device, dtype)['dtype']}")
     print_table(["T", "pattern", "dense ms", "sparse ms", "speedup", "FLOP ratio"], rows)
@@ -90,16 +93,18 @@ def _backend_name(p: AttentionPattern, device: torch.device) -> str:
 
 
 def _layer_bench(T, heads, head_dim, batch, patterns, repeats, device, dtype) -> dict[str, Any]:
-    """One full layer: forward per pattern (RAT+), and forward+backward dense RAT+ vs baseline."""
+    """One layer: forward per pattern (RAT+); forward+backward in dense mode, RAT+ vs apply_re=False,
+    for the RAT+ layer alone and for the full block (layer + FFN)."""
     C = heads * head_dim
     out: dict[str, Any] = {"T": T}
     torch.manual_seed(0)
     x = torch.randn(batch, T, C, device=device, dtype=dtype)
     cos, sin = rope_cos_sin(torch.arange(T, device=device), head_dim, dtype=dtype)
-    layers = {}
-    for re in (True, False):
-        cfg = ModelConfig(vocab_size=8, d_model=C, num_layers=1, num_heads=heads, max_seq_len=T, apply_re=re)
-        layers[re] = RATPlusLayer(cfg).to(device=device, dtype=dtype)
+    cfgs = {
+        re: ModelConfig(vocab_size=8, d_model=C, num_layers=1, num_heads=heads, max_seq_len=T, apply_re=re)
+        for re in (True, False)
+    }
+    layers = {re: RATPlusLayer(cfg).to(device=device, dtype=dtype) for re, cfg in cfgs.items()}
     dense = HeadGroups(((AttentionPattern(), heads),))
     rows = []
     with torch.no_grad():
@@ -113,15 +118,18 @@ def _layer_bench(T, heads, head_dim, batch, patterns, repeats, device, dtype) ->
     print(f"\nRAT+ layer forward, T={T}, C={C}")
     print_table(["pattern", "dense ms", "sparse ms", "speedup"], rows)
 
-    def step(layer):
+    def step(module):
         xg = x.clone().requires_grad_(True)
-        layer(xg, dense, cos, sin).sum().backward()
+        module(xg, dense, cos, sin).sum().backward()
 
-    fb = {re: time_fn(lambda re=re: step(layers[re]), device, repeats) for re in (True, False)}
-    out["fwd_bwd_ratplus_s"], out["fwd_bwd_attention_s"] = fb[True], fb[False]
-    out["recurrence_overhead"] = fb[True] / fb[False] - 1
-    print(
-        f"\nlayer forward+backward, dense, T={T}: RAT+ {fb[True] * 1e3:.1f} ms, "
-        f"attention baseline {fb[False] * 1e3:.1f} ms, recurrence overhead {out['recurrence_overhead']:+.1%}"
-    )
+    blocks = {re: Block(cfg).to(device=device, dtype=dtype) for re, cfg in cfgs.items()}
+    for what, modules in (("layer", layers), ("block", blocks)):
+        fb = time_interleaved({re: (lambda m=modules[re]: step(m)) for re in (True, False)}, device, repeats)
+        out[f"fwd_bwd_{what}_ratplus_s"], out[f"fwd_bwd_{what}_attention_s"] = fb[True], fb[False]
+        out[f"recurrence_overhead_{what}"] = fb[True] / fb[False] - 1
+        label = "RAT+ layer alone" if what == "layer" else "full block (layer + FFN)"
+        print(
+            f"{label} forward+backward, dense, T={T}: RAT+ {fb[True] * 1e3:.1f} ms, attention baseline "
+            f"{fb[False] * 1e3:.1f} ms, recurrence overhead {out[f'recurrence_overhead_{what}']:+.1%}"
+        )
     return out

@@ -32,6 +32,25 @@ def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmu
     return statistics.median(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each function, run round-robin (A, B, A, B, ...) so that a change in
+    machine load during the measurement hits every contender alike: use it for ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(

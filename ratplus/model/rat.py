@@ -83,10 +83,11 @@ class RATPlusLayer(nn.Module):
 
         state: (B, H, 2K) float32 = [k~, v~] before the first step (None = zeros).
         Returns recurrent k~, v~ (B, H, T, K) in float32."""
-        # k and v share the gate, so one scan over their concatenation does both.
-        kv = torch.cat([_at_least_fp32(k), _at_least_fp32(v)], dim=-1).to(g.dtype)  # (B, H, T, 2K)
-        h = gated_scan(torch.cat([g, g], dim=-1), kv, state, backend=scan_backend)
-        return h[..., : self.head_dim], h[..., self.head_dim :]
+        # k and v share the gate; two scans over strided views avoid copying g or concatenating k, v.
+        k_state, v_state = (None, None) if state is None else state.split(self.head_dim, dim=-1)
+        k = gated_scan(g, _at_least_fp32(k).to(g.dtype), k_state, backend=scan_backend)
+        v = gated_scan(g, _at_least_fp32(v).to(g.dtype), v_state, backend=scan_backend)
+        return k, v
 
     def forward(
         self,

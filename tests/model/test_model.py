@@ -97,7 +97,7 @@ def test_baseline_skips_scan(monkeypatch):
     base(ids)
     assert calls == []
     RATPlusLM(ModelConfig.from_preset("tiny"))(ids)
-    assert len(calls) == 2  # one scan (k and v together) per layer
+    assert len(calls) == 4  # one scan for k and one for v, per layer
 
 
 def test_state_dict_names_mirror_reference_checkpoints(model):

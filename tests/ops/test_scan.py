@@ -56,3 +56,24 @@ def test_bad_shapes():
         gated_scan(torch.rand(1, 1, 4, 2), torch.rand(1, 1, 4, 2), torch.rand(1, 2))
     with pytest.raises(ValueError, match="backend"):
         gated_scan(torch.rand(1, 1, 4, 2), torch.rand(1, 1, 4, 2), backend="triton9")
+
+
+@pytest.mark.parametrize("T", [1, 5, 36, 37])
+def test_linear_scan_reverse_equals_flipped_forward(T):
+    from ratplus.ops.scan import linear_scan
+
+    gen = torch.Generator().manual_seed(T)
+    a = torch.rand(2, 3, T, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 3, T, 4, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    expected = linear_scan(a.flip(-2), b.flip(-2), h0).flip(-2)
+    torch.testing.assert_close(linear_scan(a, b, h0, reverse=True), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_strided_inputs_match_contiguous():
+    # the model scans heads transposed out of a (B, T, C) projection without copying them
+    gen = torch.Generator().manual_seed(0)
+    g = torch.rand(2, 40, 3, 4, generator=gen).transpose(1, 2)
+    x = torch.randn(2, 40, 3, 4, generator=gen).transpose(1, 2)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(gated_scan(g, x), gated_scan_reference(g.contiguous(), x.contiguous()))

@@ -26,31 +26,38 @@ def _chunk_len(T: int) -> int:
     return max(1, math.isqrt(T))
 
 
-def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    """h_t = a_t h_{t-1} + b_t over dim -2 of (..., T, K) tensors; h0: (..., K) or None. No autograd."""
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + b_t over dim -2 of (..., T, K) tensors; h0: (..., K) or None. No autograd.
+
+    ``reverse=True`` runs from the end instead: h_t = a_t h_{t+1} + b_t with h_T = h0.
+    Inputs may be strided views (e.g. heads transposed out of a (B, T, C) projection): splitting T
+    into (N, L) is still a view, so nothing is copied on the way in."""
     *lead, T, K = b.shape
     L = _chunk_len(T)
     N = -(-T // L)
     pad = N * L - T
     if pad:
-        # Padding at the end never feeds back into real steps.
+        # Padding at the end: b = 0 and a zero state keep it from touching real steps either way.
         a = torch.cat([a, a.new_ones(*lead, pad, K)], dim=-2)
         b = torch.cat([b, b.new_zeros(*lead, pad, K)], dim=-2)
     a = a.reshape(*lead, N, L, K)  # (..., N, L, K)
     b = b.reshape(*lead, N, L, K)
-    local = torch.empty_like(b)  # scan within each chunk from a zero state
-    prod = torch.empty_like(a)  # running product of gates within each chunk
-    local[..., 0, :] = b[..., 0, :]
-    prod[..., 0, :] = a[..., 0, :]
-    for i in range(1, L):
-        torch.addcmul(b[..., i, :], a[..., i, :], local[..., i - 1, :], out=local[..., i, :])
-        torch.mul(prod[..., i - 1, :], a[..., i, :], out=prod[..., i, :])
-    # carry[n] = true state just before chunk n
-    carry = torch.empty_like(b[..., :, 0, :])  # (..., N, K)
-    state = torch.zeros_like(b[..., 0, 0, :]) if h0 is None else h0.to(b.dtype)
-    for n in range(N):
+    local = torch.empty(*lead, N, L, K, dtype=b.dtype, device=b.device)  # in-chunk scan from a zero state
+    prod = torch.empty_like(local)  # product of the gates between a step and its chunk's entry edge
+    steps = range(L - 2, -1, -1) if reverse else range(1, L)
+    edge, exit_ = (L - 1, 0) if reverse else (0, L - 1)
+    local[..., edge, :] = b[..., edge, :]
+    prod[..., edge, :] = a[..., edge, :]
+    for i in steps:
+        j = i + 1 if reverse else i - 1  # the step before i in scan order
+        torch.addcmul(b[..., i, :], a[..., i, :], local[..., j, :], out=local[..., i, :])
+        torch.mul(prod[..., j, :], a[..., i, :], out=prod[..., i, :])
+    # carry[n] = true state entering chunk n (from the left, or from the right when reverse)
+    carry = torch.empty_like(local[..., :, 0, :])  # (..., N, K)
+    state = torch.zeros_like(carry[..., 0, :]) if h0 is None else h0.to(b.dtype)
+    for n in range(N - 1, -1, -1) if reverse else range(N):
         carry[..., n, :] = state
-        state = torch.addcmul(local[..., n, L - 1, :], prod[..., n, L - 1, :], state)
+        state = torch.addcmul(local[..., n, exit_, :], prod[..., n, exit_, :], state)
     h = torch.addcmul(local, prod, carry.unsqueeze(-2))
     return h.reshape(*lead, N * L, K)[..., :T, :]
 
@@ -58,7 +65,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> to
 class _GatedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-        h = linear_scan(g, (1 - g) * x, h0)
+        h = linear_scan(g, torch.addcmul(x, g, x, value=-1), h0)  # b = (1 - g) x in one pass
         ctx.save_for_backward(g, x, h, h0 if h0 is not None else torch.empty(0))
         ctx.has_h0 = h0 is not None
         return h
@@ -66,14 +73,18 @@ class _GatedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         g, x, h, h0 = ctx.saved_tensors
-        # c_t = u_t + g_{t+1} c_{t+1}: a forward scan on time-reversed tensors, gate shifted by one.
-        g_next = torch.cat([g[..., 1:, :], torch.zeros_like(g[..., :1, :])], dim=-2)
-        c = linear_scan(g_next.flip(-2), grad_h.flip(-2), None).flip(-2)
-        h_prev = torch.cat(
-            [(h0.unsqueeze(-2) if ctx.has_h0 else torch.zeros_like(h[..., :1, :])), h[..., :-1, :]], dim=-2
-        )
-        grad_x = (1 - g) * c if ctx.needs_input_grad[1] else None
-        grad_g = (h_prev - x) * c if ctx.needs_input_grad[0] else None
+        # c_t = u_t + g_{t+1} c_{t+1}: a reverse scan whose gate is g shifted by one step.
+        g_next = torch.empty_like(g)
+        g_next[..., :-1, :] = g[..., 1:, :]
+        g_next[..., -1, :] = 0
+        c = linear_scan(g_next, grad_h, None, reverse=True)
+        grad_x = torch.addcmul(c, g, c, value=-1) if ctx.needs_input_grad[1] else None  # (1 - g) c
+        grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_g = torch.empty_like(c)  # (h_{t-1} - x_t) c_t
+            torch.sub(h[..., :-1, :], x[..., 1:, :], out=grad_g[..., 1:, :])
+            grad_g[..., 0, :] = (h0 - x[..., 0, :]) if ctx.has_h0 else -x[..., 0, :]
+            grad_g.mul_(c)
         grad_h0 = g[..., 0, :] * c[..., 0, :] if (ctx.has_h0 and ctx.needs_input_grad[2]) else None
         return grad_g, grad_x, grad_h0
 
