@@ -7,6 +7,8 @@
 | top-k blocks     | topk               | topk                          |
 
 ``reference`` (exact masks, O(T*S) memory) is always available for checking.
+
+Gated scan: ``compiled`` (associative scan, Triton via Inductor) on CUDA, ``chunked`` elsewhere.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def choose_attention_backend(pattern: AttentionPattern, device: torch.device) ->
     if device.type == "cuda":
         return "flex"
     return "sparse"
+
+
+def choose_scan_backend(device: torch.device) -> str:
+    return "compiled" if device.type == "cuda" else "chunked"
 
 
 def announce(kind: str, backend: str, device: torch.device) -> None:

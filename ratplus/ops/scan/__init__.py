@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ratplus.ops.dispatch import announce, choose_scan_backend
 from ratplus.ops.scan.chunked import gated_scan_chunked, linear_scan
 from ratplus.ops.scan.reference import gated_scan_reference
 
-SCAN_BACKENDS = ("auto", "reference", "chunked")
+SCAN_BACKENDS = ("auto", "reference", "chunked", "compiled")
 
 
 def gated_scan(g: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
@@ -24,8 +25,15 @@ def gated_scan(g: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None,
         raise ValueError(f"gated_scan: h0 has shape {tuple(h0.shape)}, expected {tuple(x.shape[:-2] + x.shape[-1:])}")
     if backend == "reference":
         return gated_scan_reference(g, x, h0)
-    if backend in ("auto", "chunked"):
+    if backend == "auto":
+        backend = choose_scan_backend(x.device)
+        announce("scan", backend, x.device)
+    if backend == "chunked":
         return gated_scan_chunked(g, x, h0)
+    if backend == "compiled":
+        from ratplus.ops.scan.compiled import gated_scan_compiled
+
+        return gated_scan_compiled(g, x, h0)
     raise ValueError(f"unknown scan backend {backend!r}; choose one of {SCAN_BACKENDS}")
 
 
