@@ -17,6 +17,7 @@ from ratplus.config import AttentionPattern, HeadGroups, ModelConfig
 from ratplus.model.rat import Block, RATPlusLayer
 from ratplus.ops.attention import attention
 from ratplus.ops.rope import rope_cos_sin
+from ratplus.ops.scan import gated_scan
 
 DEFAULT_PATTERNS = ("D4", "D16", "D64", "D16-W256-P4", "local-W256-P4")
 
@@ -46,37 +47,61 @@ def run(
     layer: bool = True,
     layer_len: int = 4096,
     json_path: str | None = None,
+    tokens_per_call: int | None = None,
+    with_scan: bool = False,
 ) -> dict[str, Any]:
+    """Times ``attention`` per pattern against dense causal attention, interleaved, per length.
+
+    ``tokens_per_call``: batch = tokens_per_call // T for each T (the paper's protocol: 262,144).
+    ``with_scan``: the sparse contenders time the whole RAT+ operator (gated scan over k and v, then
+    attention) and a ``RAT+ dense`` row is added; the baseline stays plain dense attention.
+    """
     device = device or torch.device("cpu")
     parsed = [AttentionPattern.parse(p) for p in patterns]
     check_parity(parsed, device, dtype)
+    if with_scan:
+        patterns, parsed = ["RAT+ dense", *patterns], [AttentionPattern(), *parsed]
     rows, results = [], []
     for T in seq_lens:
-        q, k, v = (torch.randn(batch, heads, T, head_dim, device=device, dtype=dtype) for _ in range(3))
+        B = max(1, tokens_per_call // T) if tokens_per_call else batch
+        q, k, v = (torch.randn(B, heads, T, head_dim, device=device, dtype=dtype) for _ in range(3))
+        g = torch.rand(B, heads, T, head_dim, device=device) if with_scan else None
+
+        def op(p, q=q, k=k, v=v, g=g):
+            if g is not None:  # the recurrence runs in float32 whatever the activation dtype
+                k = gated_scan(g, k.float()).to(q.dtype)
+                v = gated_scan(g, v.float()).to(q.dtype)
+            return attention(q, k, v, p)
+
         fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
-        fns.update({name: (lambda p=p, q=q, k=k, v=v: attention(q, k, v, p)) for name, p in zip(patterns, parsed)})
+        fns.update({name: (lambda p=p: op(p)) for name, p in zip(patterns, parsed)})
         with torch.no_grad():
             times = time_interleaved(fns, device, repeats)
         dense = times["dense"]
-        entry = {"T": T, "dense_s": dense, "patterns": {}}
+        entry = {"T": T, "batch": B, "dense_s": dense, "patterns": {}}
         for name, p in zip(patterns, parsed):
             t = times[name]
             entry["patterns"][name] = {"s": t, "speedup": dense / t, "flop_ratio": _flop_ratio(p, T)}
-            rows.append([T, name, dense * 1e3, t * 1e3, dense / t, _flop_ratio(p, T)])
+            rows.append([T, B, name, dense * 1e3, t * 1e3, dense / t, _flop_ratio(p, T)])
         results.append(entry)
-    print(f"attention operator prefill, B={batch} H={heads} K={head_dim} {environment(device, dtype)['dtype']}")
-    print_table(["T", "pattern", "dense ms", "sparse ms", "speedup", "FLOP ratio"], rows)
+        del q, k, v, g, fns
+    what = "RAT+ operator (scan + attention)" if with_scan else "attention operator"
+    print(f"{what} prefill vs dense attention, H={heads} K={head_dim} {environment(device, dtype)['dtype']}")
+    print_table(["T", "B", "pattern", "dense ms", "sparse ms", "speedup", "FLOP ratio"], rows)
     record: dict[str, Any] = {
         "bench": "attention",
         **environment(device, dtype),
         "batch": batch,
+        "tokens_per_call": tokens_per_call,
+        "with_scan": with_scan,
         "heads": heads,
         "head_dim": head_dim,
-        "backends": {p: _backend_name(AttentionPattern.parse(p), device) for p in patterns},
+        "backends": {n: _backend_name(p, device) for n, p in zip(patterns, parsed)},
         "operator": results,
     }
     if layer:
-        record["layer"] = _layer_bench(layer_len, heads, head_dim, batch, patterns, repeats, device, dtype)
+        sparse_only = [n for n in patterns if n != "RAT+ dense"]
+        record["layer"] = _layer_bench(layer_len, heads, head_dim, batch, sparse_only, repeats, device, dtype)
     emit_json(record, json_path)
     return record
 

@@ -29,6 +29,17 @@ def add_parser(sub) -> None:
     a.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
     a.add_argument("--layer-len", type=int, default=4096, help="T of the full-layer measurements")
     a.add_argument("--no-layer", action="store_true", help="skip the full-layer measurements")
+    a.add_argument(
+        "--tokens-per-call",
+        type=int,
+        default=None,
+        help="batch = this // T for each T (the paper's protocol uses 262144)",
+    )
+    a.add_argument(
+        "--with-scan",
+        action="store_true",
+        help="time the RAT+ operator (gated scan + attention) and add a 'RAT+ dense' row",
+    )
     a.add_argument("--json", default=None, help="also write the JSON record to this file")
     a.set_defaults(func=_attention)
 
@@ -38,16 +49,18 @@ def _attention(args) -> int:
 
     device = resolve_device(args.device)
     run(
-        args.seq_lens,
-        [p for p in args.patterns.split(",") if p],
-        args.heads,
-        args.head_dim,
-        args.batch,
-        args.repeats,
-        device,
-        resolve_dtype(args.dtype, device),
-        not args.no_layer,
-        args.layer_len,
-        args.json,
+        seq_lens=args.seq_lens,
+        patterns=[p for p in args.patterns.split(",") if p],
+        heads=args.heads,
+        head_dim=args.head_dim,
+        batch=args.batch,
+        repeats=args.repeats,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        layer=not args.no_layer,
+        layer_len=args.layer_len,
+        json_path=args.json,
+        tokens_per_call=args.tokens_per_call,
+        with_scan=args.with_scan,
     )
     return 0
