@@ -67,3 +67,14 @@ def ckpt(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny-rat"
     save_pretrained(make_model(tokenizer), path, tokenizer=tokenizer, metadata={"adapted_pattern": "D4-W16-P2"})
     return path
+
+
+def folder_digest(path: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file in a folder: evaluation must leave a checkpoint untouched."""
+    import hashlib
+
+    return {
+        str(f.relative_to(path)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
