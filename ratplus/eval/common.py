@@ -100,8 +100,15 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def canonical_pattern(config: ModelConfig, spec: PatternSpec) -> str:
-    """One printable form per distinct pattern (``D16`` and ``D16-W0-P0`` compare equal)."""
-    return pattern_to_str(config.resolve_pattern(spec))
+    """One printable form per distinct pattern (``D16`` and ``D16-W0-P0`` compare equal).
+
+    An invalid pattern raises ValueError naming it."""
+    try:
+        return pattern_to_str(config.resolve_pattern(spec))
+    except ValueError as e:
+        if isinstance(spec, str) and spec in str(e):
+            raise
+        raise ValueError(f"attention pattern {spec!r}: {e}") from e
 
 
 def _as_list(value: Any) -> list[Any]:

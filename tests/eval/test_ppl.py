@@ -113,23 +113,8 @@ def test_cli_ppl_writes_results_and_leaves_checkpoint_untouched(ckpt, tmp_path, 
     data.write_text(" ".join(DOCS))
     before = folder_digest(ckpt)
     out = tmp_path / "out"
-    rc = cli.main(
-        [
-            "eval",
-            "ppl",
-            "--ckpt",
-            str(ckpt),
-            "--data",
-            str(data),
-            "--patterns",
-            "dense,D4,D4-W16-P2",
-            "--seq-len",
-            "32",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    args = f"eval ppl --ckpt {ckpt} --data {data} --patterns dense,D4,D4-W16-P2 --seq-len 32 --out {out} --quiet"
+    rc = cli.main(args.split())
     assert rc == 0
     assert folder_digest(ckpt) == before
     assert (out / "ppl.png").stat().st_size > 0
