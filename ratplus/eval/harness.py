@@ -281,10 +281,13 @@ def evaluate_harness(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_gen_toks: int | None = None,
     log_samples: bool = False,
+    include_defaults: bool = True,
 ) -> dict[str, Any]:
     """Run lm-eval ``tasks`` (registered names or YAML paths) on an in-memory model with ``pattern``.
 
-    Returns lm-eval's results dict with ``ratplus`` = {model, pattern, status} added."""
+    ``include_defaults=False`` skips indexing lm-eval's built-in tasks (seconds) when every task is
+    a YAML path or lives under ``include_path``. Returns lm-eval's results dict with ``ratplus`` =
+    {model, pattern, status} added."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -296,7 +299,7 @@ def evaluate_harness(
         tasks=specs,
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=TaskManager(include_path=include_path),
+        task_manager=TaskManager(include_path=include_path, include_defaults=include_defaults),
         log_samples=log_samples,
         bootstrap_iters=0,
     )

@@ -194,3 +194,26 @@ def test_cli_end_to_end_offline(ckpt, tmp_path):
     bpb = -sum(ll) / sum(len(t.encode()) for t in texts) / math.log(2)
     assert res["tiny_roll"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-4)
     assert "not adapted" not in proc.stderr and "pattern D4-W16-P2 (adapted)" in proc.stderr
+
+
+def test_evaluate_harness_in_process(tmp_path, tokenizer, monkeypatch):
+    """The library entry point the demo uses: an in-memory model, local YAML tasks, no hub."""
+    import datasets
+
+    from ratplus.eval.harness import evaluate_harness
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    mc_yaml = _tasks(tmp_path)[0]
+    em = EvalModel(make_model(tokenizer), tokenizer, {"adapted_pattern": "D4"}, label="in-memory")
+    res = evaluate_harness(em, [str(mc_yaml)], pattern="D4-W0-P0", include_defaults=False, batch_size=4)
+    assert res["ratplus"] == {"model": "in-memory", "pattern": "D4-W0-P0", "status": "adapted"}
+    lm = RATPlusHarnessLM(model=em, pattern="D4")
+    docs = [json.loads(x) for x in (tmp_path / "mc.jsonl").read_text().splitlines()]
+    correct = 0
+    for d in docs:
+        scores = lm.loglikelihood([_req("loglikelihood", d["question"], " " + c) for c in d["choices"]], True)
+        correct += max(range(3), key=lambda i: scores[i][0]) == d["label"]
+    assert res["results"]["tiny_mc"]["acc,none"] == pytest.approx(correct / len(docs))
+    with pytest.raises(FileNotFoundError, match="lm-eval task file not found"):
+        evaluate_harness(em, [str(tmp_path / "missing.yaml")])
