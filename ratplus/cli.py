@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "ratplus.bench.cli",
     "ratplus.eval.commands",
+    "ratplus.generate_cli",
 )
 
 
