@@ -219,26 +219,31 @@ def topk_decode_attention(
     ``block_summaries`` for the complete blocks. Returns (B, H, 1, K), equal to ``topk_attention``
     for that query. Reads only the summaries and the keys it attends to."""
     P, W, Bs = pattern.initial_size, pattern.local_size, pattern.block_size
+    B, H, _, K = q.shape
     lo = max(0, t - W)  # local window [lo, t]
     n_init = min(P, lo)  # initial keys not inside the window
     n_cand = num_candidate_blocks(t, pattern)
     kk = min(pattern.top_k, n_cand)
-    keys, values = [k_cache[:, :, :n_init]], [v_cache[:, :, :n_init]]
-    if kk == n_cand and kk > 0:
-        # every candidate is chosen: one contiguous slice, no scoring needed
-        keys.append(k_cache[:, :, P : P + n_cand * Bs])
-        values.append(v_cache[:, :, P : P + n_cand * Bs])
-    elif kk > 0:
-        scores = block_scores(q, tuple(s[:, :, :n_cand] for s in summaries), pattern)  # (B, H, 1, n_cand)
-        blocks = scores.squeeze(-2).topk(kk, dim=-1).indices  # (B, H, kk)
-        offsets = torch.arange(Bs, device=q.device)
-        positions = (P + blocks.unsqueeze(-1) * Bs + offsets).flatten(-2)  # (B, H, kk * Bs)
-        index = positions.unsqueeze(-1).expand(-1, -1, -1, k_cache.shape[-1])
-        keys.append(k_cache.gather(2, index))
-        values.append(v_cache.gather(2, index))
-    keys.append(k_cache[:, :, lo : t + 1])
-    values.append(v_cache[:, :, lo : t + 1])
-    return F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), scale=scale)
+    n_always = n_init + t + 1 - lo
+    if kk == n_cand:  # every candidate is chosen (or none exists): contiguous slices, no scoring
+        keys = torch.cat([k_cache[:, :, :n_init], k_cache[:, :, P : P + kk * Bs], k_cache[:, :, lo : t + 1]], dim=2)
+        values = torch.cat([v_cache[:, :, :n_init], v_cache[:, :, P : P + kk * Bs], v_cache[:, :, lo : t + 1]], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale)
+    scores = block_scores(q, tuple(s[:, :, :n_cand] for s in summaries), pattern)  # (B, H, 1, n_cand)
+    blocks = scores.squeeze(-2).topk(kk, dim=-1).indices  # (B, H, kk)
+    # one buffer [initial | local | chosen blocks]; whole blocks are copied as rows of Bs * K values
+    # with index_select (several times faster than an element-wise gather)
+    keys = k_cache.new_empty(B, H, n_always + kk * Bs, K)
+    values = torch.empty_like(keys)
+    chosen = blocks.flatten(0, 1).unbind(0)  # B * H index vectors (kk,)
+    for buf, cache in ((keys, k_cache), (values, v_cache)):
+        buf[:, :, :n_init] = cache[:, :, :n_init]
+        buf[:, :, n_init:n_always] = cache[:, :, lo : t + 1]
+        sources = cache[:, :, P : P + n_cand * Bs].flatten(0, 1).unbind(0)  # B * H (n_cand * Bs, K)
+        targets = buf[:, :, n_always:].flatten(0, 1).unbind(0)  # B * H (kk * Bs, K)
+        for src, idx, dst in zip(sources, chosen, targets):
+            torch.index_select(src.reshape(n_cand, Bs * K), 0, idx, out=dst.view(kk, Bs * K))
+    return F.scaled_dot_product_attention(q, keys, values, scale=scale)
 
 
 __all__ = [

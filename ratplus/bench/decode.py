@@ -1,0 +1,279 @@
+"""``ratplus bench decode``: per-token decode latency and KV-cache bytes versus context length.
+
+Two measurements, each dense versus sparse side by side in one run:
+
+1. One attention layer's decode step (store the new key/value in the cache, attend over it) at each
+   context length, for dense and each pattern: median ms per token, the cache's reported bytes, the
+   formula P + W + 1 + floor(T / D) slots x 2 x H x K x itemsize (+ state, + top-k summaries), and
+   the process's resident-memory growth while the cache was built and filled (Linux; a hidden
+   over-allocation would show up there).
+2. A whole model (default the ``125m`` preset) decoding at one context length: tokens per second
+   per pattern and batch size. The cache is filled with random keys, values and states instead of
+   running a long prefill (the per-token cost does not depend on the values); the output says so.
+
+Before timing, each pattern's prefill + decode is checked against a full forward on a tiny model;
+a pattern that fails is not timed. Output: a table, a PNG plot, and one JSON line last.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratplus.bench.common import emit_json, environment, print_table
+from ratplus.config import ModelConfig
+from ratplus.model.cache import RATPlusCache
+from ratplus.model.rat import RATPlusLM
+
+#: glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh pages, so the
+#: resident-memory growth of building such a cache is its true footprint; smaller ones reuse heap.
+MMAP_MIN_BYTES = 32 * 2**20
+DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+DEFAULT_PATTERNS = ("D4", "D16", "D64", "topk-B64-K16-W64-P4-quest")
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def formula_bytes(config: ModelConfig, pattern: str, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes the cache should hold (module docstring of ``ratplus.model.cache``), from the pattern
+    arithmetic alone: slots = kv_slots(max_len - 1) per head group, + top-k summaries + state."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for layer in config.resolve_pattern(pattern):
+        for p, heads in layer.groups:
+            total += batch * heads * p.kv_slots(max_len - 1) * 2 * config.head_dim * item
+            if p.is_topk:
+                blocks = max(0, max_len - 1 - p.local_size - p.initial_size) // p.block_size
+                total += batch * heads * blocks * (2 if p.scoring == "quest" else 1) * config.head_dim * item
+        if config.apply_re:
+            state_item = torch.empty(0, dtype=torch.promote_types(dtype, torch.float32)).element_size()
+            total += batch * config.num_heads * 2 * config.head_dim * state_item
+    return total
+
+
+def check_decode_parity(patterns: list[str], device: torch.device, n: int = 1200, m: int = 40) -> None:
+    """Prefill of n tokens + m decode steps == one full forward (float32, tiny model, the patterns as
+    given: n is long enough for top-k to choose among more blocks than it keeps); raise if not."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", max_seq_len=n + m)
+    model = RATPlusLM(config).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (1, n + m), device=device)
+    with torch.no_grad():
+        for pattern in patterns:
+            full = model(ids, pattern=pattern)
+            cache = RATPlusCache(config, pattern, 1, n + m, device=device)
+            steps = [model(ids[:, :n], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(n, n + m)]
+            err = (torch.cat(steps, dim=1) - full).abs().max().item()
+            if err > 1e-4:
+                raise RuntimeError(f"decode parity failed for {pattern}: max |decode - full forward| = {err:.3g}")
+
+
+def _decode_step_time(config, pattern, batch, context, steps, device, dtype) -> dict[str, Any]:
+    """One layer: build + fill the cache, then time ``steps`` decode steps (median)."""
+    gc.collect()
+    rss0 = rss_bytes()
+    cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
+    cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
+    rss1 = rss_bytes()
+    layer = cache.layers[0]
+    H, K = config.num_heads, config.head_dim
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    q, k, v = (torch.randn(batch, H, 1, K, device=device, dtype=dtype) for _ in range(3))
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            with cache.append(token):
+                layer.attend(q, k, v)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first step warms up
+                times.append(time.perf_counter() - t)
+    times.sort()
+    nbytes = cache.nbytes()
+    del cache
+    return {
+        "s": times[len(times) // 2],
+        "nbytes": nbytes,
+        "rss_growth": None if rss0 is None or rss1 is None else rss1 - rss0,
+    }
+
+
+def _model_tokens_per_s(model, pattern, batch, context, steps, device, dtype) -> tuple[float, int]:
+    gc.collect()
+    cache = RATPlusCache(model.config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
+    cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    with torch.no_grad():
+        model(token, cache=cache)  # warm-up
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            model(token, cache=cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+    times.sort()
+    nbytes = cache.nbytes()
+    del cache
+    return batch / times[len(times) // 2], nbytes
+
+
+def _plot(path: str, contexts: list[int], names: list[str], results: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in names:
+        ax1.plot(contexts, [results[name][T]["s"] * 1e3 for T in contexts], marker="o", label=name)
+        ax2.plot(contexts, [results[name][T]["nbytes"] / 2**20 for T in contexts], marker="o", label=name)
+    for ax, ylabel in ((ax1, "decode step, ms / token"), (ax2, "KV cache, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(
+    contexts: list[int] | None = None,
+    patterns: list[str] | None = None,
+    heads: int = 12,
+    head_dim: int = 64,
+    batch: int = 1,
+    steps: int = 10,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_preset: str | None = "125m",
+    model_context: int = 16384,
+    model_patterns: list[str] | None = None,
+    model_batches: list[int] | None = None,
+    model_steps: int = 5,
+    plot_path: str | None = "bench_decode.png",
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    device = device or torch.device("cpu")
+    contexts = list(contexts or DEFAULT_CONTEXTS)
+    names = ["dense", *[p for p in (patterns or DEFAULT_PATTERNS) if p != "dense"]]
+    model_patterns = list(model_patterns or ["dense", "D16"])
+    model_batches = list(model_batches or [1, 4])
+    check_decode_parity(sorted(set(names) | set(model_patterns)), device)
+
+    # ---- 1. one attention layer -----------------------------------------------------------------
+    config = ModelConfig(
+        vocab_size=8, d_model=heads * head_dim, num_layers=1, num_heads=heads, max_seq_len=max(contexts) + steps + 2
+    )
+    results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
+    rows = []
+    for T in contexts:
+        for name in names:
+            r = _decode_step_time(config, name, batch, T, steps, device, dtype)
+            r["formula_bytes"] = formula_bytes(config, name, batch, T + steps + 2, dtype)
+            results[name][T] = r
+            dense = results["dense"][T]["s"]
+            growth = r["rss_growth"]
+            rows.append(
+                [
+                    T,
+                    name,
+                    r["s"] * 1e3,
+                    dense / r["s"],
+                    r["nbytes"] / 2**20,
+                    "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
+                    "-" if growth is None or r["nbytes"] < MMAP_MIN_BYTES else f"{growth / 2**20:.1f}",
+                ]
+            )
+    env = environment(device, dtype)
+    print(
+        f"decode step of one attention layer (write k/v + attend), B={batch} H={heads} K={head_dim} "
+        f"{env['dtype']}, {env['device']}; median of {steps} steps"
+    )
+    print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "RSS growth MiB"], rows)
+    print("(speedup: dense ms / pattern ms; RSS growth: resident memory added by building + filling the cache,")
+    print(" shown for caches >= 32 MiB, whose pages are fresh; it should match KV MiB)")
+
+    # ---- 2. whole model --------------------------------------------------------------------------
+    model_record: dict[str, Any] | None = None
+    if model_preset:
+        torch.manual_seed(0)
+        mconfig = ModelConfig.from_preset(model_preset, max_seq_len=model_context + model_steps + 2)
+        model = RATPlusLM(mconfig).to(device=device, dtype=dtype).eval()
+        tps: dict[str, dict[int, float]] = {p: {} for p in model_patterns}
+        kv: dict[str, dict[int, int]] = {p: {} for p in model_patterns}
+        for b in model_batches:
+            for p in model_patterns:
+                tps[p][b], kv[p][b] = _model_tokens_per_s(model, p, b, model_context, model_steps, device, dtype)
+        del model
+        print(
+            f"\nwhole-model decode, {model_preset} preset, context {model_context} "
+            "(cache filled with random keys/values/states, not a real prefill: per-token cost only)"
+        )
+        base = model_patterns[0]
+        mrows = [
+            [p, b, tps[p][b], tps[p][b] / tps[base][b], kv[p][b] / 2**20] for b in model_batches for p in model_patterns
+        ]
+        print_table(["pattern", "batch", "tokens/s", f"vs {base}", "KV MiB"], mrows)
+        for b in model_batches:
+            line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in model_patterns)
+            print(f"{model_preset} @ {model_context} tokens, batch {b}: {line}")
+        model_record = {
+            "preset": model_preset,
+            "context": model_context,
+            "batches": model_batches,
+            "synthetic_cache": True,
+            "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in model_patterns},
+            "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in model_patterns},
+        }
+
+    if plot_path:
+        _plot(
+            plot_path,
+            contexts,
+            names,
+            results,
+            f"RAT+ decode, one layer, B={batch} H={heads} K={head_dim} {env['dtype']} ({env['device']})",
+        )
+        print(f"\nplot: {plot_path}")
+    record: dict[str, Any] = {
+        "bench": "decode",
+        **env,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "steps": steps,
+        "layer": {
+            name: {
+                str(T): {k: v for k, v in r.items()} | {"speedup": results["dense"][T]["s"] / r["s"]}
+                for T, r in per_t.items()
+            }
+            for name, per_t in results.items()
+        },
+        "model": model_record,
+        "plot": plot_path,
+    }
+    emit_json(record, json_path)
+    return record
+
+
+__all__ = ["check_decode_parity", "formula_bytes", "rss_bytes", "run"]
