@@ -63,10 +63,18 @@ def formula_bytes(config: ModelConfig, pattern: str, batch: int, max_len: int, d
     return total
 
 
-def check_decode_parity(patterns: list[str], device: torch.device, n: int = 1200, m: int = 40) -> None:
+def check_decode_parity(patterns: list[str], device: torch.device, n: int | None = None, m: int = 40) -> None:
     """Prefill of n tokens + m decode steps == one full forward (float32, tiny model, the patterns as
-    given: n is long enough for top-k to choose among more blocks than it keeps); raise if not."""
+    given); raise if not. By default n is long enough for every top-k pattern to choose among more
+    blocks than it keeps."""
     torch.manual_seed(0)
+    if n is None:
+        n = 200
+        for spec in patterns:
+            for layer in ModelConfig.from_preset("tiny").resolve_pattern(spec):
+                for p, _ in layer.groups:
+                    if p.is_topk:
+                        n = max(n, p.initial_size + p.local_size + (p.top_k + 2) * p.block_size)
     config = ModelConfig.from_preset("tiny", max_seq_len=n + m)
     model = RATPlusLM(config).to(device).eval()
     ids = torch.randint(0, config.vocab_size, (1, n + m), device=device)
@@ -132,12 +140,10 @@ def _model_tokens_per_s(model, pattern, batch, context, steps, device, dtype) ->
 
 
 def _plot(path: str, contexts: list[int], names: list[str], results: dict, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, faster to import
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
     for name in names:
         ax1.plot(contexts, [results[name][T]["s"] * 1e3 for T in contexts], marker="o", label=name)
         ax2.plot(contexts, [results[name][T]["nbytes"] / 2**20 for T in contexts], marker="o", label=name)
@@ -146,13 +152,12 @@ def _plot(path: str, contexts: list[int], names: list[str], results: dict, title
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
     ax1.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
 
 
 def run(

@@ -13,9 +13,10 @@ dense / dilated / local-only groups (``SlotLayout``), slots laid out as
     tokens, i.e. inside the local window of the next query;
   * when it leaves the ring and (p + 1) % D == 0 it moves to the dilated area (slot order = position
     order), otherwise it is dropped.
-  After n tokens the filled slots are always the prefix [0, num_valid(n)), and that prefix is
-  exactly the key set of the query at position n minus the query itself. So a decode step needs no
-  mask: write the new token, then attend over the prefix. Dense is D = 1, W = 0, P = 0 (one ring
+  After n tokens the filled slots are always the prefix [0, num_valid(n)), holding exactly the key
+  set S(n - 1) of the last query. A decode step for token n moves or drops the one token that
+  leaves the window and writes token n; the prefix then holds S(n). So it needs no mask: write the
+  new token, then attend over the prefix. Dense is D = 1, W = 0, P = 0 (one ring
   slot, every older token "dilated"): max_len slots.
 
 top-k groups: every key at slot = position (max_len slots) plus per-block summaries (Quest: max

@@ -122,31 +122,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Attention
 # ---- readable reference ------------------------------------------------------------------------------
 
 
-def topk_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: AttentionPattern,
-    q_offset: int = 0,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """q (B, H, T, K) at positions q_offset.., k, v (B, H, S, K) at 0..S-1 -> (B, H, T, K).
-
-    The module docstring's definition, written out directly: per-block max/min/mean by slicing,
-    the elementwise Quest formula, a full (B, H, T, S) mask, softmax."""
-    _check(q, k, v, pattern, q_offset)
-    B, H, T, K = q.shape
+def topk_mask_reference(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern, q_offset: int = 0) -> torch.Tensor:
+    """(B, H, T, S) bool: the key set of every query, written out from the module docstring with
+    per-block slicing and the elementwise Quest formula. q (B, H, T, K), k (B, H, S, K)."""
+    B, H, T, _ = q.shape
     S = k.shape[-2]
     P, W, Bs = pattern.initial_size, pattern.local_size, pattern.block_size
     N = max(0, S - P) // Bs  # complete blocks among the keys
-    block_scores_ = []  # per block: (B, H, T)
+    per_block = []  # score of block b for every query: (B, H, T)
     for b in range(N):
         block = k[:, :, P + b * Bs : P + (b + 1) * Bs]  # (B, H, Bs, K)
         if pattern.scoring == "quest":
             kmax, kmin = block.amax(dim=2, keepdim=True), block.amin(dim=2, keepdim=True)  # (B, H, 1, K)
-            block_scores_.append(torch.maximum(q * kmax, q * kmin).sum(-1))
+            per_block.append(torch.maximum(q * kmax, q * kmin).sum(-1))
         else:
-            block_scores_.append((q * block.mean(dim=2, keepdim=True)).sum(-1))
+            per_block.append((q * block.mean(dim=2, keepdim=True)).sum(-1))
     mask = torch.zeros(B, H, T, S, dtype=torch.bool, device=q.device)
     for i in range(T):
         t = q_offset + i
@@ -155,11 +145,26 @@ def topk_attention_reference(
         kk = min(pattern.top_k, len(candidates))
         if kk == 0:
             continue
-        scores = torch.stack([block_scores_[b][:, :, i] for b in candidates], dim=-1)  # (B, H, n_cand)
+        scores = torch.stack([per_block[b][:, :, i] for b in candidates], dim=-1)  # (B, H, n_cand)
         chosen = scores.topk(kk, dim=-1).indices  # (B, H, kk), candidates are blocks 0..n_cand-1
         for off in range(Bs):
             mask[:, :, i].scatter_(-1, P + chosen * Bs + off, True)
-    scale = K**-0.5 if scale is None else scale
+    return mask
+
+
+def topk_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: AttentionPattern,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q (B, H, T, K) at positions q_offset.., k, v (B, H, S, K) at 0..S-1 -> (B, H, T, K):
+    softmax over the keys of ``topk_mask_reference``."""
+    _check(q, k, v, pattern, q_offset)
+    mask = topk_mask_reference(q, k, pattern, q_offset)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.einsum("bhtk,bhsk->bhts", q, k) * scale
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     return torch.einsum("bhts,bhsk->bhtk", probs, v)
@@ -253,4 +258,5 @@ __all__ = [
     "topk_attention",
     "topk_attention_reference",
     "topk_decode_attention",
+    "topk_mask_reference",
 ]
