@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     a.add_argument("--json", default=None, help="also write the JSON record to this file")
     a.set_defaults(func=_attention)
     d = bsub.add_parser("decode", help="per-token decode latency and KV bytes vs context, dense vs sparse")
-    d.add_argument("--context-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    d.add_argument("--context-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
     d.add_argument("--patterns", default="D4,D16,D64,topk-B64-K16-W64-P4-quest", help="compared with dense")
     d.add_argument("--heads", type=int, default=12)
     d.add_argument("--head-dim", type=int, default=64)

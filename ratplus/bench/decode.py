@@ -5,8 +5,8 @@ Two measurements, each dense versus sparse side by side in one run:
 1. One attention layer's decode step (store the new key/value in the cache, attend over it) at each
    context length, for dense and each pattern: median ms per token, the cache's reported bytes, the
    formula P + W + 1 + floor(T / D) slots x 2 x H x K x itemsize (+ state, + top-k summaries), and
-   the process's resident-memory growth while the cache was built and filled (Linux; a hidden
-   over-allocation would show up there).
+   the memory growth while the cache was built and filled (CUDA allocator, or the process's
+   resident set on Linux CPU; a hidden over-allocation would show up there).
 2. A whole model (default the ``125m`` preset) decoding at one context length: tokens per second
    per pattern and batch size. The cache is filled with random keys, values and states instead of
    running a long prefill (the per-token cost does not depend on the values); the output says so.
@@ -33,12 +33,15 @@ from ratplus.model.rat import RATPlusLM
 #: glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh pages, so the
 #: resident-memory growth of building such a cache is its true footprint; smaller ones reuse heap.
 MMAP_MIN_BYTES = 32 * 2**20
-DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("D4", "D16", "D64", "topk-B64-K16-W64-P4-quest")
 
 
-def rss_bytes() -> int | None:
-    """Resident set size of this process (Linux /proc), or None elsewhere."""
+def memory_in_use(device: torch.device) -> int | None:
+    """Bytes held by the CUDA allocator, or this process's resident set size on CPU (Linux /proc;
+    None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -91,10 +94,10 @@ def check_decode_parity(patterns: list[str], device: torch.device, n: int | None
 def _decode_step_time(config, pattern, batch, context, steps, device, dtype) -> dict[str, Any]:
     """One layer: build + fill the cache, then time ``steps`` decode steps (median)."""
     gc.collect()
-    rss0 = rss_bytes()
+    mem0 = memory_in_use(device)
     cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
     cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
-    rss1 = rss_bytes()
+    mem1 = memory_in_use(device)
     layer = cache.layers[0]
     H, K = config.num_heads, config.head_dim
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -115,7 +118,7 @@ def _decode_step_time(config, pattern, batch, context, steps, device, dtype) -> 
     return {
         "s": times[len(times) // 2],
         "nbytes": nbytes,
-        "rss_growth": None if rss0 is None or rss1 is None else rss1 - rss0,
+        "mem_growth": None if mem0 is None or mem1 is None else mem1 - mem0,
     }
 
 
@@ -196,7 +199,7 @@ def run(
             r["formula_bytes"] = formula_bytes(config, name, batch, T + steps + 2, dtype)
             results[name][T] = r
             dense = results["dense"][T]["s"]
-            growth = r["rss_growth"]
+            growth = r["mem_growth"]
             rows.append(
                 [
                     T,
@@ -205,7 +208,9 @@ def run(
                     dense / r["s"],
                     r["nbytes"] / 2**20,
                     "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
-                    "-" if growth is None or r["nbytes"] < MMAP_MIN_BYTES else f"{growth / 2**20:.1f}",
+                    "-"
+                    if growth is None or (device.type == "cpu" and r["nbytes"] < MMAP_MIN_BYTES)
+                    else f"{growth / 2**20:.1f}",
                 ]
             )
     env = environment(device, dtype)
@@ -213,9 +218,9 @@ def run(
         f"decode step of one attention layer (write k/v + attend), B={batch} H={heads} K={head_dim} "
         f"{env['dtype']}, {env['device']}; median of {steps} steps"
     )
-    print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "RSS growth MiB"], rows)
-    print("(speedup: dense ms / pattern ms; RSS growth: resident memory added by building + filling the cache,")
-    print(" shown for caches >= 32 MiB, whose pages are fresh; it should match KV MiB)")
+    print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "mem growth MiB"], rows)
+    print("(speedup: dense ms / pattern ms; mem growth: memory added by building + filling the cache, CUDA")
+    print(" allocator or CPU resident set (CPU: caches >= 32 MiB only, whose pages are fresh); should match KV MiB)")
 
     # ---- 2. whole model --------------------------------------------------------------------------
     model_record: dict[str, Any] | None = None
@@ -281,4 +286,4 @@ def run(
     return record
 
 
-__all__ = ["check_decode_parity", "formula_bytes", "rss_bytes", "run"]
+__all__ = ["check_decode_parity", "formula_bytes", "memory_in_use", "run"]

@@ -259,3 +259,17 @@ def test_bad_input(model):
         RATPlusCache(config, "D4", 1, 0)
     with pytest.raises(ValueError, match="unknown attention pattern"):
         RATPlusCache(config, "D4x", 1, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern", ["D4-W3-P2", "topk-B4-K2-W3-P2-quest", "D4:2+local-W5-P1:2"])
+def test_decode_equals_full_forward_on_cuda(pattern):
+    torch.manual_seed(0)
+    model = RATPlusLM(ModelConfig.from_preset("tiny")).cuda().eval()
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    cache = RATPlusCache(model.config, pattern, 2, 40, device="cuda")
+    assert cache.nbytes() == RATPlusCache(model.config, pattern, 2, 40).nbytes()
+    with torch.no_grad():
+        steps = [model(ids[:, :19], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(19, 40)]
+        torch.testing.assert_close(torch.cat(steps, 1), model(ids, pattern=pattern), rtol=1e-4, atol=1e-4)
