@@ -303,13 +303,15 @@ class _GroupCache:
 class LayerCache:
     """One layer: the recurrent state and the head groups' slots. Used by ``RATPlusLayer``."""
 
-    def __init__(self, owner: RATPlusCache, groups: HeadGroups, config: ModelConfig, device, dtype):
-        self._owner = owner
-        B, K = owner.batch_size, config.head_dim
+    def __init__(self, groups: HeadGroups, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        B, K = batch_size, config.head_dim
+        # set by RATPlusCache.append for the duration of a forward (no back-reference to the owner:
+        # a reference cycle would keep a dropped cache's memory alive until the next gc pass)
+        self.current_step: CacheStep | None = None
         self.groups: list[_GroupCache] = []
         h0 = 0
         for pattern, n in groups.groups:
-            self.groups.append(_GroupCache(pattern, slice(h0, h0 + n), B, owner.max_len, K, device, dtype))
+            self.groups.append(_GroupCache(pattern, slice(h0, h0 + n), B, max_len, K, device, dtype))
             h0 += n
         # [k~, v~] of the last token, before RoPE; float32 even for a bf16 cache (float64 stays float64)
         state_dtype = torch.promote_types(dtype, torch.float32)
@@ -325,7 +327,7 @@ class LayerCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g, k, v (B, H, T, K): on left-padding columns set the gate to 1 and k = v = 0, so the
         recurrence carries its (zero) state through the padding untouched."""
-        real = self._owner.current_step.real
+        real = self.current_step.real
         if real is None:
             return g, k, v
         return g.masked_fill(~real, 1.0), k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
@@ -344,7 +346,7 @@ class LayerCache:
                 f"the cache holds {self.groups[0].k.dtype} but the layer computes in {q.dtype}; "
                 "build RATPlusCache with dtype= the model's compute dtype"
             )
-        step = self._owner.current_step
+        step = self.current_step
         outs = [g.attend(q[:, g.heads], k[:, g.heads], v[:, g.heads], step, backend) for g in self.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -380,7 +382,9 @@ class RATPlusCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.dtype = dtype or torch.get_default_dtype()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.layers = [LayerCache(self, groups, config, self.device, self.dtype) for groups in self.pattern]
+        self.layers = [
+            LayerCache(groups, config, batch_size, max_len, self.device, self.dtype) for groups in self.pattern
+        ]
         self.lengths: list[int] = [0] * batch_size  # tokens held per row (padding not counted)
         self.seq_len = 0  # columns appended so far (left padding included), as in input_ids
         self.current_step: CacheStep | None = None
@@ -435,14 +439,16 @@ class RATPlusCache:
         the first call (the prefill) is allowed. Commits the new lengths when the block exits
         normally; after an error inside it the cache refuses further use until ``reset()``."""
         step = self._begin(input_ids, pattern, attention_mask)
-        self.current_step = step
+        for layer in (self, *self.layers):
+            layer.current_step = step
         try:
             yield step
         except BaseException:
             self._broken = True
             raise
         finally:
-            self.current_step = None
+            for layer in (self, *self.layers):
+                layer.current_step = None
         self.lengths = step.ends()
         self.seq_len += step.T
 

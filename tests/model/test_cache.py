@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -192,6 +195,20 @@ def test_nbytes_stays_constant_while_decoding(model):
         for _ in range(10):
             model(torch.randint(0, 256, (2, 1)), cache=cache)
     assert cache.nbytes() == before and cache.seq_len == 40
+
+
+def test_dropped_cache_is_freed_at_once(model):
+    # no reference cycle: the memory goes back when the last reference does, not at the next gc pass
+    cache = RATPlusCache(model.config, "D4", 1, 30)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 10)), cache=cache)
+    ref = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 # ---- reset / select -------------------------------------------------------------------------------------
