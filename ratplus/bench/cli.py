@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     d.add_argument("--model-context", type=int, default=16384)
     d.add_argument("--model-patterns", default="dense,D16", help="the first one is the baseline")
     d.add_argument("--model-batch", type=_ints, default=[1, 4], help="batch sizes of the whole-model line")
-    d.add_argument("--model-steps", type=int, default=5)
+    d.add_argument("--model-steps", type=int, default=8)
     d.add_argument(
         "--threads",
         type=int,

@@ -30,11 +30,23 @@ from ratplus.config import ModelConfig
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 
-#: glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh pages, so the
-#: resident-memory growth of building such a cache is its true footprint; smaller ones reuse heap.
-MMAP_MIN_BYTES = 32 * 2**20
+#: On CPU the memory check compares the resident-set growth of building a cache with its bytes.
+#: That only works when the cache gets fresh pages rather than reused heap, so the benchmark asks
+#: glibc to serve every allocation of at least this size with mmap (``_fresh_pages_for_large``).
+MMAP_MIN_BYTES = 2**20
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("D4", "D16", "D64", "topk-B64-K16-W64-P4-quest")
+
+
+def _fresh_pages_for_large() -> bool:
+    """glibc only: mallopt(M_MMAP_THRESHOLD, 1 MiB), so large buffers are mapped (and unmapped on
+    free) instead of recycled from the heap. Returns False where that is not available."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_MIN_BYTES))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def memory_in_use(device: torch.device) -> int | None:
@@ -91,55 +103,66 @@ def check_decode_parity(patterns: list[str], device: torch.device, n: int | None
                 raise RuntimeError(f"decode parity failed for {pattern}: max |decode - full forward| = {err:.3g}")
 
 
-def _decode_step_time(config, pattern, batch, context, steps, device, dtype) -> dict[str, Any]:
-    """One layer: build + fill the cache, then time ``steps`` decode steps (median)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(config, pattern, batch, context, steps, device, dtype) -> tuple[RATPlusCache, int | None]:
+    """A cache holding ``context`` synthetic tokens with room for the timed steps, and the memory
+    its construction added."""
     gc.collect()
     mem0 = memory_in_use(device)
     cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
     cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
     mem1 = memory_in_use(device)
-    layer = cache.layers[0]
-    H, K = config.num_heads, config.head_dim
-    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    q, k, v = (torch.randn(batch, H, 1, K, device=device, dtype=dtype) for _ in range(3))
-    times = []
-    with torch.no_grad():
-        for i in range(steps + 1):
+    return cache, None if mem0 is None or mem1 is None else mem1 - mem0
+
+
+def _interleaved(steps: dict[str, Any], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step function, timed round-robin (one warm-up round) so that every
+    pattern sees the same background load on a shared machine."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(repeats + 1):
+        for name, step in steps.items():
             t = time.perf_counter()
+            step()
+            _sync(device)
+            if i:
+                times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def _layer_point(config, names, batch, context, steps, device, dtype) -> dict[str, dict[str, Any]]:
+    """One attention layer at one context: every pattern's decode step (write k/v + attend)."""
+    caches, out = {}, {}
+    for name in names:
+        caches[name], growth = _build(config, name, batch, context, steps, device, dtype)
+        out[name] = {"nbytes": caches[name].nbytes(), "mem_growth": growth}
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    q, k, v = (torch.randn(batch, config.num_heads, 1, config.head_dim, device=device, dtype=dtype) for _ in range(3))
+
+    def step(cache: RATPlusCache):
+        def run():
             with cache.append(token):
-                layer.attend(q, k, v)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:  # the first step warms up
-                times.append(time.perf_counter() - t)
-    times.sort()
-    nbytes = cache.nbytes()
-    del cache
-    return {
-        "s": times[len(times) // 2],
-        "nbytes": nbytes,
-        "mem_growth": None if mem0 is None or mem1 is None else mem1 - mem0,
-    }
+                cache.layers[0].attend(q, k, v)
+
+        return run
+
+    with torch.no_grad():
+        seconds = _interleaved({name: step(c) for name, c in caches.items()}, steps, device)
+    for name in names:
+        out[name]["s"] = seconds[name]
+    return out
 
 
-def _model_tokens_per_s(model, pattern, batch, context, steps, device, dtype) -> tuple[float, int]:
-    gc.collect()
-    cache = RATPlusCache(model.config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
-    cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
+def _model_point(model, patterns, batch, context, steps, device, dtype) -> dict[str, tuple[float, int]]:
+    """Whole model at one context and batch: tokens/s and cache bytes per pattern."""
+    caches = {p: _build(model.config, p, batch, context, steps, device, dtype)[0] for p in patterns}
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     with torch.no_grad():
-        model(token, cache=cache)  # warm-up
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            model(token, cache=cache)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t)
-    times.sort()
-    nbytes = cache.nbytes()
-    del cache
-    return batch / times[len(times) // 2], nbytes
+        seconds = _interleaved({p: (lambda c=c: model(token, cache=c)) for p, c in caches.items()}, steps, device)
+    return {p: (batch / seconds[p], caches[p].nbytes()) for p in patterns}
 
 
 def _plot(path: str, contexts: list[int], names: list[str], results: dict, title: str) -> None:
@@ -176,7 +199,7 @@ def run(
     model_context: int = 16384,
     model_patterns: list[str] | None = None,
     model_batches: list[int] | None = None,
-    model_steps: int = 5,
+    model_steps: int = 8,
     plot_path: str | None = "bench_decode.png",
     json_path: str | None = None,
 ) -> dict[str, Any]:
@@ -186,6 +209,7 @@ def run(
     model_patterns = list(model_patterns or ["dense", "D16"])
     model_batches = list(model_batches or [1, 4])
     check_decode_parity(sorted(set(names) | set(model_patterns)), device)
+    exact_rss = device.type == "cpu" and _fresh_pages_for_large()
 
     # ---- 1. one attention layer -----------------------------------------------------------------
     config = ModelConfig(
@@ -194,11 +218,12 @@ def run(
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     rows = []
     for T in contexts:
+        point = _layer_point(config, names, batch, T, steps, device, dtype)
         for name in names:
-            r = _decode_step_time(config, name, batch, T, steps, device, dtype)
+            r = point[name]
             r["formula_bytes"] = formula_bytes(config, name, batch, T + steps + 2, dtype)
             results[name][T] = r
-            dense = results["dense"][T]["s"]
+            dense = point["dense"]["s"]
             growth = r["mem_growth"]
             rows.append(
                 [
@@ -209,18 +234,18 @@ def run(
                     r["nbytes"] / 2**20,
                     "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
                     "-"
-                    if growth is None or (device.type == "cpu" and r["nbytes"] < MMAP_MIN_BYTES)
+                    if growth is None or (device.type == "cpu" and (not exact_rss or r["nbytes"] < 4 * MMAP_MIN_BYTES))
                     else f"{growth / 2**20:.1f}",
                 ]
             )
     env = environment(device, dtype)
     print(
         f"decode step of one attention layer (write k/v + attend), B={batch} H={heads} K={head_dim} "
-        f"{env['dtype']}, {env['device']}; median of {steps} steps"
+        f"{env['dtype']}, {env['device']}; median of {steps} steps, patterns interleaved"
     )
     print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "mem growth MiB"], rows)
-    print("(speedup: dense ms / pattern ms; mem growth: memory added by building + filling the cache, CUDA")
-    print(" allocator or CPU resident set (CPU: caches >= 32 MiB only, whose pages are fresh); should match KV MiB)")
+    print("(speedup: dense ms / pattern ms; mem growth: memory added by building + filling the cache: CUDA")
+    print(" allocator, or CPU resident set with fresh pages for buffers >= 1 MiB (caches >= 4 MiB); ~ KV MiB)")
 
     # ---- 2. whole model --------------------------------------------------------------------------
     model_record: dict[str, Any] | None = None
@@ -231,12 +256,14 @@ def run(
         tps: dict[str, dict[int, float]] = {p: {} for p in model_patterns}
         kv: dict[str, dict[int, int]] = {p: {} for p in model_patterns}
         for b in model_batches:
-            for p in model_patterns:
-                tps[p][b], kv[p][b] = _model_tokens_per_s(model, p, b, model_context, model_steps, device, dtype)
+            for p, (rate, nbytes) in _model_point(
+                model, model_patterns, b, model_context, model_steps, device, dtype
+            ).items():
+                tps[p][b], kv[p][b] = rate, nbytes
         del model
         print(
-            f"\nwhole-model decode, {model_preset} preset, context {model_context} "
-            "(cache filled with random keys/values/states, not a real prefill: per-token cost only)"
+            f"\nwhole-model decode, {model_preset} preset, context {model_context}, median of {model_steps} "
+            "interleaved steps (cache filled with random keys/values/states, not a real prefill: per-token cost only)"
         )
         base = model_patterns[0]
         mrows = [
