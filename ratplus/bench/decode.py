@@ -17,9 +17,11 @@ a pattern that fails is not timed. Output: a table, a PNG plot, and one JSON lin
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +33,39 @@ from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 
 #: On CPU the memory check compares the resident-set growth of building a cache with its bytes.
-#: That only works when the cache gets fresh pages rather than reused heap, so the benchmark asks
-#: glibc to serve every allocation of at least this size with mmap (``_fresh_pages_for_large``).
+#: That only works when the cache gets fresh pages rather than reused heap, so while a cache is
+#: built glibc is asked to serve every allocation of at least this size with mmap; for the timed
+#: steps the threshold goes back to 32 MiB (glibc's dynamic maximum) so temporaries reuse heap.
 MMAP_MIN_BYTES = 2**20
+_M_MMAP_THRESHOLD = -3
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("D4", "D16", "D64", "topk-B64-K16-W64-P4-quest")
 
 
-def _fresh_pages_for_large() -> bool:
-    """glibc only: mallopt(M_MMAP_THRESHOLD, 1 MiB), so large buffers are mapped (and unmapped on
-    free) instead of recycled from the heap. Returns False where that is not available."""
+def _mallopt_mmap_threshold(nbytes: int, trim: bool = False) -> bool:
+    """glibc's mallopt(M_MMAP_THRESHOLD, nbytes), after malloc_trim(0) (free heap pages go back to
+    the system, so reusing them faults fresh pages in) when ``trim``; False without glibc."""
     try:
         import ctypes
 
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_MIN_BYTES))  # -3 = M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        if trim:
+            libc.malloc_trim(0)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
     except (OSError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def _fresh_pages(device: torch.device) -> Iterator[bool]:
+    """Within: CPU buffers >= 1 MiB get pages of their own. Yields whether the resident-set growth
+    is an exact measure of what was allocated."""
+    exact = device.type == "cpu" and _mallopt_mmap_threshold(MMAP_MIN_BYTES, trim=True)
+    try:
+        yield exact
+    finally:
+        if exact:
+            _mallopt_mmap_threshold(32 * 2**20)
 
 
 def memory_in_use(device: torch.device) -> int | None:
@@ -112,11 +131,14 @@ def _build(config, pattern, batch, context, steps, device, dtype) -> tuple[RATPl
     """A cache holding ``context`` synthetic tokens with room for the timed steps, and the memory
     its construction added."""
     gc.collect()
-    mem0 = memory_in_use(device)
-    cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
-    cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
-    mem1 = memory_in_use(device)
-    return cache, None if mem0 is None or mem1 is None else mem1 - mem0
+    with _fresh_pages(device) as exact:
+        mem0 = memory_in_use(device)
+        cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
+        cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
+        mem1 = memory_in_use(device)
+    if mem0 is None or mem1 is None or not (exact or device.type == "cuda"):
+        return cache, None
+    return cache, mem1 - mem0
 
 
 def _interleaved(steps: dict[str, Any], repeats: int, device: torch.device) -> dict[str, float]:
@@ -209,7 +231,6 @@ def run(
     model_patterns = list(model_patterns or ["dense", "D16"])
     model_batches = list(model_batches or [1, 4])
     check_decode_parity(sorted(set(names) | set(model_patterns)), device)
-    exact_rss = device.type == "cpu" and _fresh_pages_for_large()
 
     # ---- 1. one attention layer -----------------------------------------------------------------
     config = ModelConfig(
@@ -234,7 +255,7 @@ def run(
                     r["nbytes"] / 2**20,
                     "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
                     "-"
-                    if growth is None or (device.type == "cpu" and (not exact_rss or r["nbytes"] < 4 * MMAP_MIN_BYTES))
+                    if growth is None or (device.type == "cpu" and r["nbytes"] < 4 * MMAP_MIN_BYTES)
                     else f"{growth / 2**20:.1f}",
                 ]
             )
