@@ -357,7 +357,9 @@ class RATPlusCache:
     ``RATPlusCache(config, pattern, batch_size, max_len)``: room for ``max_len`` tokens per row
     (prompt + generated), built for one pattern (any pattern spec, resolved per layer and head
     group). Then ``model(input_ids, pattern=..., cache=cache)`` appends tokens: the first call is the
-    prefill, later ones decode steps (or several tokens at once).
+    prefill, later ones decode steps (or several tokens at once). Inference only: run it under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (a cache built inside inference mode can only
+    be written inside it, a PyTorch rule for inference tensors).
     """
 
     def __init__(
