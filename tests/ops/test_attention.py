@@ -123,3 +123,13 @@ def test_attention_bad_input():
         attention(q, k[:, :1], v, "D4")
     with pytest.raises(ValueError, match="unknown attention pattern"):
         attention(q, k, v, "D4x")
+
+
+def test_reference_backend_covers_topk():
+    from ratplus.ops.attention.topk import topk_attention_reference
+
+    q, k, v = _qkv(1, 2, 90, 8)
+    pattern = AttentionPattern.parse("topk-B8-K2-W4-P2-quest")
+    ref = attention(q, k, v, pattern, backend="reference")
+    torch.testing.assert_close(ref, topk_attention_reference(q, k, v, pattern))
+    torch.testing.assert_close(attention(q, k, v, pattern), ref, rtol=1e-9, atol=1e-9)

@@ -34,6 +34,10 @@ def _single(
         backend = "sdpa" if _covers_all_keys(pattern, S) else choose_attention_backend(pattern, q.device)
         announce("attention", backend, q.device)
     if backend == "reference":
+        if pattern.is_topk:
+            from ratplus.ops.attention.topk import topk_attention_reference
+
+            return topk_attention_reference(q, k, v, pattern, q_offset, scale)
         return attention_reference(q, k, v, pattern, q_offset, scale)
     if backend == "sdpa":
         if _covers_all_keys(pattern, S):
