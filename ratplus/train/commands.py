@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,12 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in fields}
 
 
+def _print_main(path: Path) -> None:
+    """Print the result once, from rank 0 of a torchrun job."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+
+
 def _data_prepare(args) -> int:
     from ratplus.train.data import prepare_shards, read_documents, shakespeare_documents
     from ratplus.train.tokenizer import eos_id, get_tokenizer, vocab_size
@@ -168,14 +175,14 @@ def _train(args) -> int:
     given = _given(args)
     if args.set:
         given["model_overrides"] = {**base.model_overrides, **dict(args.set)}
-    print(train(dataclasses.replace(base, **given)))
+    _print_main(train(dataclasses.replace(base, **given)))
     return 0
 
 
 def _adapt(args) -> int:
     from ratplus.train.trainer import adapt
 
-    print(adapt(args.ckpt, args.pattern, **_given(args)))
+    _print_main(adapt(args.ckpt, args.pattern, **_given(args)))
     return 0
 
 
@@ -184,5 +191,5 @@ def _sft(args) -> int:
 
     given = _given(args)
     given.pop("sft_data", None)
-    print(sft(args.ckpt, args.data, pattern=args.pattern, **{k: v for k, v in given.items() if k != "data"}))
+    _print_main(sft(args.ckpt, args.data, pattern=args.pattern, **{k: v for k, v in given.items() if k != "data"}))
     return 0

@@ -51,6 +51,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+SINGLE = DistInfo()  # a plain single-process run
+
+
 def init_distributed(mode: str, device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by ``torchrun`` with more than one process.
 
@@ -59,7 +62,7 @@ def init_distributed(mode: str, device: torch.device) -> tuple[DistInfo, torch.d
         raise ValueError(f"distributed mode must be one of {', '.join(MODES)}, got {mode!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(), device
+        return SINGLE, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

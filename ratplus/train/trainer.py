@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,6 +308,66 @@ def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
     return a is None or b is None or a.to_str() == b.to_str()
 
 
+# ---- the step ---------------------------------------------------------------------------------------
+
+
+def loss_sum(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pattern: str,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Summed float32 cross-entropy of the model on input_ids x (B, T) against labels y (B, T)
+    (-100 ignored) in ``pattern``. Summed, not averaged: the caller divides by the step's target count."""
+    with autocast():
+        logits = model(x, pattern=pattern)  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_targets(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Non-ignored labels in a (global) batch of micro-batches (at least 1, to divide by)."""
+    return max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batch))
+
+
+def optimizer_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: list[tuple[torch.Tensor, torch.Tensor]],
+    patterns: list[str],
+    n_targets: int | None = None,
+    grad_clip: float = 1.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    info: D.DistInfo = D.SINGLE,
+) -> tuple[dict[str, float], float]:
+    """The joint-training step of DESIGN.md section 5, for any list of patterns.
+
+    For each pattern in order (``[sparse, "dense"]`` when joint training, one pattern otherwise):
+    forward/backward every micro-batch of ``batch`` (gradients accumulate), clip, ``optimizer.step()``,
+    zero the gradients. So a joint step takes two optimizer steps on the *same* batch; the caller
+    steps the LR scheduler once afterwards. ``batch``: this process's micro-batches (input_ids,
+    labels), each (B, T) int64 on the model's device; ``n_targets``: non-ignored labels in the whole
+    step over all processes (default: counted in ``batch``). Returns the mean loss per pattern (over
+    all processes) and the last gradient norm (before clipping)."""
+    n_targets = n_targets or count_targets(batch)
+    device = batch[0][0].device
+    losses, grad_norm = {}, 0.0
+    for pattern in patterns:
+        total = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(batch):
+            with D.gradient_sync(model, info, enabled=i == len(batch) - 1):
+                loss = loss_sum(model, x, y, pattern, autocast) / n_targets
+                # DDP / FSDP average gradients over processes; the loss is already the global mean
+                (loss * info.world_size).backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[pattern] = float(D.all_reduce_sum(total, info))
+    return losses, grad_norm
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 
 
@@ -548,32 +608,23 @@ class _Run:
         return t[self.info.rank * b : (self.info.rank + 1) * b].to(self.device, non_blocking=True)
 
     def _loss_sum(self, x: torch.Tensor, y: torch.Tensor, pattern: str) -> torch.Tensor:
-        """Summed float32 cross-entropy over the non-ignored targets of (x, y) in ``pattern``."""
-        with self.autocast():
-            logits = self.model(x, pattern=pattern)  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum(self.model, x, y, pattern, self.autocast)
 
     def train_step(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, float], float]:
-        """One batch (``grad_accum`` global micro-batches): one optimizer step per pattern of
-        ``step_patterns`` (sparse then dense when joint training), one scheduler step."""
-        n_targets = max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batch))  # whole step, all processes
+        """One batch: ``optimizer_steps`` over ``step_patterns``, then one scheduler step."""
         local = [(self._local(x), self._local(y)) for x, y in batch]
-        losses, grad_norm = {}, 0.0
-        for pattern in self.step_patterns:
-            total = torch.zeros((), device=self.device)
-            for i, (x, y) in enumerate(local):
-                with D.gradient_sync(self.model, self.info, enabled=i == len(local) - 1):
-                    loss = self._loss_sum(x, y, pattern) / n_targets
-                    # DDP / FSDP average gradients over processes; the loss is already a global mean
-                    (loss * self.info.world_size).backward()
-                total += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses[pattern] = float(D.all_reduce_sum(total, self.info))
+        out = optimizer_steps(
+            self.model,
+            self.optimizer,
+            local,
+            self.step_patterns,
+            n_targets=count_targets(batch),
+            grad_clip=self.cfg.grad_clip,
+            autocast=self.autocast,
+            info=self.info,
+        )
         self.scheduler.step()
-        return losses, grad_norm
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -657,7 +708,7 @@ class _Run:
             last = self.step == self.steps
             if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
                 self.last_eval = self.evaluate()
-                if self.last_eval:
+                if self.last_eval and info.is_main:
                     self.log.write({"step": self.step, "val_loss": self.last_eval})
                     text = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items())
                     bar.write(f"step {self.step}: val loss {text}")
