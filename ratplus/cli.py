@@ -11,11 +11,12 @@ import importlib
 import logging
 import sys
 
-# (subcommand module, one-line help) - imported lazily so `ratplus --help` stays fast.
+# The subcommand modules, in the order `ratplus --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "ratplus.bench.cli",
-    "ratplus.eval.commands",
+    "ratplus.train.commands",
     "ratplus.generate_cli",
+    "ratplus.eval.commands",
+    "ratplus.bench.cli",
 )
 
 

@@ -66,6 +66,16 @@ def add_parser(sub) -> None:
     d.add_argument("--plot", default="bench_decode.png", help="PNG path ('' to skip)")
     d.add_argument("--json", default=None, help="also write the JSON record to this file")
     d.set_defaults(func=_decode)
+    t = bsub.add_parser("train", help="training tokens/s, RAT+ vs the attention baseline, dense and joint steps")
+    t.add_argument("--presets", default="demo", help="comma-separated model presets (e.g. demo,125m)")
+    t.add_argument("--seq-lens", type=_ints, default=[1024, 4096])
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--repeats", type=int, default=2)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 autocast on CUDA")
+    t.add_argument("--no-breakdown", action="store_true", help="skip timing the scan / gate pieces alone")
+    t.add_argument("--json", default=None, help="also write the JSON record to this file")
+    t.set_defaults(func=_train)
 
 
 def _attention(args) -> int:
@@ -116,6 +126,23 @@ def _decode(args) -> int:
         model_batches=args.model_batch,
         model_steps=args.model_steps,
         plot_path=args.plot or None,
+        json_path=args.json,
+    )
+    return 0
+
+
+def _train(args) -> int:
+    from ratplus.bench.train import run
+
+    device = resolve_device(args.device)
+    run(
+        presets=[p for p in args.presets.split(",") if p],
+        seq_lens=args.seq_lens,
+        batch=args.batch,
+        repeats=args.repeats,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        breakdown=not args.no_breakdown,
         json_path=args.json,
     )
     return 0

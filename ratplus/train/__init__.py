@@ -1,0 +1,1 @@
+"""Training: data, tokenizers, trainer, checkpoints, distributed (DESIGN.md section 5)."""

@@ -1,0 +1,195 @@
+"""CLI: ``ratplus data prepare``, ``ratplus train``, ``ratplus adapt``, ``ratplus sft``.
+
+Thin: parse, call ``ratplus.train`` functions, print. Options left out keep the library defaults
+(``TrainConfig``), so ``--config run.json`` plus a few flags works as expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_S = argparse.SUPPRESS  # an option not given stays out of the namespace (library default applies)
+
+
+def _csv(text: str) -> list[str]:
+    return [p for p in text.split(",") if p]
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_parser(sub) -> None:
+    data = sub.add_parser("data", help="prepare training data (tokenize once into token shards)")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    p = dsub.add_parser("prepare", help="tokenize a corpus into memory-mapped train/ and val/ token shards")
+    p.add_argument("--input", default=None, help="text file, folder, .jsonl or .parquet (default: Shakespeare)")
+    p.add_argument("--val-input", default=None, help="held-out corpus (default: a fraction of the input documents)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out when --val-input is absent")
+    p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
+    p.add_argument("--tokenizer", default="bpe", help="bpe (trained on the input) | gpt2 | path to tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE")
+    p.add_argument("--text-field", default="text", help="field / column holding the text in .jsonl / .parquet")
+    p.add_argument("--dtype", default=None, choices=["uint16", "uint32"], help="token dtype (default: by vocab size)")
+    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shard folders")
+    p.set_defaults(func=_data_prepare)
+
+    t = sub.add_parser("train", help="pretrain (dense, with joint training by default)")
+    t.add_argument("--config", default=None, help="a TrainConfig JSON file (flags given here override it)")
+    t.add_argument("--model", default=_S, help="preset (tiny, demo, 125m, ...), model folder or config.json")
+    t.add_argument("--baseline", action="store_true", default=_S, help="the attention baseline (apply_re=False)")
+    t.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE", help="model override")
+    _common(t, data_help="token shard folder, or a folder with train/ and val/ (default: bundled Shakespeare)")
+    t.add_argument("--tokenizer", default=_S, help="for the bundled corpus: bpe | gpt2 | path to tokenizer.json")
+    t.add_argument("--tokens", type=int, default=_S, help="token budget (instead of --steps)")
+    t.add_argument("--sampling", choices=["random", "ordered"], default=_S)
+    t.add_argument("--no-joint-train", dest="joint_train", action="store_false", default=_S)
+    t.add_argument("--sparse-pattern", default=_S, help="sparse branch of joint training (default D64 / local-W64)")
+    t.add_argument("--train-pattern", default=_S, help="the single pattern when joint training is off")
+    t.add_argument("--warmup", type=float, default=_S, help="warmup fraction of the steps")
+    t.add_argument("--distributed", choices=["ddp", "fsdp"], default=_S, help="under torchrun (WORLD_SIZE > 1)")
+    t.add_argument("--tensorboard", action="store_true", default=_S)
+    t.set_defaults(func=_train)
+
+    a = sub.add_parser("adapt", help="resolution adaptation of a pretrained model to one sparse pattern")
+    a.add_argument("--ckpt", required=True, help="model folder (a run's final/ or a checkpoint)")
+    a.add_argument("--pattern", required=True, help="target pattern, e.g. D16-W256-P4")
+    _common(a, data_help="token shards (default: the pretraining data recorded in the model)")
+    a.add_argument("--tokens", type=int, default=_S, help="token budget (default: 1%% of pretraining)")
+    a.set_defaults(func=_adapt)
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on prompt/answer JSONL, answers-only loss")
+    s.add_argument("--ckpt", required=True, help="model folder")
+    s.add_argument("--data", required=True, help='JSONL with {"prompt": ..., "answer": ...} per line')
+    s.add_argument("--pattern", default=None, help="pattern to train in (default: the model's adapted one)")
+    s.add_argument("--epochs", type=float, default=_S, help="passes over the records (default 4)")
+    for name in ("out", "steps", "seq_len", "batch_size", "grad_accum", "lr", "weight_decay", "seed", "device"):
+        _COMMON[name](s)
+    s.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
+    s.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
+    s.set_defaults(func=_sft)
+
+
+_COMMON = {
+    "out": lambda p: p.add_argument("--out", dest="out_dir", default=_S, help="output folder"),
+    "steps": lambda p: p.add_argument("--steps", type=int, default=_S),
+    "seq_len": lambda p: p.add_argument("--seq-len", type=int, default=_S),
+    "batch_size": lambda p: p.add_argument(
+        "--batch-size", type=int, default=_S, help="sequences per micro-batch, over all processes"
+    ),
+    "grad_accum": lambda p: p.add_argument("--grad-accum", type=int, default=_S),
+    "lr": lambda p: p.add_argument("--lr", type=float, default=_S),
+    "weight_decay": lambda p: p.add_argument("--weight-decay", type=float, default=_S),
+    "seed": lambda p: p.add_argument("--seed", type=int, default=_S),
+    "device": lambda p: p.add_argument("--device", default=_S, help="auto | cpu | cuda"),
+}
+
+
+def _common(p: argparse.ArgumentParser, data_help: str) -> None:
+    for add in _COMMON.values():
+        add(p)
+    p.add_argument("--data", default=_S, help=data_help)
+    p.add_argument("--val-data", default=_S, help="validation token shards")
+    p.add_argument("--min-lr", type=float, default=_S)
+    p.add_argument("--grad-clip", type=float, default=_S)
+    p.add_argument("--eval-interval", type=int, default=_S)
+    p.add_argument("--eval-batches", type=int, default=_S)
+    p.add_argument("--eval-patterns", type=_csv, default=_S, help="comma-separated patterns for validation loss")
+    p.add_argument("--ckpt-interval", type=int, default=_S)
+    p.add_argument("--keep-last", type=int, default=_S)
+    p.add_argument("--log-interval", type=int, default=_S)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_S)
+    p.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields set on the command line."""
+    from ratplus.train.trainer import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in fields}
+
+
+def _print_main(path: Path) -> None:
+    """Print the result once, from rank 0 of a torchrun job."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+
+
+def _data_prepare(args) -> int:
+    from ratplus.train.data import prepare_shards, read_documents, shakespeare_documents
+    from ratplus.train.tokenizer import eos_id, get_tokenizer, vocab_size
+
+    if args.input is None:
+        train_docs, val_docs = shakespeare_documents("train"), shakespeare_documents("val")
+    else:
+        train_docs = read_documents(args.input, args.text_field)
+        if args.val_input is not None:
+            val_docs = read_documents(args.val_input, args.text_field)
+        elif len(train_docs) >= 2 and args.val_fraction > 0:
+            n_val = max(1, round(args.val_fraction * len(train_docs)))
+            train_docs, val_docs = train_docs[:-n_val], train_docs[-n_val:]
+        else:
+            val_docs = []
+    tok = get_tokenizer(args.tokenizer, train_docs, args.vocab_size)
+    out = Path(args.out)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        if not docs:
+            print(f"no validation documents (a single input document); only {out / 'train'} is written")
+            continue
+        path = prepare_shards(
+            docs, tok, out / split, args.shard_tokens, args.dtype, overwrite=args.overwrite, desc=split
+        )
+        meta = json.loads((path / "meta.json").read_text())
+        print(
+            f"{path}: {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
+            f"{len(meta['shards'])} shard(s), {meta['dtype']}"
+        )
+    print(f"tokenizer: vocab {vocab_size(tok)}, EOS id {eos_id(tok)}")
+    return 0
+
+
+def _train(args) -> int:
+    from ratplus.train.trainer import TrainConfig, train
+
+    base = TrainConfig()
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config not found: {path}")
+        base = TrainConfig.from_dict(json.loads(path.read_text()))
+    given = _given(args)
+    if args.set:
+        given["model_overrides"] = {**base.model_overrides, **dict(args.set)}
+    _print_main(train(dataclasses.replace(base, **given)))
+    return 0
+
+
+def _adapt(args) -> int:
+    from ratplus.train.trainer import adapt
+
+    _print_main(adapt(args.ckpt, args.pattern, **_given(args)))
+    return 0
+
+
+def _sft(args) -> int:
+    from ratplus.train.trainer import sft
+
+    given = _given(args)
+    given.pop("sft_data", None)
+    _print_main(sft(args.ckpt, args.data, pattern=args.pattern, **{k: v for k, v in given.items() if k != "data"}))
+    return 0

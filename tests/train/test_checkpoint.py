@@ -1,0 +1,138 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ratplus import ModelConfig, RATPlusLM
+from ratplus.model.io import load_metadata, load_pretrained
+from ratplus.train import checkpoint as C
+from ratplus.train.distributed import full_model_state, full_optimizer_state, load_full_state
+
+
+def _trained(seed=0):
+    torch.manual_seed(seed)
+    model = RATPlusLM(ModelConfig.from_preset("tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16))
+    model(ids, labels=ids.roll(-1, 1)).loss.backward()
+    opt.step()
+    return model, opt
+
+
+def _save(root, step, model, opt, tokenizer=None):
+    rng_js, rng_t = C.rng_state()
+    return C.save_checkpoint(
+        root,
+        step,
+        model.config,
+        full_model_state(model),
+        full_optimizer_state(model, opt),
+        {"tokens_seen": 7 * step, "rng": rng_js},
+        rng_t,
+        {"seq_len": 16},
+        tokenizer=tokenizer,
+        metadata={"tokens_seen": 7 * step},
+    )
+
+
+def test_roundtrip_restores_model_optimizer_and_rng(tmp_path, tokenizer):
+    model, opt = _trained()
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    path = _save(tmp_path, 3, model, opt, tokenizer)
+    want = (random.random(), np.random.rand(), torch.rand(1))
+    assert path.name == "step_0000003"
+    assert {p.name for p in path.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metadata.json",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+        "train_config.json",
+        "manifest.json",
+    }
+    ck = C.load_checkpoint(path)
+    assert ck.step == 3 and ck.trainer_state["tokens_seen"] == 21 and ck.train_config == {"seq_len": 16}
+    # a fresh model + optimizer loaded from the checkpoint equals the original, moments included
+    fresh, fresh_opt = _trained(seed=1)
+    load_full_state(fresh, ck.model_state, fresh_opt, ck.optimizer_state)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+    sa, sb = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    for i in sa:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[i][key], sb[i][key])
+    C.set_rng_state(ck.trainer_state["rng"], ck.tensors)
+    assert (random.random(), np.random.rand()) == want[:2] and torch.equal(torch.rand(1), want[2])
+    # the checkpoint is also a plain model folder
+    loaded = load_pretrained(path)
+    assert torch.equal(loaded.embedding.wte.weight, model.embedding.wte.weight)
+    assert load_metadata(path) == {"tokens_seen": 21}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+def test_damaged_checkpoint_is_refused(tmp_path, damage):
+    model, opt = _trained()
+    path = _save(tmp_path, 1, model, opt)
+    target = path / ("trainer_state.safetensors" if damage != "flip" else "model.safetensors")
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+        match = "truncated"
+    elif damage == "flip":
+        target.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
+        match = "does not match its SHA-256"
+    elif damage == "delete":
+        target.unlink()
+        match = "checkpoint file missing"
+    else:
+        (path / C.MANIFEST_FILE).unlink()
+        match = "incomplete or not a ratplus checkpoint"
+    with pytest.raises(C.CheckpointError, match=match):
+        C.load_checkpoint(path)
+    assert C.latest_checkpoint(tmp_path) is None
+
+
+def test_latest_skips_damaged_and_prune_keeps_last(tmp_path):
+    model, opt = _trained()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, opt)
+    (tmp_path / "step_0000004" / "model.safetensors").write_bytes(b"oops")
+    assert C.latest_checkpoint(tmp_path).name == "step_0000003"
+    C.prune_checkpoints(tmp_path, keep_last=2)
+    assert [s for s, _ in C.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_crash_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """A write that dies before the manifest and the rename leaves only a hidden temp folder,
+    which resume ignores and the next run removes."""
+    model, opt = _trained()
+    _save(tmp_path, 1, model, opt)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(C, "_write_manifest", die)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, model, opt)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(".tmp-" in n for n in leftovers)
+    assert [s for s, _ in C.list_checkpoints(tmp_path)] == [1]
+    assert C.latest_checkpoint(tmp_path).name == "step_0000001"
+    C.remove_leftovers(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwriting_a_step_replaces_it_whole(tmp_path):
+    model, opt = _trained()
+    _save(tmp_path, 1, model, opt)
+    other, other_opt = _trained(seed=3)
+    path = _save(tmp_path, 1, other, other_opt)
+    C.verify_folder(path)
+    assert torch.equal(load_pretrained(path).embedding.wte.weight, other.embedding.wte.weight)
+    manifest = json.loads((path / C.MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {C.MANIFEST_FILE}
