@@ -13,6 +13,7 @@ import sys
 
 # The subcommand modules, in the order `ratplus --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
+    "ratplus.demo",
     "ratplus.train.commands",
     "ratplus.generate_cli",
     "ratplus.eval.commands",
