@@ -1,0 +1,133 @@
+"""A ``transformers`` ``Cache`` around RAT+'s compact decoding cache.
+
+Shapes: B batch, T new tokens per call.
+
+RAT+ layers do not hand key/value tensors to the cache (``Cache.update``): the native model writes
+its own compact cache (P initial slots, a W-token ring, the dilated keys, the recurrent state; see
+``ratplus.model.cache``). This wrapper only gives ``GenerationMixin`` what it asks of a cache:
+``get_seq_length()`` (tokens seen so far), beam reordering (``reorder_cache`` -> ``select``),
+``reset``. The inner ``RATPlusCache`` is built on the first forward, when the batch size, device
+and dtype are known (``generate`` expands the batch for beams / ``num_return_sequences`` before
+the first forward, so building it earlier would get the batch size wrong).
+
+What a compact cache cannot do it refuses: ``crop`` (tokens already folded into the recurrence
+cannot be taken back, so assisted decoding is unsupported) and ``update`` (nothing calls it here).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from ratplus.model.rat import RATPlusLM
+
+
+class RATPlusHFCache(Cache):
+    """Compact RAT+ cache for ``RATPlusForCausalLM`` (``past_key_values``).
+
+    ``max_len``: the most tokens the cache will ever hold (prompt + generated); None = the model's
+    ``max_seq_len``. ``pattern``: the attention pattern it serves (canonical string); None = taken
+    from the first forward. A cache built for one pattern refuses a forward with another.
+    """
+
+    def __init__(self, max_len: int | None = None, pattern: str | None = None):
+        super().__init__(layers=[])
+        if max_len is not None and max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.max_len = max_len
+        self.pattern = pattern
+        self.inner = None  # ratplus.model.cache.RATPlusCache once the first forward ran
+        # Tracked here so the wrapper relies on nothing beyond the RATPlusCache contract.
+        self._batch_size = -1
+        self._num_layers = 0
+        self._device: torch.device | None = None
+
+    # ---- the forward path ---------------------------------------------------------------------
+    def run(self, model: RATPlusLM, input_ids: torch.Tensor, pattern: str) -> torch.Tensor:
+        """Feed input_ids (B, T) after the tokens already cached; returns their logits (B, T, V)."""
+        if self.pattern is not None and pattern != self.pattern:
+            raise ValueError(
+                f"this cache was built for attention pattern {self.pattern!r} but the forward asks for "
+                f"{pattern!r}; start a new cache (or a new generate call) to switch patterns"
+            )
+        if self.inner is None:
+            from ratplus.model.cache import RATPlusCache
+
+            max_len = self.max_len if self.max_len is not None else model.config.max_seq_len
+            weight = model.embedding.wte.weight
+            self.inner = RATPlusCache(
+                model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=weight.dtype
+            )
+            self.pattern = pattern
+            self._batch_size, self._num_layers = input_ids.shape[0], model.config.num_layers
+            self._device = weight.device
+        elif input_ids.shape[0] != self.batch_size:
+            raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the cache holds {self.batch_size}")
+        return model(input_ids, pattern=pattern, cache=self.inner)
+
+    # ---- what GenerationMixin reads -----------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (not slots held: a sparse pattern keeps far fewer)."""
+        return 0 if self.inner is None else int(self.inner.seq_len)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1 if self.max_len is None else self.max_len
+
+    def __len__(self) -> int:
+        return self._num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.inner is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def nbytes(self) -> int:
+        """Bytes held by the compact cache (0 before the first forward)."""
+        return 0 if self.inner is None else int(self.inner.nbytes())
+
+    def reset(self) -> None:
+        if self.inner is not None:
+            self.inner.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep rows ``beam_idx`` (B,) of the batch, in that order."""
+        if self.inner is not None:
+            self.inner.select(beam_idx)
+            self._batch_size = int(beam_idx.shape[0])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.inner is not None:
+            self.reorder_cache(torch.arange(self._batch_size, device=self._device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError(
+                "a RAT+ cache cannot drop tokens: they are already folded into the recurrent state "
+                "(assisted / speculative decoding is not supported)"
+            )
+
+    def activate_past_recording(self) -> None:
+        raise NotImplementedError("a RAT+ cache cannot record past states for rollback")
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise NotImplementedError("RAT+ layers write their compact cache themselves; Cache.update is not used")
+
+    def __repr__(self) -> str:
+        return (
+            f"RATPlusHFCache(pattern={self.pattern!r}, seq_len={self.get_seq_length()}, "
+            f"max_len={self.max_len}, nbytes={self.nbytes()})"
+        )
