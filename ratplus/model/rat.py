@@ -18,7 +18,7 @@ dense training, joint training and every sparse inference pattern.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from ratplus.config import HeadGroups, ModelConfig, PatternSpec
 from ratplus.ops.attention import attention
 from ratplus.ops.rope import apply_rope, rope_cos_sin
 from ratplus.ops.scan import gated_scan
+
+if TYPE_CHECKING:
+    from ratplus.model.cache import LayerCache, RATPlusCache
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -97,16 +100,26 @@ class RATPlusLayer(nn.Module):
         sin: torch.Tensor,
         backend: str = "auto",
         scan_backend: str = "auto",
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) at positions 0..T-1; cos/sin (T, K). Returns the layer output y (B, T, C)."""
+        """x (B, T, C); cos/sin (T, K) or (B, 1, T, K) for its positions. Returns y (B, T, C).
+
+        Without ``cache`` x is a whole sequence at positions 0..T-1. With it, x follows the cached
+        tokens: the recurrence starts from the cached state, attention sees the cached keys, and
+        the cache stores the new state and keys (``ratplus.model.cache``)."""
         B, T, C = x.shape
         o, q, k, v, g = self.project(x)
         if g is not None:
-            k, v = self.recur(g, k, v, scan_backend=scan_backend)
+            if cache is not None:
+                g, k, v = cache.hold_padding(g, k, v)
+            k, v = self.recur(g, k, v, None if cache is None else cache.state, scan_backend=scan_backend)
+            if cache is not None:
+                cache.update_state(k, v)  # k~, v~ before RoPE
             # Attention runs in the activation dtype (bf16 under autocast); the recurrence stayed fp32.
             k, v = k.to(q.dtype), v.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE after the recurrence, not on v
-        a = attention(q, k, v, pattern, backend=backend)  # (B, H, T, K)
+        # (B, H, T, K); with a cache, over the cached keys plus the new ones
+        a = attention(q, k, v, pattern, backend=backend) if cache is None else cache.attend(q, k, v, backend)
         a = a.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(a * torch.sigmoid(o))
 
@@ -130,8 +143,8 @@ class Block(nn.Module):
         self.seq_layer = RATPlusLayer(config)
         self.hidden_layer = FFN(config)
 
-    def forward(self, x, pattern, cos, sin, backend="auto", scan_backend="auto"):
-        x = x + self.seq_layer(x, pattern, cos, sin, backend, scan_backend)
+    def forward(self, x, pattern, cos, sin, backend="auto", scan_backend="auto", cache=None):
+        x = x + self.seq_layer(x, pattern, cos, sin, backend, scan_backend, cache)
         return x + self.hidden_layer(x)
 
 
@@ -202,15 +215,28 @@ class RATPlusLM(nn.Module):
         *,
         backend: str = "auto",
         scan_backend: str = "auto",
+        cache: RATPlusCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | LMOutput:
         """input_ids (B, T) int64. ``pattern``: any pattern spec (None = dense causal).
 
         Without ``labels`` returns logits (B, T, V). With ``labels`` (B, T) of next-token targets
         aligned with the logits (labels[:, t] is the token after input_ids[:, t]; -100 = ignore)
         returns ``LMOutput(loss, logits)`` with the mean cross-entropy in float32.
+
+        With ``cache`` (a ``RATPlusCache``; inference) the tokens are appended after those already
+        cached (the first call is the prefill, then decode steps) and the logits are those of the
+        new tokens. ``pattern`` None then means the cache's pattern; another pattern raises.
+        ``attention_mask`` (B, T), 0 = left padding, is accepted with a cache only.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if cache is not None:
+            if labels is not None:
+                raise ValueError("labels are not supported together with a cache (inference only)")
+            return self._forward_cached(input_ids, pattern, cache, attention_mask, backend, scan_backend)
+        if attention_mask is not None:
+            raise ValueError("attention_mask (left padding) needs a cache: pass cache=RATPlusCache(...)")
         T = input_ids.shape[1]
         if T == 0:
             raise ValueError("input_ids is empty (T = 0)")
@@ -227,3 +253,13 @@ class RATPlusLM(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LMOutput(loss, logits)
+
+    def _forward_cached(self, input_ids, pattern, cache, attention_mask, backend, scan_backend) -> torch.Tensor:
+        with cache.append(input_ids, pattern, attention_mask) as step:  # checks pattern, room, padding
+            x = self.embedding.wte(input_ids)  # (B, T, C)
+            cos, sin = self.rope(step.positions, x.dtype)  # (T, K), or (B, 1, T, K) when rows differ
+            for block, layer_pattern, layer_cache in zip(
+                self.backbone.layers, cache.pattern, cache.layers, strict=True
+            ):
+                x = block(x, layer_pattern, cos, sin, backend, scan_backend, layer_cache)
+        return self.logits(x)

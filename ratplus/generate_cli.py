@@ -1,0 +1,95 @@
+"""``ratplus generate``: load a model folder and print a continuation as it is generated.
+
+    ratplus generate --ckpt PATH --pattern D16-W256-P4 --prompt "Once upon a time"
+    ratplus generate --ckpt PATH --prompt-ids 1,2,3        # folders without tokenizer.json
+
+The pattern defaults to the folder's ``metadata.json`` ``adapted_pattern`` (the pattern it was
+adapted to), else dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from e
+    return ids
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model folder, streaming tokens as they come")
+    p.add_argument("--ckpt", required=True, help="model folder (config.json, model.safetensors, tokenizer.json)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the folder's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids")
+    p.add_argument("--pattern", default=None, help="attention pattern, e.g. D16-W256-P4 (default: adapted or dense)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", type=_ids, default=None, help="stop token ids (default: the config's eos_token_id)")
+    p.add_argument("--max-length", type=int, default=None, help="cap on prompt + new tokens")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from ratplus.generation import generate
+    from ratplus.model.io import load_metadata, load_pretrained, load_tokenizer
+
+    model = load_pretrained(args.ckpt, device=args.device)
+    tokenizer = load_tokenizer(args.ckpt)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"{args.ckpt} has no tokenizer.json: give the prompt as --prompt-ids 1,2,3")
+        prompt = tokenizer.encode(args.prompt).ids
+        if not prompt:
+            raise ValueError("the prompt encodes to no tokens")
+    else:
+        prompt = args.prompt_ids
+        if not prompt:
+            raise ValueError("--prompt-ids is empty")
+    pattern = args.pattern or load_metadata(args.ckpt).get("adapted_pattern") or "dense"
+    print(f"[pattern {pattern}, {len(prompt)} prompt tokens]", file=sys.stderr)
+
+    new_ids: list[int] = []
+    shown = tokenizer.decode(prompt) if tokenizer is not None else " ".join(map(str, prompt)) + " |"
+
+    def stream(tokens: torch.Tensor) -> None:
+        nonlocal shown
+        if not new_ids:  # the arguments were validated before the first token: show the prompt now
+            print(shown, end="", flush=True)
+        new_ids.append(int(tokens[0]))
+        if tokenizer is None:
+            print(f" {new_ids[-1]}", end="", flush=True)
+            return
+        # decode prompt + continuation each time: spacing depends on the neighbours, and a token may
+        # complete a multi-byte character
+        text = tokenizer.decode(prompt + new_ids)
+        if text.startswith(shown):
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+
+    generate(
+        model,
+        torch.tensor([prompt]),
+        args.max_new_tokens,
+        pattern=pattern,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_tokens=args.stop,
+        max_length=args.max_length,
+        streamer=stream,
+        generator=torch.Generator(device=args.device).manual_seed(args.seed),
+    )
+    print(shown if not new_ids else "")
+    return 0

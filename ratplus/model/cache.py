@@ -1,0 +1,545 @@
+"""Decoding cache of a RAT+ model (DESIGN.md section 4): state and slot indices.
+
+Shapes: B batch, H heads (h: heads of one head group), T new tokens, S cache slots, K head dim.
+D/W/P are pattern sizes (dilation, local window, initial tokens); R = W + 1 is the ring size.
+
+Per layer the cache holds the recurrent state (k~, v~ of the last token, BEFORE RoPE, float32 or
+wider) and, per head group, key/value slots (keys AFTER RoPE at their absolute position):
+
+dense / dilated / local-only groups (``SlotLayout``), slots laid out as
+    [ P initial | R = W + 1 ring | floor((max_len - 1) / D) dilated ]
+  * token p < P goes to initial slot p;
+  * token p >= P goes to ring slot P + (p - P) % R; it stays there while it is among the last R
+    tokens, i.e. inside the local window of the next query;
+  * when it leaves the ring and (p + 1) % D == 0 it moves to the dilated area (slot order = position
+    order), otherwise it is dropped.
+  After n tokens the filled slots are always the prefix [0, num_valid(n)), and that prefix is
+  exactly the key set of the query at position n minus the query itself. So a decode step needs no
+  mask: write the new token, then attend over the prefix. Dense is D = 1, W = 0, P = 0 (one ring
+  slot, every older token "dilated"): max_len slots.
+
+top-k groups: every key at slot = position (max_len slots) plus per-block summaries (Quest: max
+  and min, MoBA: mean) of the candidate blocks (see ``ratplus.ops.attention.topk``).
+
+Slots of a group = ``pattern.kv_slots(max_len - 1)`` (P + W + 1 + floor((max_len - 1) / D); the
+"+1" is the slot of the token being decoded), so the bytes are exactly
+    sum over groups: B x h x slots x 2 (k and v) x K x itemsize
+    + top-k summaries: B x h x floor((max_len - 1 - W - P) / block) x (2 | 1) x K x itemsize
+    + state: B x H x 2K x state itemsize (RAT+ only; the attention baseline has no recurrence).
+``nbytes()`` reports the storage actually allocated.
+
+The cache knows positions and slots only; the attention math is in ``ratplus.ops.attention``. The
+model drives it: ``with cache.append(input_ids, pattern, attention_mask) as step`` around one
+forward; each layer calls ``hold_padding`` / ``update_state`` / ``attend`` on its ``LayerCache``.
+Rows may hold different numbers of tokens (left-padded prompts): positions are per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ratplus.config import AttentionPattern, HeadGroups, ModelConfig, PatternSpec, pattern_to_str
+from ratplus.ops.attention import attention
+from ratplus.ops.attention.masks import mask_mod_values
+from ratplus.ops.attention.topk import block_summaries, topk_attention, topk_decode_attention
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Slot arithmetic of a dense / dilated / local-only head group (module docstring). Pure ints."""
+
+    P: int
+    R: int  # ring size W + 1
+    D: int | None  # None: no dilated area
+    capacity: int
+
+    @classmethod
+    def for_pattern(cls, pattern: AttentionPattern, max_len: int) -> SlotLayout:
+        if pattern.is_topk:
+            raise ValueError("top-k patterns keep every key; they have no slot layout")
+        P, W, D = (0, 0, 1) if pattern.is_dense else (pattern.initial_size, pattern.local_size, pattern.dilation_size)
+        dilated = 0 if D is None else (max_len - 1) // D
+        return cls(P, W + 1, D, P + W + 1 + dilated)
+
+    @property
+    def first_m(self) -> int:
+        """Smallest m with m D - 1 >= P: dilated positions are m D - 1 for m >= first_m."""
+        return (self.P + self.D) // self.D
+
+    def is_dilated(self, p: int) -> bool:
+        return self.D is not None and p >= self.P and (p + 1) % self.D == 0
+
+    def ring_slot(self, p: int) -> int:
+        return self.P + (p - self.P) % self.R
+
+    def dilated_slot(self, p: int) -> int:
+        return self.P + self.R + (p + 1) // self.D - self.first_m
+
+    def num_dilated(self, n: int) -> int:
+        """Dilated tokens held after n tokens: positions m D - 1 in [P, n - R)."""
+        return 0 if self.D is None else max(0, (n - self.R) // self.D - self.first_m + 1)
+
+    def num_valid(self, n: int) -> int:
+        """Filled slots after n tokens (always the prefix [0, num_valid))."""
+        return min(self.P, n) + min(self.R, max(0, n - self.P)) + self.num_dilated(n)
+
+    def positions(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """(num_valid(n),) int64: the token position held by each filled slot after n tokens."""
+        initial = torch.arange(min(self.P, n), device=device)
+        in_ring = torch.arange(min(n, max(self.P, n - self.R)), n, device=device)
+        ring = torch.empty_like(in_ring)
+        ring[(in_ring - self.P) % self.R] = in_ring
+        if self.D is None:
+            return torch.cat([initial, ring])
+        dilated = (self.first_m + torch.arange(self.num_dilated(n), device=device)) * self.D - 1
+        return torch.cat([initial, ring, dilated])
+
+    def _dilated(self, p: torch.Tensor) -> torch.Tensor:
+        if self.D is None:
+            return torch.zeros_like(p, dtype=torch.bool)
+        return (p >= self.P) & ((p + 1) % self.D == 0)
+
+    def plan(self, n: int, N: int, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        """Index moves to go from n to N tokens (new tokens are positions n..N-1, column p - n).
+
+        Returns (ring_src, ring_dst): old ring tokens leaving the window into the dilated area, and
+        (new_src, new_dst): new tokens (column) into their slot; dropped tokens appear in neither."""
+        lo = max(self.P, n - self.R)
+        old = torch.arange(lo, max(lo, min(n, N - self.R)), device=device)  # ring tokens that leave
+        old = old[self._dilated(old)]
+        new = torch.arange(n, N, device=device)
+        dst = torch.where(new < self.P, new, -1)
+        dst = torch.where((new >= self.P) & (new >= N - self.R), self.ring_slot(new), dst)
+        if self.D is not None:
+            dst = torch.where((new < N - self.R) & self._dilated(new), self.dilated_slot(new), dst)
+            old_dst = self.dilated_slot(old)
+        else:
+            old_dst = old  # empty
+        keep = dst >= 0
+        return self.ring_slot(old), old_dst, (new - n)[keep], dst[keep]
+
+    def step(self, n: int) -> tuple[int | None, int | None, int]:
+        """The same plan for one new token (position n), in ints: (move_src, move_dst, write_dst)."""
+        leaving = n - self.R  # the token that leaves the window when token n arrives
+        move = (self.ring_slot(leaving), self.dilated_slot(leaving)) if self.is_dilated(leaving) else (None, None)
+        return (*move, n if n < self.P else self.ring_slot(n))
+
+
+@dataclass
+class CacheStep:
+    """Bookkeeping of one ``append``: where the T new columns of each row go."""
+
+    T: int
+    starts: list[int]  # tokens per row before this call
+    pads: list[int]  # leading padding columns per row (prefill of left-padded prompts only)
+    positions: torch.Tensor  # RoPE positions: (T,) when all rows agree, else (B, 1, T)
+    real: torch.Tensor | None  # (B, 1, T, 1) bool, False on padding columns; None without padding
+    _masks: dict = field(default_factory=dict)  # per-step memo of decode key masks
+
+    @property
+    def fresh(self) -> bool:
+        return all(n == 0 for n in self.starts)
+
+    @property
+    def uniform(self) -> bool:
+        """Every row at the same position with no padding: whole-batch slices, no masks."""
+        return len(set(self.starts)) == 1 and not any(self.pads)
+
+    def ends(self) -> list[int]:
+        return [n + self.T - pad for n, pad in zip(self.starts, self.pads)]
+
+
+class _GroupCache:
+    """Slots of one head group of one layer: k, v (B, h, S, K) and top-k summaries (B, h, N, K)."""
+
+    def __init__(self, pattern, heads, batch_size, max_len, head_dim, device, dtype):
+        self.pattern: AttentionPattern = pattern
+        self.heads: slice = heads
+        h = heads.stop - heads.start
+        if pattern.is_topk:
+            self.layout = None
+            slots = max_len
+            n_blocks = max(0, max_len - 1 - pattern.local_size - pattern.initial_size) // pattern.block_size
+            n_summaries = 2 if pattern.scoring == "quest" else 1
+            self.summaries = tuple(
+                torch.zeros(batch_size, h, n_blocks, head_dim, device=device, dtype=dtype) for _ in range(n_summaries)
+            )
+        else:
+            self.layout = SlotLayout.for_pattern(pattern, max_len)
+            slots = self.layout.capacity
+            self.summaries = ()
+        # zeros, not empty: rows shorter than others are masked, and 0 * garbage NaN would leak
+        self.k = torch.zeros(batch_size, h, slots, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v, *self.summaries]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        self.summaries = tuple(s.index_select(0, index) for s in self.summaries)
+
+    def num_valid(self, n: int) -> int:
+        return n if self.layout is None else self.layout.num_valid(n)
+
+    def rows(self, r: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Views of row r (batch dim kept)."""
+        return self.k[r : r + 1], self.v[r : r + 1], tuple(s[r : r + 1] for s in self.summaries)
+
+    # ---- writing ----------------------------------------------------------------------------------
+    def write(self, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> None:
+        """Store the new keys/values k, v (B, h, T, K) of this step."""
+        if step.uniform:
+            self._write(self.k, self.v, self.summaries, k, v, step.starts[0])
+            return
+        for r, (n, pad) in enumerate(zip(step.starts, step.pads)):
+            self._write(*self.rows(r), k[r : r + 1, :, pad:], v[r : r + 1, :, pad:], n)
+
+    def _write(self, kb, vb, summaries, k, v, n: int) -> None:
+        """kb, vb (b, h, S, K) buffers (views) holding n tokens; k, v (b, h, T, K) at positions n.."""
+        T = k.shape[-2]
+        if self.layout is None:  # top-k: slot = position, then summaries of newly complete blocks
+            kb[:, :, n : n + T] = k
+            vb[:, :, n : n + T] = v
+            P, Bs = self.pattern.initial_size, self.pattern.block_size
+            b0 = max(0, n - P) // Bs
+            b1 = min(max(0, n + T - P) // Bs, summaries[0].shape[-2] if summaries else 0)
+            if b1 > b0:
+                for dst, src in zip(summaries, block_summaries(kb[:, :, P + b0 * Bs : P + b1 * Bs], self.pattern)):
+                    dst[:, :, b0:b1] = src
+            return
+        if T == 1:  # decode: a couple of slot copies, no index tensors
+            move_src, move_dst, dst = self.layout.step(n)
+            if move_src is not None:
+                kb[:, :, move_dst] = kb[:, :, move_src]
+                vb[:, :, move_dst] = vb[:, :, move_src]
+            kb[:, :, dst] = k[:, :, 0]
+            vb[:, :, dst] = v[:, :, 0]
+            return
+        ring_src, ring_dst, new_src, new_dst = self.layout.plan(n, n + T, device=k.device)
+        # leaving ring tokens first: the new tokens may overwrite their ring slots
+        kb.index_copy_(2, ring_dst, kb.index_select(2, ring_src))
+        vb.index_copy_(2, ring_dst, vb.index_select(2, ring_src))
+        kb.index_copy_(2, new_dst, k.index_select(2, new_src))
+        vb.index_copy_(2, new_dst, v.index_select(2, new_src))
+
+    # ---- attending --------------------------------------------------------------------------------
+    def attend(self, q, k, v, step: CacheStep, backend: str) -> torch.Tensor:
+        """q, k, v (B, h, T, K) of the new tokens (after RoPE). Returns the attention output (B, h, T, K)
+        over the cached tokens plus the new ones, and stores the new ones."""
+        if step.fresh:
+            out = self._prefill(q, k, v, step, backend)
+            self.write(k, v, step)
+            return out
+        if step.T == 1:
+            self.write(k, v, step)
+            return self._decode(q, step)
+        out = self._extend(q, k, v, step)
+        self.write(k, v, step)
+        return out
+
+    def _prefill(self, q, k, v, step, backend) -> torch.Tensor:
+        """Empty cache: the new tokens are the whole sequence, so the full-sequence kernels apply."""
+        if not any(step.pads):
+            return attention(q, k, v, self.pattern, backend=backend)
+        out = torch.zeros_like(q)  # padding columns attend to nothing
+        for r, pad in enumerate(step.pads):
+            out[r : r + 1, :, pad:] = attention(
+                q[r : r + 1, :, pad:], k[r : r + 1, :, pad:], v[r : r + 1, :, pad:], self.pattern, backend=backend
+            )
+        return out
+
+    def _decode(self, q, step) -> torch.Tensor:
+        """One new token per row, already written: attend over each row's filled prefix."""
+        ends = step.ends()
+        if self.layout is None:
+            if len(set(ends)) == 1:
+                return topk_decode_attention(q, self.k, self.v, self.summaries, ends[0] - 1, self.pattern)
+            outs = []
+            for r, N in enumerate(ends):
+                kb, vb, summaries = self.rows(r)
+                outs.append(topk_decode_attention(q[r : r + 1], kb, vb, summaries, N - 1, self.pattern))
+            return torch.cat(outs)
+        valid = [self.layout.num_valid(N) for N in ends]
+        S = max(valid)
+        mask = None
+        if len(set(valid)) > 1:
+            key = (self.layout, S)
+            if key not in step._masks:  # shared by every layer with this layout
+                lengths = torch.tensor(valid, device=q.device).view(-1, 1, 1, 1)
+                step._masks[key] = torch.arange(S, device=q.device) < lengths  # (B, 1, 1, S)
+            mask = step._masks[key]
+        return F.scaled_dot_product_attention(q, self.k[:, :, :S], self.v[:, :, :S], attn_mask=mask)
+
+    def _extend(self, q, k, v, step) -> torch.Tensor:
+        """Several new tokens after cached ones: cached slots + new keys, masked by their positions."""
+        if step.uniform:
+            return self._extend_rows(self.k, self.v, q, k, v, step.starts[0])
+        outs = []
+        for r, n in enumerate(step.starts):
+            kb, vb, _ = self.rows(r)
+            outs.append(self._extend_rows(kb, vb, q[r : r + 1], k[r : r + 1], v[r : r + 1], n))
+        return torch.cat(outs)
+
+    def _extend_rows(self, kb, vb, q, k, v, n) -> torch.Tensor:
+        T = q.shape[-2]
+        if self.layout is None:  # top-k keeps every key in order: plain keys 0..n+T-1
+            keys, values = torch.cat([kb[:, :, :n], k], dim=2), torch.cat([vb[:, :, :n], v], dim=2)
+            return topk_attention(q, keys, values, self.pattern, q_offset=n)
+        S = self.layout.num_valid(n)
+        keys, values = torch.cat([kb[:, :, :S], k], dim=2), torch.cat([vb[:, :, :S], v], dim=2)
+        q_pos = torch.arange(n, n + T, device=q.device)
+        k_pos = torch.cat([self.layout.positions(n, device=q.device), q_pos])
+        mask = mask_mod_values(self.pattern, q_pos.unsqueeze(1), k_pos.unsqueeze(0))  # (T, S + T)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+class LayerCache:
+    """One layer: the recurrent state and the head groups' slots. Used by ``RATPlusLayer``."""
+
+    def __init__(self, owner: RATPlusCache, groups: HeadGroups, config: ModelConfig, device, dtype):
+        self._owner = owner
+        B, K = owner.batch_size, config.head_dim
+        self.groups: list[_GroupCache] = []
+        h0 = 0
+        for pattern, n in groups.groups:
+            self.groups.append(_GroupCache(pattern, slice(h0, h0 + n), B, owner.max_len, K, device, dtype))
+            h0 += n
+        # [k~, v~] of the last token, before RoPE; float32 even for a bf16 cache (float64 stays float64)
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        self.state = (
+            torch.zeros(B, config.num_heads, 2 * K, device=device, dtype=state_dtype) if config.apply_re else None
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for g in self.groups for t in g.tensors()] + ([self.state] if self.state is not None else [])
+
+    def hold_padding(
+        self, g: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """g, k, v (B, H, T, K): on left-padding columns set the gate to 1 and k = v = 0, so the
+        recurrence carries its (zero) state through the padding untouched."""
+        real = self._owner.current_step.real
+        if real is None:
+            return g, k, v
+        return g.masked_fill(~real, 1.0), k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
+
+    def update_state(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep [k~, v~] of the last column, k, v (B, H, T, K) before RoPE (the last column is real
+        in every row: padding is on the left)."""
+        K = k.shape[-1]
+        self.state[..., :K] = k[:, :, -1]
+        self.state[..., K:] = v[:, :, -1]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """q, k, v (B, H, T, K) of the new tokens after RoPE -> attention output (B, H, T, K)."""
+        if q.dtype != self.groups[0].k.dtype:
+            raise ValueError(
+                f"the cache holds {self.groups[0].k.dtype} but the layer computes in {q.dtype}; "
+                "build RATPlusCache with dtype= the model's compute dtype"
+            )
+        step = self._owner.current_step
+        outs = [g.attend(q[:, g.heads], k[:, g.heads], v[:, g.heads], step, backend) for g in self.groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+class RATPlusCache:
+    """Preallocated decoding cache for ``RATPlusLM`` (module docstring has the layout).
+
+    ``RATPlusCache(config, pattern, batch_size, max_len)``: room for ``max_len`` tokens per row
+    (prompt + generated), built for one pattern (any pattern spec, resolved per layer and head
+    group). Then ``model(input_ids, pattern=..., cache=cache)`` appends tokens: the first call is the
+    prefill, later ones decode steps (or several tokens at once).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        pattern: PatternSpec,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_len > config.max_seq_len:
+            raise ValueError(
+                f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len} (RoPE positions); "
+                "build the model with a larger max_seq_len"
+            )
+        self.config = config
+        self.pattern: tuple[HeadGroups, ...] = config.resolve_pattern(pattern)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.dtype = dtype or torch.get_default_dtype()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.layers = [LayerCache(self, groups, config, self.device, self.dtype) for groups in self.pattern]
+        self.lengths: list[int] = [0] * batch_size  # tokens held per row (padding not counted)
+        self.seq_len = 0  # columns appended so far (left padding included), as in input_ids
+        self.current_step: CacheStep | None = None
+        self._broken = False
+
+    def __repr__(self) -> str:
+        return (
+            f"RATPlusCache(pattern={pattern_to_str(self.pattern)!r}, batch_size={self.batch_size}, "
+            f"max_len={self.max_len}, seq_len={self.seq_len}, nbytes={self.nbytes()})"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of storage actually allocated by the cache (slots, summaries, states)."""
+        storages = {}
+        for layer in self.layers:
+            for t in layer.tensors():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
+    def reset(self) -> None:
+        """Empty the cache (buffers are kept; stale slots are never read)."""
+        self.lengths = [0] * self.batch_size
+        self.seq_len = 0
+        self._broken = False
+        for layer in self.layers:
+            if layer.state is not None:
+                layer.state.zero_()
+
+    def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
+        """Keep only these rows, in this order (finished rows dropped, beams reordered)."""
+        index = torch.as_tensor(batch_indices, dtype=torch.long).flatten()
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.batch_size:
+            raise ValueError(f"batch_indices must be non-empty and in [0, {self.batch_size}), got {index.tolist()}")
+        rows = index.tolist()
+        index = index.to(self.device)
+        for layer in self.layers:
+            for g in layer.groups:
+                g.select(index)
+            if layer.state is not None:
+                layer.state = layer.state.index_select(0, index)
+        self.lengths = [self.lengths[i] for i in rows]
+        self.batch_size = len(rows)
+
+    @contextlib.contextmanager
+    def append(
+        self, input_ids: torch.Tensor, pattern: PatternSpec = None, attention_mask: torch.Tensor | None = None
+    ) -> Iterator[CacheStep]:
+        """Context of one forward over input_ids (B, T) appended after the cached tokens.
+
+        ``pattern`` None means the cache's own pattern; any other must resolve to it.
+        ``attention_mask`` (B, T) or (B, seq_len + T), 1 = token, 0 = padding: only left padding of
+        the first call (the prefill) is allowed. Commits the new lengths when the block exits
+        normally; after an error inside it the cache refuses further use until ``reset()``."""
+        step = self._begin(input_ids, pattern, attention_mask)
+        self.current_step = step
+        try:
+            yield step
+        except BaseException:
+            self._broken = True
+            raise
+        finally:
+            self.current_step = None
+        self.lengths = step.ends()
+        self.seq_len += step.T
+
+    def _begin(self, input_ids, pattern, attention_mask) -> CacheStep:
+        if self._broken:
+            raise ValueError("the cache was left half-written by an error during a forward; call cache.reset()")
+        if self.current_step is not None:
+            raise ValueError("the cache is already in use by another forward")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if self.batch_size != B:
+            raise ValueError(f"input_ids has batch size {B} but the cache was built for {self.batch_size}")
+        if T == 0:
+            raise ValueError("input_ids is empty (T = 0)")
+        if (
+            input_ids.dtype not in (torch.int64, torch.int32)
+            or int(input_ids.min()) < 0
+            or int(input_ids.max()) >= self.config.vocab_size
+        ):
+            raise ValueError(f"input_ids must be integer token ids in [0, vocab_size={self.config.vocab_size})")
+        if pattern is not None:
+            resolved = self.config.resolve_pattern(pattern)
+            if resolved != self.pattern:
+                raise ValueError(
+                    f"pattern {pattern_to_str(resolved)!r} differs from the pattern the cache was built for "
+                    f"({pattern_to_str(self.pattern)!r}); build a new RATPlusCache for it"
+                )
+        pads = self._left_padding(attention_mask, B, T)
+        ends = [n + T - pad for n, pad in zip(self.lengths, pads)]
+        if max(ends) > self.max_len:
+            raise ValueError(
+                f"{max(ends)} tokens do not fit: the cache holds at most max_len={self.max_len} per row "
+                f"({max(self.lengths)} cached + {T} new)"
+            )
+        device = input_ids.device
+        if device.type != self.device.type or (None not in (device.index, self.device.index) and device != self.device):
+            raise ValueError(f"input_ids are on {device} but the cache is on {self.device}")
+        real = None
+        if len(set(self.lengths)) == 1 and not any(pads):
+            positions = torch.arange(self.lengths[0], self.lengths[0] + T, device=device)  # (T,)
+        else:
+            cols = torch.arange(T, device=device)
+            start = torch.tensor([n - pad for n, pad in zip(self.lengths, pads)], device=device).view(-1, 1, 1)
+            positions = (start + cols).clamp(min=0)  # (B, 1, T); padding columns get position 0 (unused)
+            if any(pads):
+                real = (cols >= torch.tensor(pads, device=device).view(-1, 1, 1)).unsqueeze(-1)  # (B, 1, T, 1)
+        return CacheStep(T, list(self.lengths), pads, positions, real)
+
+    def _left_padding(self, attention_mask, B: int, T: int) -> list[int]:
+        if attention_mask is None:
+            return [0] * B
+        if (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != B
+            or attention_mask.shape[1] not in (T, self.seq_len + T)
+        ):
+            raise ValueError(
+                f"attention_mask must be (B, T) = ({B}, {T}) or (B, seq_len + T) = ({B}, {self.seq_len + T}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        new = attention_mask[:, -T:].to("cpu")
+        if not ((new == 0) | (new == 1)).all():
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        new = new.bool()
+        if any(self.lengths):
+            if not new.all():
+                raise ValueError("padding is only allowed on the left of the first call (the prefill)")
+            return [0] * B
+        pads = (~new).sum(dim=1).tolist()
+        for r, pad in enumerate(pads):
+            if pad == T:
+                raise ValueError(f"row {r} of the prompt is empty (attention_mask is all zeros)")
+            if not new[r, pad:].all():
+                raise ValueError(f"row {r} of attention_mask is not left padding (zeros, then ones)")
+        return pads
+
+    def fill_synthetic_(self, seq_len: int, generator: torch.Generator | None = None) -> None:
+        """Benchmarks only: pretend ``seq_len`` tokens were seen, with random keys, values and
+        states (per-token decode cost does not depend on the values)."""
+        if any(self.lengths):
+            raise ValueError("fill_synthetic_ needs an empty cache")
+        if not 0 < seq_len < self.max_len:
+            raise ValueError(f"seq_len must be in [1, max_len={self.max_len}), got {seq_len}")
+        for layer in self.layers:
+            for g in layer.groups:
+                S = g.num_valid(seq_len)
+                g.k[:, :, :S].normal_(generator=generator)
+                g.v[:, :, :S].normal_(generator=generator)
+                if g.summaries:
+                    P, Bs = g.pattern.initial_size, g.pattern.block_size
+                    nb = min(max(0, seq_len - P) // Bs, g.summaries[0].shape[-2])
+                    for dst, src in zip(g.summaries, block_summaries(g.k[:, :, P : P + nb * Bs], g.pattern)):
+                        dst[:, :, :nb] = src
+            if layer.state is not None:
+                layer.state.normal_(generator=generator)
+        self.lengths = [seq_len] * self.batch_size
+        self.seq_len = seq_len
+
+
+__all__ = ["CacheStep", "LayerCache", "RATPlusCache", "SlotLayout"]
