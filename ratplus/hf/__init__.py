@@ -22,7 +22,7 @@ from typing import Any
 from ratplus.config import PatternSpec
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
-from ratplus.hf.modeling import RATPlusForCausalLM, RATPlusPreTrainedModel, compact_cache_available, save_tokenizer
+from ratplus.hf.modeling import RATPlusForCausalLM, RATPlusPreTrainedModel, save_tokenizer
 from ratplus.model.rat import RATPlusLM
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "RATPlusHFCache",
     "RATPlusPreTrainedModel",
     "canonical_pattern",
-    "compact_cache_available",
     "from_native",
     "register",
     "save_tokenizer",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 
 
@@ -37,48 +38,43 @@ class RATPlusHFCache(Cache):
         self.max_len = max_len
         self.pattern = pattern
         self.inner = None  # ratplus.model.cache.RATPlusCache once the first forward ran
-        # Tracked here so the wrapper relies on nothing beyond the RATPlusCache contract.
-        self._batch_size = -1
-        self._num_layers = 0
-        self._device: torch.device | None = None
 
     # ---- the forward path ---------------------------------------------------------------------
-    def run(self, model: RATPlusLM, input_ids: torch.Tensor, pattern: str) -> torch.Tensor:
-        """Feed input_ids (B, T) after the tokens already cached; returns their logits (B, T, V)."""
+    def run(
+        self, model: RATPlusLM, input_ids: torch.Tensor, pattern: str, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed input_ids (B, T) after the tokens already cached; returns their logits (B, T, V).
+
+        ``attention_mask``: (B, T) or (B, cached + T), 0 = left padding (first call only)."""
         if self.pattern is not None and pattern != self.pattern:
             raise ValueError(
                 f"this cache was built for attention pattern {self.pattern!r} but the forward asks for "
                 f"{pattern!r}; start a new cache (or a new generate call) to switch patterns"
             )
         if self.inner is None:
-            from ratplus.model.cache import RATPlusCache
-
             max_len = self.max_len if self.max_len is not None else model.config.max_seq_len
             weight = model.embedding.wte.weight
             self.inner = RATPlusCache(
                 model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=weight.dtype
             )
             self.pattern = pattern
-            self._batch_size, self._num_layers = input_ids.shape[0], model.config.num_layers
-            self._device = weight.device
-        elif input_ids.shape[0] != self.batch_size:
-            raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the cache holds {self.batch_size}")
-        return model(input_ids, pattern=pattern, cache=self.inner)
+        return model(input_ids, pattern=pattern, cache=self.inner, attention_mask=attention_mask)
 
     # ---- what GenerationMixin reads -----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen so far (not slots held: a sparse pattern keeps far fewer)."""
-        return 0 if self.inner is None else int(self.inner.seq_len)
+        """Columns fed so far, left padding included, as ``generate`` counts ``input_ids`` (not the
+        slots held: a sparse pattern keeps far fewer)."""
+        return 0 if self.inner is None else self.inner.seq_len
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1 if self.max_len is None else self.max_len
 
     def __len__(self) -> int:
-        return self._num_layers
+        return 0 if self.inner is None else len(self.inner.layers)
 
     @property
     def batch_size(self) -> int:
-        return self._batch_size
+        return -1 if self.inner is None else self.inner.batch_size
 
     @property
     def is_compileable(self) -> bool:
@@ -104,14 +100,13 @@ class RATPlusHFCache(Cache):
         """Beam search: keep rows ``beam_idx`` (B,) of the batch, in that order."""
         if self.inner is not None:
             self.inner.select(beam_idx)
-            self._batch_size = int(beam_idx.shape[0])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.inner is not None:
-            self.reorder_cache(torch.arange(self._batch_size, device=self._device).repeat_interleave(repeats))
+            self.inner.select(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:

@@ -78,6 +78,13 @@ class RATPlusConfig(PreTrainedConfig):
         native = self.to_model_config()
         self.attention_pattern = canonical_pattern(self.attention_pattern, native)
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        # After construction, a new pattern is validated (and canonicalised) as it is set, so a config
+        # can never hold a pattern the model cannot run.
+        if key == "attention_pattern" and self.__dict__.get("_post_init_done", False):
+            value = canonical_pattern(value, self.to_model_config())
+        super().__setattr__(key, value)
+
     def validate_architecture(self) -> None:
         """Part of the ``@strict`` validation ``transformers`` runs after ``__init__``."""
         native = self.to_model_config()

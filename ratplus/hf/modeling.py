@@ -9,7 +9,7 @@ RAT+'s compact cache (``RATPlusHFCache``), an attention pattern stored in the co
 after loading (``set_attention_pattern``), and HF-style ``labels`` (unshifted; shifted here).
 
 Things the model cannot do it refuses with a ``ValueError`` rather than computing something else:
-padding (an ``attention_mask`` with zeros), ``inputs_embeds``, per-layer attention or hidden-state
+padding other than on the left of the prompt, ``inputs_embeds``, per-layer attention or hidden-state
 outputs, a cache of another type, and loading a checkpoint with missing, unexpected or misshapen keys.
 """
 
@@ -37,15 +37,6 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # TransformersKwargs that ask for outputs this model does not produce.
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
-
-
-def compact_cache_available() -> bool:
-    """True when ``ratplus.model.cache.RATPlusCache`` (the compact decoding cache) is installed."""
-    try:
-        from ratplus.model.cache import RATPlusCache  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class RATPlusPreTrainedModel(PreTrainedModel):
@@ -124,18 +115,25 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         ``use_cache=True`` without a cache starts one (sized ``max_seq_len``) and returns it.
         ``labels`` (B, T) follow the ``transformers`` convention: the same ids as ``input_ids``
         (-100 = ignore), shifted here; ``loss`` is the mean next-token cross-entropy in float32.
-        ``attention_mask`` may only be all ones (RAT+ does not support padding)."""
-        self._check_inputs(input_ids, attention_mask, kwargs)
+        ``attention_mask`` (B, T) or (B, cached + T): 0 marks left padding of the prompt (padding
+        anywhere else raises); each row then runs exactly as it would alone."""
+        self._check_inputs(input_ids, kwargs)
+        if attention_mask is not None and bool((attention_mask == 1).all()):
+            attention_mask = None  # no padding: the plain path
         if attention_pattern is None:
             pattern = self.config.attention_pattern
         else:
             pattern = canonical_pattern(attention_pattern, self.model.config)
         if past_key_values is None and use_cache:
             past_key_values = RATPlusHFCache()
-        if past_key_values is None:
+        if past_key_values is None and attention_mask is None:
             logits = self.model(input_ids, pattern=pattern)
+        elif past_key_values is None:
+            # Left padding is handled by the compact cache (per-row positions, pads skipped by the
+            # recurrence); a throwaway one sized to this input gives the padded full forward.
+            logits = RATPlusHFCache(max_len=input_ids.shape[1]).run(self.model, input_ids, pattern, attention_mask)
         elif isinstance(past_key_values, RATPlusHFCache):
-            logits = past_key_values.run(self.model, input_ids, pattern)
+            logits = past_key_values.run(self.model, input_ids, pattern, attention_mask)
         else:
             raise ValueError(
                 f"past_key_values must be a RATPlusHFCache (RAT+ keeps its own compact cache), "
@@ -152,23 +150,16 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         return out
 
     @staticmethod
-    def _check_inputs(
-        input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
-    ) -> None:
+    def _check_inputs(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported by RAT+; pass input_ids")
         if input_ids is None:
             raise ValueError("input_ids is required")
         if kwargs.get("position_ids") is not None:
-            raise ValueError("position_ids is not supported: RAT+ positions are the token indices (0, 1, 2, ...)")
+            raise ValueError("position_ids is not supported: positions follow the tokens (and the attention_mask)")
         for name in _UNSUPPORTED_OUTPUTS:
             if kwargs.get(name):
                 raise ValueError(f"{name}=True is not supported by RATPlusForCausalLM")
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise ValueError(
-                "attention_mask contains zeros: RAT+ does not support padding (the recurrence would absorb "
-                "pad tokens and shift positions); batch sequences of equal length or run them one by one"
-            )
 
     # ---- generation ---------------------------------------------------------------------------
     def _prepare_cache_for_generation(
@@ -195,11 +186,6 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: "
                 "RAT+ always decodes with its own compact cache"
             )
-        if not compact_cache_available():
-            # Until ratplus.model.cache exists, decode by recomputing the whole sequence each step.
-            log.warning("ratplus.model.cache is not available: generate() recomputes the full sequence per token")
-            generation_config.use_cache = False
-            return
         model_kwargs["past_key_values"] = RATPlusHFCache(max_len=max_cache_length)
 
     # ---- saving -------------------------------------------------------------------------------
