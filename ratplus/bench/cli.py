@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
     )
     a.add_argument("--json", default=None, help="also write the JSON record to this file")
     a.set_defaults(func=_attention)
+    _add_hf(bsub)
 
 
 def _attention(args) -> int:
@@ -62,5 +63,39 @@ def _attention(args) -> int:
         json_path=args.json,
         tokens_per_call=args.tokens_per_call,
         with_scan=args.with_scan,
+    )
+    return 0
+
+
+def _add_hf(bsub) -> None:
+    h = bsub.add_parser("hf", help="transformers generate() vs ratplus.generate (same tokens, time ratio)")
+    h.add_argument("--preset", default="demo", help="model preset with random weights (ignored with --model)")
+    h.add_argument("--model", default=None, help="native model folder instead of a preset")
+    h.add_argument("--pattern", default="D16-W256-P4")
+    h.add_argument("--batch", type=int, default=1)
+    h.add_argument("--prompt-len", type=int, default=256)
+    h.add_argument("--new-tokens", type=int, default=64)
+    h.add_argument("--repeats", type=int, default=3)
+    h.add_argument("--device", default="auto")
+    h.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
+    h.add_argument("--json", default=None, help="also write the JSON record to this file")
+    h.set_defaults(func=_hf)
+
+
+def _hf(args) -> int:
+    from ratplus.bench.hf import run
+
+    device = resolve_device(args.device)
+    run(
+        preset=args.preset,
+        model_dir=args.model,
+        pattern=args.pattern,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        json_path=args.json,
     )
     return 0
