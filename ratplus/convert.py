@@ -36,6 +36,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ def load_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict[s
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (a bare pickle, starting with the PROTO opcode, before torch 1.6)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint")
+
     def load(mmap: bool) -> Any:
         # The reference trainer pickles its config as an easydict.EasyDict beside the weights; reading it
         # as an OrderedDict (the config is discarded) lets weights_only=True load it without easydict.

@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 from ratplus import ModelConfig, RATPlusLM
 
 # Several patterns, one per kind: dense, dilated with window and sinks, local only, per-head
@@ -20,6 +18,7 @@ def native() -> RATPlusLM:
 
 @pytest.fixture(scope="module")
 def hf_dir(native, tmp_path_factory):
+    pytest.importorskip("transformers")
     from ratplus.hf import from_native
 
     path = tmp_path_factory.mktemp("hf")
