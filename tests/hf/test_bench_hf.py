@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from ratplus.cli import main  # noqa: E402
+from ratplus.cli import main
 
 
 def test_bench_hf_checks_tokens_then_reports_ratio(capsys, tmp_path):
