@@ -58,7 +58,9 @@ class RATPlusHFCache(Cache):
                 model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=weight.dtype
             )
             self.pattern = pattern
-        return model(input_ids, pattern=pattern, cache=self.inner, attention_mask=attention_mask)
+        # pattern=None: the inner cache runs the pattern it was built for (checked above), without
+        # parsing the string again on every decode step.
+        return model(input_ids, cache=self.inner, attention_mask=attention_mask)
 
     # ---- what GenerationMixin reads -----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
