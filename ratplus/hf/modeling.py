@@ -16,7 +16,6 @@ outputs, a cache of another type, and loading a checkpoint with missing, unexpec
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,8 +29,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
 from ratplus.model.rat import Block, RATPlusLM
-
-log = logging.getLogger(__name__)
 
 # Tokenizer files copied beside the weights when the model was loaded from a folder that had them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
