@@ -27,16 +27,16 @@ class RATPlusHFCache(Cache):
     """Compact RAT+ cache for ``RATPlusForCausalLM`` (``past_key_values``).
 
     ``max_len``: the most tokens the cache will ever hold (prompt + generated); None = the model's
-    ``max_seq_len``. ``pattern``: the attention pattern it serves (canonical string); None = taken
-    from the first forward. A cache built for one pattern refuses a forward with another.
+    ``max_seq_len``. The attention pattern is the one of the first forward (``pattern`` holds its
+    canonical string from then on); a forward with another pattern is refused.
     """
 
-    def __init__(self, max_len: int | None = None, pattern: str | None = None):
+    def __init__(self, max_len: int | None = None):
         super().__init__(layers=[])
-        if max_len is not None and max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         self.max_len = max_len
-        self.pattern = pattern
+        self.pattern: str | None = None
         self.inner = None  # ratplus.model.cache.RATPlusCache once the first forward ran
 
     # ---- the forward path ---------------------------------------------------------------------
