@@ -379,11 +379,20 @@ def save_native(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, patter
 
 def save_hf(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
     """Write a Hugging Face folder (needs ``transformers``)."""
-    from ratplus.hf import from_native
+    from_native = _hf().from_native
 
     hf = from_native(model, attention_pattern=pattern, tokenizer=tokenizer)
     hf.save_pretrained(dst)
     return Path(dst)
+
+
+def _hf() -> Any:
+    """``ratplus.hf``, or a ValueError the CLI reports when transformers is missing."""
+    try:
+        import ratplus.hf
+    except ImportError as e:
+        raise ValueError(f"Hugging Face folders need transformers: {e}") from e
+    return ratplus.hf
 
 
 def convert(
@@ -424,9 +433,7 @@ def convert(
         pattern = pattern if pattern is not None else load_metadata(src).get("adapted_pattern")
         tok = tok if tok is not None else load_tokenizer(src)
     else:
-        from ratplus.hf import RATPlusForCausalLM
-
-        hf = RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))
+        hf = _hf().RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))
         model = hf.model
         pattern = pattern if pattern is not None else hf.config.attention_pattern
         if tok is None and (Path(src) / TOKENIZER_FILE).is_file():

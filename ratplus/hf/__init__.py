@@ -23,6 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+try:
+    import transformers
+except ImportError as e:  # an optional dependency: say how to get it
+    raise ImportError("ratplus.hf needs transformers>=5: pip install 'ratplus[hf]'") from e
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"ratplus.hf needs transformers>=5, found {transformers.__version__}")
+
 from ratplus.config import PatternSpec
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
