@@ -12,7 +12,12 @@ import logging
 import sys
 
 # (subcommand module, one-line help) - imported lazily so `ratplus --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("ratplus.bench.cli", "ratplus.generate_cli", "ratplus.convert")
+COMMAND_MODULES: tuple[str, ...] = (
+    "ratplus.bench.cli",
+    "ratplus.eval.commands",
+    "ratplus.generate_cli",
+    "ratplus.convert",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,30 @@ def add_parser(sub) -> None:
     )
     a.add_argument("--json", default=None, help="also write the JSON record to this file")
     a.set_defaults(func=_attention)
+    d = bsub.add_parser("decode", help="per-token decode latency and KV bytes vs context, dense vs sparse")
+    d.add_argument("--context-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
+    d.add_argument("--patterns", default="D4,D16,D64,topk-B64-K16-W64-P4-quest", help="compared with dense")
+    d.add_argument("--heads", type=int, default=12)
+    d.add_argument("--head-dim", type=int, default=64)
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--steps", type=int, default=10, help="timed decode steps per point (median)")
+    d.add_argument("--model-preset", default="125m", help="whole-model tokens/s at this preset ('none' to skip)")
+    d.add_argument("--model-context", type=int, default=16384)
+    d.add_argument("--model-patterns", default="dense,D16", help="the first one is the baseline")
+    d.add_argument("--model-batch", type=_ints, default=[1, 4], help="batch sizes of the whole-model line")
+    d.add_argument("--model-steps", type=int, default=8)
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default). 1 by default: single-token decode is memory-bound, and on "
+        "a shared CPU multi-threaded small kernels mostly measure scheduler stalls",
+    )
+    d.add_argument("--device", default="auto")
+    d.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
+    d.add_argument("--plot", default="bench_decode.png", help="PNG path ('' to skip)")
+    d.add_argument("--json", default=None, help="also write the JSON record to this file")
+    d.set_defaults(func=_decode)
     _add_hf(bsub)
 
 
@@ -67,6 +91,37 @@ def _attention(args) -> int:
     return 0
 
 
+def _decode(args) -> int:
+    import torch
+
+    from ratplus.bench.decode import run
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    preset = None if args.model_preset.lower() in ("", "none") else args.model_preset
+    run(
+        contexts=args.context_lens,
+        patterns=[p for p in args.patterns.split(",") if p],
+        heads=args.heads,
+        head_dim=args.head_dim,
+        batch=args.batch,
+        steps=args.steps,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        model_preset=preset,
+        model_context=args.model_context,
+        model_patterns=[p for p in args.model_patterns.split(",") if p],
+        model_batches=args.model_batch,
+        model_steps=args.model_steps,
+        plot_path=args.plot or None,
+        json_path=args.json,
+    )
+    return 0
+
+
 def _add_hf(bsub) -> None:
     h = bsub.add_parser("hf", help="transformers generate() vs ratplus.generate (same tokens, time ratio)")
     h.add_argument("--preset", default="demo", help="model preset with random weights (ignored with --model)")
@@ -76,6 +131,13 @@ def _add_hf(bsub) -> None:
     h.add_argument("--prompt-len", type=int, default=256)
     h.add_argument("--new-tokens", type=int, default=64)
     h.add_argument("--repeats", type=int, default=3)
+    h.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default); 1 by default, as in bench decode: on a shared CPU, "
+        "multi-threaded small kernels mostly measure scheduler stalls",
+    )
     h.add_argument("--device", default="auto")
     h.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
     h.add_argument("--json", default=None, help="also write the JSON record to this file")
@@ -83,8 +145,14 @@ def _add_hf(bsub) -> None:
 
 
 def _hf(args) -> int:
+    import torch
+
     from ratplus.bench.hf import run
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     run(
         preset=args.preset,

@@ -6,8 +6,8 @@ Both run greedy decoding of the same prompts with the same pattern and the same 
 HF path adds ``GenerationMixin``'s per-step bookkeeping (logits processors, stopping criteria,
 input preparation). The tokens are compared first and nothing is timed when they differ. Timing
 is interleaved (native, HF, native, HF, ...) and the median of the repeats is reported, so the
-ratio is meaningful even on a noisy machine. Stop tokens are disabled on both sides so every run
-generates exactly ``new_tokens`` tokens.
+ratio is meaningful even on a noisy machine (``--threads 1`` by default, as in ``bench decode``).
+Stop tokens are disabled on both sides so every run generates exactly ``new_tokens`` tokens.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ dense / dilated / local-only groups (``SlotLayout``), slots laid out as
     tokens, i.e. inside the local window of the next query;
   * when it leaves the ring and (p + 1) % D == 0 it moves to the dilated area (slot order = position
     order), otherwise it is dropped.
-  After n tokens the filled slots are always the prefix [0, num_valid(n)), and that prefix is
-  exactly the key set of the query at position n minus the query itself. So a decode step needs no
-  mask: write the new token, then attend over the prefix. Dense is D = 1, W = 0, P = 0 (one ring
+  After n tokens the filled slots are always the prefix [0, num_valid(n)), holding exactly the key
+  set S(n - 1) of the last query. A decode step for token n moves or drops the one token that
+  leaves the window and writes token n; the prefix then holds S(n). So it needs no mask: write the
+  new token, then attend over the prefix. Dense is D = 1, W = 0, P = 0 (one ring
   slot, every older token "dilated"): max_len slots.
 
 top-k groups: every key at slot = position (max_len slots) plus per-block summaries (Quest: max
@@ -302,13 +303,15 @@ class _GroupCache:
 class LayerCache:
     """One layer: the recurrent state and the head groups' slots. Used by ``RATPlusLayer``."""
 
-    def __init__(self, owner: RATPlusCache, groups: HeadGroups, config: ModelConfig, device, dtype):
-        self._owner = owner
-        B, K = owner.batch_size, config.head_dim
+    def __init__(self, groups: HeadGroups, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        B, K = batch_size, config.head_dim
+        # set by RATPlusCache.append for the duration of a forward (no back-reference to the owner:
+        # a reference cycle would keep a dropped cache's memory alive until the next gc pass)
+        self.current_step: CacheStep | None = None
         self.groups: list[_GroupCache] = []
         h0 = 0
         for pattern, n in groups.groups:
-            self.groups.append(_GroupCache(pattern, slice(h0, h0 + n), B, owner.max_len, K, device, dtype))
+            self.groups.append(_GroupCache(pattern, slice(h0, h0 + n), B, max_len, K, device, dtype))
             h0 += n
         # [k~, v~] of the last token, before RoPE; float32 even for a bf16 cache (float64 stays float64)
         state_dtype = torch.promote_types(dtype, torch.float32)
@@ -324,7 +327,7 @@ class LayerCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g, k, v (B, H, T, K): on left-padding columns set the gate to 1 and k = v = 0, so the
         recurrence carries its (zero) state through the padding untouched."""
-        real = self._owner.current_step.real
+        real = self.current_step.real
         if real is None:
             return g, k, v
         return g.masked_fill(~real, 1.0), k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
@@ -343,7 +346,7 @@ class LayerCache:
                 f"the cache holds {self.groups[0].k.dtype} but the layer computes in {q.dtype}; "
                 "build RATPlusCache with dtype= the model's compute dtype"
             )
-        step = self._owner.current_step
+        step = self.current_step
         outs = [g.attend(q[:, g.heads], k[:, g.heads], v[:, g.heads], step, backend) for g in self.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -354,7 +357,9 @@ class RATPlusCache:
     ``RATPlusCache(config, pattern, batch_size, max_len)``: room for ``max_len`` tokens per row
     (prompt + generated), built for one pattern (any pattern spec, resolved per layer and head
     group). Then ``model(input_ids, pattern=..., cache=cache)`` appends tokens: the first call is the
-    prefill, later ones decode steps (or several tokens at once).
+    prefill, later ones decode steps (or several tokens at once). Inference only: run it under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (a cache built inside inference mode can only
+    be written inside it, a PyTorch rule for inference tensors).
     """
 
     def __init__(
@@ -379,7 +384,9 @@ class RATPlusCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.dtype = dtype or torch.get_default_dtype()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.layers = [LayerCache(self, groups, config, self.device, self.dtype) for groups in self.pattern]
+        self.layers = [
+            LayerCache(groups, config, batch_size, max_len, self.device, self.dtype) for groups in self.pattern
+        ]
         self.lengths: list[int] = [0] * batch_size  # tokens held per row (padding not counted)
         self.seq_len = 0  # columns appended so far (left padding included), as in input_ids
         self.current_step: CacheStep | None = None
@@ -434,14 +441,16 @@ class RATPlusCache:
         the first call (the prefill) is allowed. Commits the new lengths when the block exits
         normally; after an error inside it the cache refuses further use until ``reset()``."""
         step = self._begin(input_ids, pattern, attention_mask)
-        self.current_step = step
+        for layer in (self, *self.layers):
+            layer.current_step = step
         try:
             yield step
         except BaseException:
             self._broken = True
             raise
         finally:
-            self.current_step = None
+            for layer in (self, *self.layers):
+                layer.current_step = None
         self.lengths = step.ends()
         self.seq_len += step.T
 
@@ -529,8 +538,13 @@ class RATPlusCache:
         for layer in self.layers:
             for g in layer.groups:
                 S = g.num_valid(seq_len)
-                g.k[:, :, :S].normal_(generator=generator)
-                g.v[:, :, :S].normal_(generator=generator)
+                for buf in (g.k, g.v):
+                    # tile one random block (a prime length, so blocks do not repeat in step): drawing
+                    # gigabytes of normals would take longer than the benchmark itself
+                    tile = torch.randn(*buf.shape[:2], min(S, 1021), buf.shape[-1], generator=generator).to(buf)
+                    for s in range(0, S, tile.shape[2]):
+                        e = min(S, s + tile.shape[2])
+                        buf[:, :, s:e] = tile[:, :, : e - s]
                 if g.summaries:
                     P, Bs = g.pattern.initial_size, g.pattern.block_size
                     nb = min(max(0, seq_len - P) // Bs, g.summaries[0].shape[-2])

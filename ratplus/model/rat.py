@@ -88,6 +88,10 @@ class RATPlusLayer(nn.Module):
         Returns recurrent k~, v~ (B, H, T, K) in float32."""
         # k and v share the gate; two scans over strided views avoid copying g or concatenating k, v.
         k_state, v_state = (None, None) if state is None else state.split(self.head_dim, dim=-1)
+        if g.shape[-2] == 1 and state is not None:
+            # one decode step: h = g h_prev + (1 - g) x directly, without the scan's chunking overhead
+            step = lambda x, h: torch.addcmul((1 - g) * _at_least_fp32(x).to(g.dtype), g, h.unsqueeze(-2))  # noqa: E731
+            return step(k, k_state), step(v, v_state)
         k = gated_scan(g, _at_least_fp32(k).to(g.dtype), k_state, backend=scan_backend)
         v = gated_scan(g, _at_least_fp32(v).to(g.dtype), v_state, backend=scan_backend)
         return k, v

@@ -122,31 +122,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Attention
 # ---- readable reference ------------------------------------------------------------------------------
 
 
-def topk_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: AttentionPattern,
-    q_offset: int = 0,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """q (B, H, T, K) at positions q_offset.., k, v (B, H, S, K) at 0..S-1 -> (B, H, T, K).
-
-    The module docstring's definition, written out directly: per-block max/min/mean by slicing,
-    the elementwise Quest formula, a full (B, H, T, S) mask, softmax."""
-    _check(q, k, v, pattern, q_offset)
-    B, H, T, K = q.shape
+def topk_mask_reference(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern, q_offset: int = 0) -> torch.Tensor:
+    """(B, H, T, S) bool: the key set of every query, written out from the module docstring with
+    per-block slicing and the elementwise Quest formula. q (B, H, T, K), k (B, H, S, K)."""
+    B, H, T, _ = q.shape
     S = k.shape[-2]
     P, W, Bs = pattern.initial_size, pattern.local_size, pattern.block_size
     N = max(0, S - P) // Bs  # complete blocks among the keys
-    block_scores_ = []  # per block: (B, H, T)
+    per_block = []  # score of block b for every query: (B, H, T)
     for b in range(N):
         block = k[:, :, P + b * Bs : P + (b + 1) * Bs]  # (B, H, Bs, K)
         if pattern.scoring == "quest":
             kmax, kmin = block.amax(dim=2, keepdim=True), block.amin(dim=2, keepdim=True)  # (B, H, 1, K)
-            block_scores_.append(torch.maximum(q * kmax, q * kmin).sum(-1))
+            per_block.append(torch.maximum(q * kmax, q * kmin).sum(-1))
         else:
-            block_scores_.append((q * block.mean(dim=2, keepdim=True)).sum(-1))
+            per_block.append((q * block.mean(dim=2, keepdim=True)).sum(-1))
     mask = torch.zeros(B, H, T, S, dtype=torch.bool, device=q.device)
     for i in range(T):
         t = q_offset + i
@@ -155,11 +145,26 @@ def topk_attention_reference(
         kk = min(pattern.top_k, len(candidates))
         if kk == 0:
             continue
-        scores = torch.stack([block_scores_[b][:, :, i] for b in candidates], dim=-1)  # (B, H, n_cand)
+        scores = torch.stack([per_block[b][:, :, i] for b in candidates], dim=-1)  # (B, H, n_cand)
         chosen = scores.topk(kk, dim=-1).indices  # (B, H, kk), candidates are blocks 0..n_cand-1
         for off in range(Bs):
             mask[:, :, i].scatter_(-1, P + chosen * Bs + off, True)
-    scale = K**-0.5 if scale is None else scale
+    return mask
+
+
+def topk_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: AttentionPattern,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q (B, H, T, K) at positions q_offset.., k, v (B, H, S, K) at 0..S-1 -> (B, H, T, K):
+    softmax over the keys of ``topk_mask_reference``."""
+    _check(q, k, v, pattern, q_offset)
+    mask = topk_mask_reference(q, k, pattern, q_offset)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.einsum("bhtk,bhsk->bhts", q, k) * scale
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     return torch.einsum("bhts,bhsk->bhtk", probs, v)
@@ -219,26 +224,31 @@ def topk_decode_attention(
     ``block_summaries`` for the complete blocks. Returns (B, H, 1, K), equal to ``topk_attention``
     for that query. Reads only the summaries and the keys it attends to."""
     P, W, Bs = pattern.initial_size, pattern.local_size, pattern.block_size
+    B, H, _, K = q.shape
     lo = max(0, t - W)  # local window [lo, t]
     n_init = min(P, lo)  # initial keys not inside the window
     n_cand = num_candidate_blocks(t, pattern)
     kk = min(pattern.top_k, n_cand)
-    keys, values = [k_cache[:, :, :n_init]], [v_cache[:, :, :n_init]]
-    if kk == n_cand and kk > 0:
-        # every candidate is chosen: one contiguous slice, no scoring needed
-        keys.append(k_cache[:, :, P : P + n_cand * Bs])
-        values.append(v_cache[:, :, P : P + n_cand * Bs])
-    elif kk > 0:
-        scores = block_scores(q, tuple(s[:, :, :n_cand] for s in summaries), pattern)  # (B, H, 1, n_cand)
-        blocks = scores.squeeze(-2).topk(kk, dim=-1).indices  # (B, H, kk)
-        offsets = torch.arange(Bs, device=q.device)
-        positions = (P + blocks.unsqueeze(-1) * Bs + offsets).flatten(-2)  # (B, H, kk * Bs)
-        index = positions.unsqueeze(-1).expand(-1, -1, -1, k_cache.shape[-1])
-        keys.append(k_cache.gather(2, index))
-        values.append(v_cache.gather(2, index))
-    keys.append(k_cache[:, :, lo : t + 1])
-    values.append(v_cache[:, :, lo : t + 1])
-    return F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), scale=scale)
+    n_always = n_init + t + 1 - lo
+    if kk == n_cand:  # every candidate is chosen (or none exists): contiguous slices, no scoring
+        keys = torch.cat([k_cache[:, :, :n_init], k_cache[:, :, P : P + kk * Bs], k_cache[:, :, lo : t + 1]], dim=2)
+        values = torch.cat([v_cache[:, :, :n_init], v_cache[:, :, P : P + kk * Bs], v_cache[:, :, lo : t + 1]], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale)
+    scores = block_scores(q, tuple(s[:, :, :n_cand] for s in summaries), pattern)  # (B, H, 1, n_cand)
+    blocks = scores.squeeze(-2).topk(kk, dim=-1).indices  # (B, H, kk)
+    # one buffer [initial | local | chosen blocks]; whole blocks are copied as rows of Bs * K values
+    # with index_select (several times faster than an element-wise gather)
+    keys = k_cache.new_empty(B, H, n_always + kk * Bs, K)
+    values = torch.empty_like(keys)
+    chosen = blocks.flatten(0, 1).unbind(0)  # B * H index vectors (kk,)
+    for buf, cache in ((keys, k_cache), (values, v_cache)):
+        buf[:, :, :n_init] = cache[:, :, :n_init]
+        buf[:, :, n_init:n_always] = cache[:, :, lo : t + 1]
+        sources = cache[:, :, P : P + n_cand * Bs].flatten(0, 1).unbind(0)  # B * H (n_cand * Bs, K)
+        targets = buf[:, :, n_always:].flatten(0, 1).unbind(0)  # B * H (kk * Bs, K)
+        for src, idx, dst in zip(sources, chosen, targets):
+            torch.index_select(src.reshape(n_cand, Bs * K), 0, idx, out=dst.view(kk, Bs * K))
+    return F.scaled_dot_product_attention(q, keys, values, scale=scale)
 
 
 __all__ = [
@@ -248,4 +258,5 @@ __all__ = [
     "topk_attention",
     "topk_attention_reference",
     "topk_decode_attention",
+    "topk_mask_reference",
 ]

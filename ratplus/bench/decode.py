@@ -1,0 +1,337 @@
+"""``ratplus bench decode``: per-token decode latency and KV-cache bytes versus context length.
+
+Two measurements, each dense versus sparse side by side in one run:
+
+1. One attention layer's decode step (store the new key/value in the cache, attend over it) at each
+   context length, for dense and each pattern: median ms per token, the cache's reported bytes, the
+   formula P + W + 1 + floor(T / D) slots x 2 x H x K x itemsize (+ state, + top-k summaries), and
+   the memory growth while the cache was built and filled (CUDA allocator, or the process's
+   resident set on Linux CPU; a hidden over-allocation would show up there).
+2. A whole model (default the ``125m`` preset) decoding at one context length: tokens per second
+   per pattern and batch size. The cache is filled with random keys, values and states instead of
+   running a long prefill (the per-token cost does not depend on the values); the output says so.
+
+Before timing, each pattern's prefill + decode is checked against a full forward on a tiny model;
+a pattern that fails is not timed. Output: a table, a PNG plot, and one JSON line last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratplus.bench.common import emit_json, environment, print_table
+from ratplus.config import ModelConfig
+from ratplus.model.cache import RATPlusCache
+from ratplus.model.rat import RATPlusLM
+
+#: On CPU the memory check compares the resident-set growth of building a cache with its bytes.
+#: That only works when the cache gets fresh pages rather than reused heap, so while a cache is
+#: built glibc is asked to serve every allocation of at least this size with mmap; for the timed
+#: steps the threshold goes back to 32 MiB (glibc's dynamic maximum) so temporaries reuse heap.
+MMAP_MIN_BYTES = 2**20
+_M_MMAP_THRESHOLD = -3
+DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+DEFAULT_PATTERNS = ("D4", "D16", "D64", "topk-B64-K16-W64-P4-quest")
+
+
+def _mallopt_mmap_threshold(nbytes: int, trim: bool = False) -> bool:
+    """glibc's mallopt(M_MMAP_THRESHOLD, nbytes), after malloc_trim(0) (free heap pages go back to
+    the system, so reusing them faults fresh pages in) when ``trim``; False without glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if trim:
+            libc.malloc_trim(0)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _fresh_pages(device: torch.device) -> Iterator[bool]:
+    """Within: CPU buffers >= 1 MiB get pages of their own. Yields whether the resident-set growth
+    is an exact measure of what was allocated."""
+    exact = device.type == "cpu" and _mallopt_mmap_threshold(MMAP_MIN_BYTES, trim=True)
+    try:
+        yield exact
+    finally:
+        if exact:
+            _mallopt_mmap_threshold(32 * 2**20)
+
+
+def memory_in_use(device: torch.device) -> int | None:
+    """Bytes held by the CUDA allocator, or this process's resident set size on CPU (Linux /proc;
+    None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def formula_bytes(config: ModelConfig, pattern: str, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes the cache should hold (module docstring of ``ratplus.model.cache``), from the pattern
+    arithmetic alone: slots = kv_slots(max_len - 1) per head group, + top-k summaries + state."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for layer in config.resolve_pattern(pattern):
+        for p, heads in layer.groups:
+            total += batch * heads * p.kv_slots(max_len - 1) * 2 * config.head_dim * item
+            if p.is_topk:
+                blocks = max(0, max_len - 1 - p.local_size - p.initial_size) // p.block_size
+                total += batch * heads * blocks * (2 if p.scoring == "quest" else 1) * config.head_dim * item
+        if config.apply_re:
+            state_item = torch.empty(0, dtype=torch.promote_types(dtype, torch.float32)).element_size()
+            total += batch * config.num_heads * 2 * config.head_dim * state_item
+    return total
+
+
+def check_decode_parity(patterns: list[str], device: torch.device, n: int | None = None, m: int = 40) -> None:
+    """Prefill of n tokens + m decode steps == one full forward (float32, tiny model, the patterns as
+    given); raise if not. By default n is long enough for every top-k pattern to choose among more
+    blocks than it keeps."""
+    torch.manual_seed(0)
+    if n is None:
+        n = 200
+        for spec in patterns:
+            for layer in ModelConfig.from_preset("tiny").resolve_pattern(spec):
+                for p, _ in layer.groups:
+                    if p.is_topk:
+                        n = max(n, p.initial_size + p.local_size + (p.top_k + 2) * p.block_size)
+    config = ModelConfig.from_preset("tiny", max_seq_len=n + m)
+    model = RATPlusLM(config).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (1, n + m), device=device)
+    with torch.no_grad():
+        for pattern in patterns:
+            full = model(ids, pattern=pattern)
+            cache = RATPlusCache(config, pattern, 1, n + m, device=device)
+            steps = [model(ids[:, :n], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(n, n + m)]
+            err = (torch.cat(steps, dim=1) - full).abs().max().item()
+            if err > 1e-4:
+                raise RuntimeError(f"decode parity failed for {pattern}: max |decode - full forward| = {err:.3g}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(config, pattern, batch, context, steps, device, dtype) -> tuple[RATPlusCache, int | None]:
+    """A cache holding ``context`` synthetic tokens with room for the timed steps, and the memory
+    its construction added."""
+    gc.collect()
+    with _fresh_pages(device) as exact:
+        mem0 = memory_in_use(device)
+        cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
+        cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
+        mem1 = memory_in_use(device)
+    if mem0 is None or mem1 is None or not (exact or device.type == "cuda"):
+        return cache, None
+    return cache, mem1 - mem0
+
+
+def _interleaved(steps: dict[str, Any], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step function, timed round-robin (one warm-up round) so that every
+    pattern sees the same background load on a shared machine."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(repeats + 1):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            if i:
+                times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def _layer_point(config, names, batch, context, steps, device, dtype) -> dict[str, dict[str, Any]]:
+    """One attention layer at one context: every pattern's decode step (write k/v + attend)."""
+    caches, out = {}, {}
+    for name in names:
+        caches[name], growth = _build(config, name, batch, context, steps, device, dtype)
+        out[name] = {"nbytes": caches[name].nbytes(), "mem_growth": growth}
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    q, k, v = (torch.randn(batch, config.num_heads, 1, config.head_dim, device=device, dtype=dtype) for _ in range(3))
+
+    def step(cache: RATPlusCache):
+        def run():
+            with cache.append(token):
+                cache.layers[0].attend(q, k, v)
+
+        return run
+
+    with torch.no_grad():
+        seconds = _interleaved({name: step(c) for name, c in caches.items()}, steps, device)
+    for name in names:
+        out[name]["s"] = seconds[name]
+    return out
+
+
+def _model_point(model, patterns, batch, context, steps, device, dtype) -> dict[str, tuple[float, int]]:
+    """Whole model at one context and batch: tokens/s and cache bytes per pattern."""
+    caches = {p: _build(model.config, p, batch, context, steps, device, dtype)[0] for p in patterns}
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    with torch.no_grad():
+        seconds = _interleaved({p: (lambda c=c: model(token, cache=c)) for p, c in caches.items()}, steps, device)
+    return {p: (batch / seconds[p], caches[p].nbytes()) for p in patterns}
+
+
+def _plot(path: str, contexts: list[int], names: list[str], results: dict, title: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, faster to import
+
+    fig = Figure(figsize=(11, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    for name in names:
+        ax1.plot(contexts, [results[name][T]["s"] * 1e3 for T in contexts], marker="o", label=name)
+        ax2.plot(contexts, [results[name][T]["nbytes"] / 2**20 for T in contexts], marker="o", label=name)
+    for ax, ylabel in ((ax1, "decode step, ms / token"), (ax2, "KV cache, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def run(
+    contexts: list[int] | None = None,
+    patterns: list[str] | None = None,
+    heads: int = 12,
+    head_dim: int = 64,
+    batch: int = 1,
+    steps: int = 10,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_preset: str | None = "125m",
+    model_context: int = 16384,
+    model_patterns: list[str] | None = None,
+    model_batches: list[int] | None = None,
+    model_steps: int = 8,
+    plot_path: str | None = "bench_decode.png",
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    device = device or torch.device("cpu")
+    contexts = list(contexts or DEFAULT_CONTEXTS)
+    names = ["dense", *[p for p in (patterns or DEFAULT_PATTERNS) if p != "dense"]]
+    model_patterns = list(model_patterns or ["dense", "D16"])
+    model_batches = list(model_batches or [1, 4])
+    check_decode_parity(sorted(set(names) | set(model_patterns)), device)
+
+    # ---- 1. one attention layer -----------------------------------------------------------------
+    config = ModelConfig(
+        vocab_size=8, d_model=heads * head_dim, num_layers=1, num_heads=heads, max_seq_len=max(contexts) + steps + 2
+    )
+    results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
+    rows = []
+    for T in contexts:
+        point = _layer_point(config, names, batch, T, steps, device, dtype)
+        for name in names:
+            r = point[name]
+            r["formula_bytes"] = formula_bytes(config, name, batch, T + steps + 2, dtype)
+            results[name][T] = r
+            dense = point["dense"]["s"]
+            growth = r["mem_growth"]
+            rows.append(
+                [
+                    T,
+                    name,
+                    r["s"] * 1e3,
+                    dense / r["s"],
+                    r["nbytes"] / 2**20,
+                    "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
+                    "-"
+                    if growth is None or (device.type == "cpu" and r["nbytes"] < 4 * MMAP_MIN_BYTES)
+                    else f"{growth / 2**20:.1f}",
+                ]
+            )
+    env = environment(device, dtype)
+    print(
+        f"decode step of one attention layer (write k/v + attend), B={batch} H={heads} K={head_dim} "
+        f"{env['dtype']}, {env['device']}; median of {steps} steps, patterns interleaved"
+    )
+    print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "mem growth MiB"], rows)
+    print("(speedup: dense ms / pattern ms; mem growth: memory added by building + filling the cache: CUDA")
+    print(" allocator, or CPU resident set with fresh pages for buffers >= 1 MiB (caches >= 4 MiB); ~ KV MiB)")
+
+    # ---- 2. whole model --------------------------------------------------------------------------
+    model_record: dict[str, Any] | None = None
+    if model_preset:
+        torch.manual_seed(0)
+        mconfig = ModelConfig.from_preset(model_preset, max_seq_len=model_context + model_steps + 2)
+        model = RATPlusLM(mconfig).to(device=device, dtype=dtype).eval()
+        tps: dict[str, dict[int, float]] = {p: {} for p in model_patterns}
+        kv: dict[str, dict[int, int]] = {p: {} for p in model_patterns}
+        for b in model_batches:
+            for p, (rate, nbytes) in _model_point(
+                model, model_patterns, b, model_context, model_steps, device, dtype
+            ).items():
+                tps[p][b], kv[p][b] = rate, nbytes
+        del model
+        print(
+            f"\nwhole-model decode, {model_preset} preset, context {model_context}, median of {model_steps} "
+            "interleaved steps (cache filled with random keys/values/states, not a real prefill: per-token cost only)"
+        )
+        base = model_patterns[0]
+        mrows = [
+            [p, b, tps[p][b], tps[p][b] / tps[base][b], kv[p][b] / 2**20] for b in model_batches for p in model_patterns
+        ]
+        print_table(["pattern", "batch", "tokens/s", f"vs {base}", "KV MiB"], mrows)
+        for b in model_batches:
+            line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in model_patterns)
+            print(f"{model_preset} @ {model_context} tokens, batch {b}: {line}")
+        model_record = {
+            "preset": model_preset,
+            "context": model_context,
+            "batches": model_batches,
+            "synthetic_cache": True,
+            "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in model_patterns},
+            "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in model_patterns},
+        }
+
+    if plot_path:
+        _plot(
+            plot_path,
+            contexts,
+            names,
+            results,
+            f"RAT+ decode, one layer, B={batch} H={heads} K={head_dim} {env['dtype']} ({env['device']})",
+        )
+        print(f"\nplot: {plot_path}")
+    record: dict[str, Any] = {
+        "bench": "decode",
+        **env,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "steps": steps,
+        "layer": {
+            name: {
+                str(T): {k: v for k, v in r.items()} | {"speedup": results["dense"][T]["s"] / r["s"]}
+                for T, r in per_t.items()
+            }
+            for name, per_t in results.items()
+        },
+        "model": model_record,
+        "plot": plot_path,
+    }
+    emit_json(record, json_path)
+    return record
+
+
+__all__ = ["check_decode_parity", "formula_bytes", "memory_in_use", "run"]

@@ -1,0 +1,232 @@
+"""What every evaluator shares: loading a checkpoint read-only, tokenizer helpers, whether a
+checkpoint was adapted to the pattern being evaluated, and the attention-FLOP / KV-cache cost of a
+pattern (the x axis of the perplexity plot).
+
+Evaluation never writes into a model folder: results go to the output folder the caller names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratplus.config import AttentionPattern, ModelConfig, PatternSpec, pattern_to_str
+from ratplus.model.io import load_metadata, load_pretrained, load_tokenizer
+from ratplus.model.rat import RATPlusLM
+
+logger = logging.getLogger("ratplus")
+
+#: Names tried, in order, when a tokenizer file does not say which token ends a document.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
+
+
+@dataclass
+class EvalModel:
+    """A checkpoint opened for evaluation: model (eval mode), tokenizer, metadata, where it came from."""
+
+    model: RATPlusLM
+    tokenizer: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    label: str | None = None  # name in tables and plots (default: the folder name)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        return self.path.name if self.path is not None else "model"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_id(self) -> int | None:
+        return eos_token_id(self.config, self.tokenizer)
+
+    def require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            where = f"model folder {self.path}" if self.path is not None else "the model"
+            raise ValueError(f"{what} needs a tokenizer, but {where} has no tokenizer.json")
+        return self.tokenizer
+
+    def status(self, pattern: PatternSpec) -> str:
+        return adaptation_status(self.metadata, self.config, pattern)
+
+
+def open_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> EvalModel:
+    """Load model, tokenizer and metadata of a model folder; nothing in the folder is modified."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    model = load_pretrained(folder, device=device, dtype=dtype)
+    return EvalModel(model, load_tokenizer(folder), load_metadata(folder), folder)
+
+
+def eos_token_id(config: ModelConfig, tokenizer: Any = None) -> int | None:
+    """The config's ``eos_token_id``, else a conventional end-of-text token of the tokenizer."""
+    if config.eos_token_id is not None:
+        return config.eos_token_id
+    if tokenizer is not None:
+        for name in EOS_CANDIDATES:
+            tid = tokenizer.token_to_id(name)
+            if tid is not None:
+                return int(tid)
+    return None
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without added special tokens (HF ``tokenizers.Tokenizer``)."""
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ---- was the checkpoint adapted to this pattern? -----------------------------------------------
+
+
+def canonical_pattern(config: ModelConfig, spec: PatternSpec) -> str:
+    """One printable form per distinct pattern (``D16`` and ``D16-W0-P0`` compare equal).
+
+    An invalid pattern raises ValueError naming it."""
+    try:
+        return pattern_to_str(config.resolve_pattern(spec))
+    except ValueError as e:
+        if isinstance(spec, str) and spec in str(e):
+            raise
+        raise ValueError(f"attention pattern {spec!r}: {e}") from e
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def adaptation_status(metadata: dict[str, Any], config: ModelConfig, pattern: PatternSpec) -> str:
+    """``"dense"``, ``"adapted"``, ``"joint-trained"`` or ``"not adapted (...)"`` for a pattern.
+
+    Reads the model folder's metadata: ``adapted_pattern`` (string or list) is the pattern(s) the
+    checkpoint was resolution-adapted to, ``joint_pattern`` the sparse branch of joint pretraining.
+    A pattern that is neither still evaluates; the status says it was not adapted.
+    """
+    target = canonical_pattern(config, pattern)
+    if all(layer.is_dense for layer in config.resolve_pattern(pattern)):
+        return "dense"
+    adapted = []
+    for spec in _as_list(metadata.get("adapted_pattern")):
+        try:
+            adapted.append(canonical_pattern(config, spec))
+        except ValueError:
+            logger.warning("metadata adapted_pattern %r is not a valid pattern for this model; ignored", spec)
+    if target in adapted:
+        return "adapted"
+    for spec in _as_list(metadata.get("joint_pattern")):
+        try:
+            if canonical_pattern(config, spec) == target:
+                return "joint-trained"
+        except ValueError:
+            logger.warning("metadata joint_pattern %r is not a valid pattern for this model; ignored", spec)
+    if adapted:
+        return f"not adapted (checkpoint adapted to {', '.join(adapted)})"
+    return "not adapted (no adaptation recorded)"
+
+
+def warn_if_not_adapted(em: EvalModel, pattern: PatternSpec) -> str:
+    status = em.status(pattern)
+    if status.startswith("not adapted"):
+        logger.warning(
+            "%s: pattern %s: checkpoint %s; results are for an unadapted model",
+            em.name,
+            canonical_pattern(em.config, pattern),
+            status,
+        )
+    return status
+
+
+# ---- cost of a pattern -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _costs(config_key: str, spec_key: str, seq_len: int) -> tuple[float, float]:
+    config = ModelConfig.from_dict(json.loads(config_key))
+    layers = config.resolve_pattern(spec_key)
+    dense_keys = seq_len * (seq_len + 1) // 2  # sum over t of (t + 1)
+    per_pattern: dict[AttentionPattern, int] = {}  # layers usually repeat one pattern: count it once
+    keys, slots, heads = 0.0, 0.0, 0
+    for layer in layers:
+        for pattern, n in layer.groups:
+            if pattern not in per_pattern:
+                per_pattern[pattern] = sum(pattern.keys_per_query(t) for t in range(seq_len))
+            keys += n * per_pattern[pattern]
+            # a window wider than the context cannot hold more than the context: cap at dense T + 1
+            slots += n * min(pattern.kv_slots(seq_len), seq_len + 1)
+            heads += n
+    return keys / (heads * dense_keys), slots / (heads * (seq_len + 1))
+
+
+def pattern_costs(config: ModelConfig, pattern: PatternSpec, seq_len: int) -> dict[str, float]:
+    """Attention cost of a pattern relative to dense causal attention at context ``seq_len``.
+
+    ``attn_flop_frac``: sum over query positions t < seq_len of |S(t)| over the dense sum, averaged
+    over heads and layers (attention FLOPs scale with the number of keys each query sees).
+    ``kv_frac``: decode cache slots at context ``seq_len`` (``kv_slots``) over dense seq_len + 1.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    spec = canonical_pattern(config, pattern)
+    attn, kv = _costs(json.dumps(config.to_dict(), sort_keys=True), spec, seq_len)
+    return {"attn_flop_frac": attn, "kv_frac": kv}
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def write_json(path: str | Path, record: Any) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return p
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return p
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a line that is not a JSON object raises ValueError naming file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {p}")
+    records = []
+    with open(p) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} line {lineno}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    return records

@@ -1,0 +1,61 @@
+"""Figures for evaluation results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COST_AXES = (
+    ("attn_flop_frac", "attention FLOPs (fraction of dense)"),
+    ("kv_frac", "KV-cache slots (fraction of dense)"),
+)
+
+
+def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
+    """Two panels, ``metric`` against attention FLOPs and against KV-cache size (log x, both relative
+    to dense), one line per model, each point labelled with its pattern. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    if not rows:
+        raise ValueError("no results to plot")
+    models: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        models.setdefault(r["model"], []).append(r)
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(6 * len(COST_AXES), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], COST_AXES):
+        for name, rs in models.items():
+            rs = sorted(rs, key=lambda r: r[key])
+            (line,) = ax.plot([r[key] for r in rs], [r[metric] for r in rs], marker="o", label=name)
+            # patterns that cost the same and score the same share one label
+            labels: dict[tuple[float, float], list[str]] = {}
+            for r in rs:
+                labels.setdefault((r[key], r[metric]), []).append(r["pattern"])
+            for (x, y), names in labels.items():
+                ax.annotate(
+                    " = ".join(names),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=line.get_color(),
+                )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    seq_len = rows[0].get("seq_len")
+    fig.suptitle(f"held-out {metric} vs attention cost" + (f" (context {seq_len})" if seq_len else ""))
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

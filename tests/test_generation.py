@@ -1,0 +1,168 @@
+import pytest
+import torch
+
+from ratplus import ModelConfig, RATPlusLM, generate
+from ratplus.cli import main
+from ratplus.generation import generate_stream, sample_next
+from ratplus.model.io import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def model():
+    # a large init makes a random model's greedy output vary instead of repeating one token
+    torch.manual_seed(0)
+    return RATPlusLM(ModelConfig.from_preset("tiny", init_std=0.3)).eval()
+
+
+def _greedy_by_full_forward(model, ids, n, pattern):
+    """Greedy continuation recomputing the whole sequence each step (no cache)."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids, pattern=pattern)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("pattern", ["D4-W2-P1", "topk-B4-K2-W3-P2-moba", "D4:2+local-W3-P1:2"])
+def test_greedy_equals_full_forward_argmax(model, pattern):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 11))
+    out = generate(model, ids, 14, pattern=pattern)
+    assert out.shape == (2, 25) and torch.equal(out[:, :11], ids)
+    assert torch.equal(out, _greedy_by_full_forward(model, ids, 14, pattern))
+    assert torch.equal(out, generate(model, ids, 14, pattern=pattern))  # deterministic
+
+
+def test_pattern_is_chosen_at_call_time(model):
+    ids = torch.randint(0, 256, (1, 40))
+    assert not torch.equal(generate(model, ids, 20, pattern="D16"), generate(model, ids, 20, pattern="dense"))
+
+
+def test_sampling_is_reproducible_and_filtered(model):
+    ids = torch.randint(0, 256, (3, 5))
+
+    def sample(seed, **kw):
+        return generate(model, ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(sample(3, top_p=0.9), sample(3, top_p=0.9))
+    assert not torch.equal(sample(3), sample(4))
+    greedy = generate(model, ids, 12)
+    assert torch.equal(sample(5, top_k=1), greedy)  # top-k 1 is greedy whatever the temperature
+    assert torch.equal(sample(6, top_p=1e-6), greedy)  # so is a tiny nucleus
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.8]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {1, 2}
+    # nucleus: p(1) ~ 0.36, p(2) ~ 0.33, p(4) ~ 0.30: top_p 0.5 keeps tokens 1 and 2 only
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=gen).tolist()) == {1, 2}
+    assert set(sample_next(logits, 1.0, generator=gen).tolist()) == {0, 1, 2, 3, 4}
+    assert sample_next(logits[:2], 0.0).tolist() == [1, 1]
+
+
+def test_ragged_prompts_match_each_row_alone(model):
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (7, 3, 12)]
+    for pattern in ("D3-W2-P1", "topk-B2-K1-W1-P1-quest"):
+        out = generate(model, prompts, 9, pattern=pattern, pad_token_id=0)
+        assert out.shape == (3, 12 + 9)
+        for r, p in enumerate(prompts):
+            alone = generate(model, [p], 9, pattern=pattern)
+            assert torch.equal(out[r, 12 - len(p) :], alone[0])
+            assert (out[r, : 12 - len(p)] == 0).all()  # left padding
+        # the same batch as a left-padded tensor with an attention mask
+        mask = (torch.arange(12) >= torch.tensor([12 - len(p) for p in prompts]).unsqueeze(1)).long()
+        assert torch.equal(generate(model, out[:, :12], 9, pattern=pattern, attention_mask=mask), out)
+
+
+def test_stop_tokens_pad_finished_rows(model):
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 6))
+    free = generate(model, ids, 16, pattern="D4")
+    # a token that row 0 emits and row 1 never does: row 0 stops, row 1 runs on from a smaller cache
+    stop = next(t for t in free[0, 6:].tolist() if t not in free[1, 6:].tolist())
+    end = 6 + free[0, 6:].tolist().index(stop) + 1  # the stop token is kept, then padding
+    out = generate(model, ids, 16, pattern="D4", stop_tokens=[stop], pad_token_id=255)
+    assert end < 22 and out.shape == (2, 22)
+    assert torch.equal(out[0, :end], free[0, :end]) and (out[0, end:] == 255).all()
+    assert torch.equal(out[1], free[1])
+    # once every row has stopped, generation ends early
+    stops = {stop, int(free[1, 9])}
+    ends = [6 + next(i for i, t in enumerate(free[r, 6:].tolist()) if t in stops) + 1 for r in range(2)]
+    assert generate(model, ids, 16, pattern="D4", stop_tokens=sorted(stops)).shape[1] == max(ends) < 22
+
+
+def test_max_length_and_streaming(model):
+    ids = torch.randint(0, 256, (2, 10))
+    assert generate(model, ids, 50, max_length=15).shape == (2, 15)
+    assert torch.equal(generate(model, ids, 0), ids)
+    seen = []
+    out = generate(model, ids, 6, pattern="D2", streamer=seen.append)
+    assert len(seen) == 6 and torch.equal(torch.stack(seen, dim=1), out[:, 10:])
+    assert torch.equal(torch.stack(list(generate_stream(model, ids, 6, pattern="D2")), dim=1), out[:, 10:])
+
+
+def test_bad_input_fails_before_any_forward(model):
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, 256, (2, 10))
+    bad = [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, top_k=-2), "top_k"),
+        (dict(stop_tokens=[256]), "stop token"),
+        (dict(pattern="D4x"), "unknown attention pattern"),
+        (dict(pattern="D4:3+dense:3"), "covers 6 heads"),
+        (dict(max_length=5), "longer than max_length"),
+        (dict(max_length=10_000), "max_seq_len"),
+    ]
+    try:
+        for kwargs, match in bad:
+            with pytest.raises(ValueError, match=match):
+                generate(model, ids, 5, **kwargs)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            generate(model, ids, -1)
+        for empty in (torch.zeros(1, 0, dtype=torch.long), [[1, 2], []], []):
+            with pytest.raises(ValueError, match="empty"):
+                generate(model, empty, 5)
+        with pytest.raises(ValueError, match="vocab_size"):
+            generate(model, ids + 300, 5)
+        with pytest.raises(ValueError, match="token ids"):
+            generate(model, ids.float(), 5)
+        assert not calls
+    finally:
+        hook.remove()
+
+
+WORDS = ["[UNK]", "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away"]
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = WORDS
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def test_cli_generate(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=12, init_std=0.3)).eval()
+    with_tok, without = tmp_path / "with", tmp_path / "without"
+    save_pretrained(model, with_tok, tokenizer=_word_tokenizer())
+    save_pretrained(model, without)
+    args = ["--pattern", "D2-W1-P1", "--max-new-tokens", "6"]
+    assert main(["generate", "--ckpt", str(with_tok), "--prompt", "the cat sat", *args]) == 0
+    text = capsys.readouterr().out.strip()
+    expected = generate(model, torch.tensor([[1, 2, 3]]), 6, pattern="D2-W1-P1")[0, 3:].tolist()
+    assert text == " ".join(["the", "cat", "sat"] + [WORDS[i] for i in expected])
+    assert main(["generate", "--ckpt", str(without), "--prompt-ids", "1,2,3", *args]) == 0
+    assert capsys.readouterr().out.split("|")[1].split() == [str(i) for i in expected]
+    assert main(["generate", "--ckpt", str(without), "--prompt", "the cat"]) == 2
+    assert "prompt-ids" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(with_tok), "--prompt", "the", "--top-p", "2", "--temperature", "1"]) == 2
+    assert "top_p" in capsys.readouterr().err
