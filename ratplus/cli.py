@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ratplus.train.commands",
     "ratplus.generate_cli",
     "ratplus.eval.commands",
+    "ratplus.convert",
     "ratplus.bench.cli",
 )
 

@@ -76,6 +76,7 @@ def add_parser(sub) -> None:
     t.add_argument("--no-breakdown", action="store_true", help="skip timing the scan / gate pieces alone")
     t.add_argument("--json", default=None, help="also write the JSON record to this file")
     t.set_defaults(func=_train)
+    _add_hf(bsub)
 
 
 def _attention(args) -> int:
@@ -143,6 +144,53 @@ def _train(args) -> int:
         device=device,
         dtype=resolve_dtype(args.dtype, device),
         breakdown=not args.no_breakdown,
+        json_path=args.json,
+    )
+    return 0
+
+
+def _add_hf(bsub) -> None:
+    h = bsub.add_parser("hf", help="transformers generate() vs ratplus.generate (same tokens, time ratio)")
+    h.add_argument("--preset", default="demo", help="model preset with random weights (ignored with --model)")
+    h.add_argument("--model", default=None, help="native model folder instead of a preset")
+    h.add_argument("--pattern", default="D16-W256-P4")
+    h.add_argument("--batch", type=int, default=1)
+    h.add_argument("--prompt-len", type=int, default=256)
+    h.add_argument("--new-tokens", type=int, default=64)
+    h.add_argument("--repeats", type=int, default=3)
+    h.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default); 1 by default, as in bench decode: on a shared CPU, "
+        "multi-threaded small kernels mostly measure scheduler stalls",
+    )
+    h.add_argument("--device", default="auto")
+    h.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
+    h.add_argument("--json", default=None, help="also write the JSON record to this file")
+    h.set_defaults(func=_hf)
+
+
+def _hf(args) -> int:
+    import torch
+
+    from ratplus.bench.hf import run
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    run(
+        preset=args.preset,
+        model_dir=args.model,
+        pattern=args.pattern,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
         json_path=args.json,
     )
     return 0

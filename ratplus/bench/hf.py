@@ -1,0 +1,98 @@
+"""``ratplus bench hf``: ``transformers`` ``generate()`` versus ``ratplus.generate`` on one model.
+
+Shapes: B batch, T prompt length.
+
+Both run greedy decoding of the same prompts with the same pattern and the same compact cache; the
+HF path adds ``GenerationMixin``'s per-step bookkeeping (logits processors, stopping criteria,
+input preparation). The tokens are compared first and nothing is timed when they differ. Timing
+is interleaved (native, HF, native, HF, ...) and the median of the repeats is reported, so the
+ratio is meaningful even on a noisy machine (``--threads 1`` by default, as in ``bench decode``).
+Stop tokens are disabled on both sides so every run generates exactly ``new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ratplus.bench.common import emit_json, environment, print_table, time_interleaved
+from ratplus.config import ModelConfig
+from ratplus.model.rat import RATPlusLM
+
+
+def build_model(preset: str | None, model_dir: str | None, device: torch.device, dtype: torch.dtype) -> RATPlusLM:
+    """A model folder's weights, or a preset with random weights (seed 0): decode speed does not
+    depend on the weight values."""
+    if model_dir is not None:
+        from ratplus.model.io import load_pretrained
+
+        return load_pretrained(model_dir, device=device, dtype=dtype)
+    torch.manual_seed(0)
+    return RATPlusLM(ModelConfig.from_preset(preset or "demo")).to(device=device, dtype=dtype).eval()
+
+
+def run(
+    preset: str | None,
+    model_dir: str | None,
+    pattern: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """Check token parity, time both generate() paths, print a table and the JSON record."""
+    from ratplus.generation import generate
+    from ratplus.hf import from_native
+
+    if new_tokens < 1 or prompt_len < 1 or batch < 1 or repeats < 1:
+        raise ValueError("batch, prompt_len, new_tokens and repeats must be >= 1")
+    native = build_model(preset, model_dir, device, dtype)
+    config = native.config
+    if prompt_len + new_tokens > config.max_seq_len:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} > max_seq_len={config.max_seq_len}")
+    hf = from_native(native, attention_pattern=pattern)
+    hf.generation_config.eos_token_id = None  # no early stop: both sides generate exactly new_tokens
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+
+    def run_native() -> torch.Tensor:
+        return generate(native, ids, new_tokens, pattern=pattern, stop_tokens=[])
+
+    def run_hf() -> torch.Tensor:
+        return hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, pad_token_id=0)
+
+    ref, out = run_native(), run_hf()
+    if not torch.equal(ref, out):
+        raise ValueError("HF generate() and ratplus.generate() produced different tokens; refusing to time them")
+    times = time_interleaved({"ratplus.generate": run_native, "hf generate": run_hf}, device, repeats, warmup=1)
+    tokens = batch * new_tokens
+    rows = [[name, s * 1e3, s * 1e3 / new_tokens, tokens / s] for name, s in times.items()]
+    ratio = times["hf generate"] / times["ratplus.generate"]
+    print(
+        f"model {config.name} (C={config.d_model}, L={config.num_layers}, V={config.vocab_size}), pattern "
+        f"{hf.config.attention_pattern}, batch {batch}, prompt {prompt_len}, new {new_tokens}, greedy"
+    )
+    print_table(["impl", "total ms", "ms/step", "tokens/s"], rows)
+    print(f"HF / native time ratio: {ratio:.3f} (tokens identical)")
+    record = {
+        "bench": "hf_generate",
+        **environment(device, dtype),
+        "model": config.name,
+        "d_model": config.d_model,
+        "num_layers": config.num_layers,
+        "vocab_size": config.vocab_size,
+        "pattern": hf.config.attention_pattern,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "tokens_identical": True,
+        "seconds": times,
+        "ratio_hf_over_native": ratio,
+    }
+    emit_json(record, json_path)
+    return record

@@ -1,0 +1,496 @@
+"""Checkpoint conversion: native folder <-> Hugging Face folder, and import of the paper's checkpoints.
+
+Shapes: V vocab, C model width (d_model), L layers.
+
+The reference code (wimh966/rat-plus) saves a PyTorch ``.pth`` holding the state dict of its LM task
+(alone or under ``"task"``, next to the optimizer state). Its keys are exactly our native keys::
+
+    embedding.wte.weight                               (V, C)
+    backbone.layers.{i}.seq_layer.input_norm.weight    (C,)
+    backbone.layers.{i}.seq_layer.in_proj.weight       (5C, C) rows o, q, k, v, f; (4C, C) without recurrence
+    backbone.layers.{i}.seq_layer.out_proj.weight      (C, C)
+    backbone.layers.{i}.hidden_layer.ln.weight         (C,)
+    backbone.layers.{i}.hidden_layer.fc1.weight        (ffn_mult * C, C)
+    backbone.layers.{i}.hidden_layer.fc2.weight        (C, ffn_mult * C)
+    backbone.ln.weight                                 (C,)
+    head.lm_head.weight                                (V, C), tied to the embedding
+
+possibly behind ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefixes. Older checkpoints keep
+the forget-gate rows in ``backbone.layers.{i}.seq_layer.fgate_proj.weight`` (C, C); they are
+appended to a (4C, C) ``in_proj`` as its last C rows. The architecture is inferred from the shapes:
+V and C from the embedding, L from the layer indices, ``apply_re`` from 5C vs 4C ``in_proj`` rows,
+``ffn_mult`` from ``fc1``. The head count cannot be seen in any shape: it comes from ``num_heads``
+or, by default, head size 128 as in every model of the paper. Anything that does not fit this
+layout (biases, a SwiGLU FFN, a missing layer, an extra key) is refused with a message naming it.
+
+``ratplus convert SRC DST`` picks the direction from SRC: a checkpoint file is imported; a folder
+whose ``config.json`` says ``model_type: ratplus`` is a Hugging Face folder (-> native); any other
+model folder is native (-> Hugging Face).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratplus.config import ModelConfig, PatternSpec
+from ratplus.model.io import CONFIG_FILE, TOKENIZER_FILE, load_metadata, load_tokenizer, save_pretrained
+from ratplus.model.rat import RATPlusLM
+
+log = logging.getLogger(__name__)
+
+PAPER_HEAD_DIM = 128
+LLAMA2_VOCAB = 32000
+LLAMA2_EOS_ID = 2  # "</s>" in the LLaMA-2 tokenizer the paper's checkpoints were trained with
+_WRAPPER_KEYS = ("task", "model", "state_dict", "module")  # where trainers nest the weights
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
+_EMBED, _HEAD = "embedding.wte.weight", "head.lm_head.weight"
+
+
+# ---- reading a reference checkpoint -----------------------------------------------------------
+def load_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read the state dict of a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` checkpoint (CPU).
+
+    Pickles are read with ``weights_only=True`` (no code runs) and memory-mapped, so an optimizer
+    state stored beside the weights costs no memory. ``trust_pickle=True`` lifts the restriction
+    for files you trust that hold other Python objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from ratplus.model.io import load_state_dict_file
+
+        return load_state_dict_file(p)
+    obj = _torch_load(p, trust_pickle)
+    return _find_state_dict(obj, p)
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (a bare pickle, starting with the PROTO opcode, before torch 1.6)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise ValueError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint")
+
+    def load(mmap: bool) -> Any:
+        # The reference trainer pickles its config as an easydict.EasyDict beside the weights; reading it
+        # as an OrderedDict (the config is discarded) lets weights_only=True load it without easydict.
+        with torch.serialization.safe_globals([(OrderedDict, "easydict.EasyDict")]):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+
+    try:
+        try:
+            return load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (non-zip) format cannot be memory-mapped
+                raise
+            return load(mmap=False)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds Python objects other than tensors and plain containers ({e}); if you trust the "
+            "file, pass --trust-pickle (trust_pickle=True) to load it anyway"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint ({e})"
+        ) from e
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if _is_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key])
+        found = ", ".join(f"{k!r}" for k in list(obj)[:10])
+        raise ValueError(
+            f"{path} is not a state dict and has none under {', '.join(_WRAPPER_KEYS)} (top-level keys: {found})"
+        )
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+
+
+def normalize_reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``module.`` / ``_orig_mod.`` wrappers and fold ``fgate_proj`` into ``in_proj``.
+
+    Returns a new dict keyed like the native model; refuses clashes and a ``fgate_proj`` whose
+    ``in_proj`` is not the (4C, C) it completes."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key.replace("_orig_mod.", "")  # torch.compile wraps modules anywhere in the tree
+        while name.startswith("module."):  # DDP / FSDP wrap the whole model
+            name = name[len("module.") :]
+        if name in out:
+            raise ValueError(f"checkpoint has two tensors for {name!r} once wrapper prefixes are stripped")
+        out[name] = value
+    for key in sorted(k for k in out if k.endswith(".seq_layer.fgate_proj.weight")):
+        fgate = out.pop(key)
+        in_key = key.replace("fgate_proj", "in_proj")
+        if in_key not in out:
+            raise ValueError(f"{key} has no matching {in_key}")
+        in_proj = out[in_key]
+        C = in_proj.shape[-1]
+        if in_proj.shape != (4 * C, C) or fgate.shape != (C, C):
+            raise ValueError(
+                f"{key} {tuple(fgate.shape)} can only complete a (4C, C) in_proj with C rows, but {in_key} is "
+                f"{tuple(in_proj.shape)}"
+            )
+        out[in_key] = torch.cat([in_proj, fgate.to(in_proj.dtype)], dim=0)  # gate rows go last: o, q, k, v, f
+    return out
+
+
+def infer_config(
+    state: dict[str, torch.Tensor],
+    num_heads: int | None = None,
+    head_dim: int = PAPER_HEAD_DIM,
+    max_seq_len: int = 4096,
+    rope_base: float = 10000.0,
+    eos_token_id: int | None = None,
+) -> ModelConfig:
+    """The ``ModelConfig`` a normalised reference state dict was trained with (see module docstring).
+
+    ``num_heads``: None = ``d_model // head_dim`` (head size 128 in the paper). ``eos_token_id``:
+    None = 2 (LLaMA-2's ``</s>``) for a 32000-token vocabulary, else unset."""
+    if _EMBED not in state:
+        sample = ", ".join(sorted(state)[:6])
+        raise ValueError(f"no {_EMBED} in the checkpoint: not a RAT+ reference checkpoint (keys: {sample} ...)")
+    biases = sorted(k for k in state if k.endswith(".bias"))
+    if biases:
+        raise ValueError(f"RAT+ layers have no biases but the checkpoint has {', '.join(biases[:4])}")
+    wte = state[_EMBED]
+    if wte.dim() != 2:
+        raise ValueError(f"{_EMBED} must be 2-D (V, C), got shape {tuple(wte.shape)}")
+    V, C = wte.shape
+    indices = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
+    if not indices:
+        raise ValueError("the checkpoint has no backbone.layers.{i}.* tensors")
+    L = max(indices) + 1
+    absent = sorted(set(range(L)) - indices)
+    if absent:
+        raise ValueError(f"layers {absent[:8]} are missing from the checkpoint (it has layer indices up to {L - 1})")
+    in_proj = _get(state, "backbone.layers.0.seq_layer.in_proj.weight")
+    if in_proj.shape == (5 * C, C):
+        apply_re = True
+    elif in_proj.shape == (4 * C, C):
+        apply_re = False
+    else:
+        raise ValueError(
+            f"backbone.layers.0.seq_layer.in_proj.weight has shape {tuple(in_proj.shape)}; with d_model={C} it "
+            f"must be (5C, C) = {(5 * C, C)} (RAT+) or (4C, C) = {(4 * C, C)} (attention baseline)"
+        )
+    fc1 = _get(state, "backbone.layers.0.hidden_layer.fc1.weight")
+    fc2 = _get(state, "backbone.layers.0.hidden_layer.fc2.weight")
+    d_ffn = fc1.shape[0]
+    if fc1.shape[1] != C or d_ffn % C != 0:
+        raise ValueError(f"hidden_layer.fc1.weight has shape {tuple(fc1.shape)}; expected (k*{C}, {C})")
+    if fc2.shape != (C, d_ffn):
+        raise ValueError(
+            f"hidden_layer.fc2.weight has shape {tuple(fc2.shape)} but fc1 gives d_ffn={d_ffn}, so it must be "
+            f"{(C, d_ffn)} (a gated FFN such as SwiGLU is not supported)"
+        )
+    if num_heads is None:
+        if head_dim < 1 or C % head_dim != 0:
+            raise ValueError(
+                f"cannot infer the head count: d_model={C} is not a multiple of head_dim={head_dim}; pass num_heads"
+            )
+        num_heads = C // head_dim
+        log.info(
+            "num_heads=%d inferred from head size %d (the paper's); pass num_heads if it differs", num_heads, head_dim
+        )
+    tie = True
+    if _HEAD in state:
+        head = state[_HEAD]
+        tie = head.shape == wte.shape and torch.equal(head, wte)
+        if not tie:
+            log.warning("%s differs from %s: the converted model keeps an untied LM head", _HEAD, _EMBED)
+    if eos_token_id is None and V == LLAMA2_VOCAB:
+        eos_token_id = LLAMA2_EOS_ID
+    return ModelConfig(
+        vocab_size=V,
+        d_model=C,
+        num_layers=L,
+        num_heads=num_heads,
+        max_seq_len=max_seq_len,
+        rope_base=rope_base,
+        apply_re=apply_re,
+        tie_embeddings=tie,
+        ffn_mult=d_ffn // C,
+        eos_token_id=eos_token_id,
+        name="reference",
+    )
+
+
+def _get(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"the checkpoint has no {key}")
+    return state[key]
+
+
+def model_from_state_dict(
+    config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, source: str = "checkpoint"
+) -> RATPlusLM:
+    """Build ``RATPlusLM(config)`` around the given tensors (no copy, no random init).
+
+    Every key and shape is checked first; a mismatch raises ValueError listing missing, unexpected
+    and misshapen keys. Floating tensors are cast to ``dtype`` (None = the embedding's dtype) so
+    the model runs in one dtype."""
+    with torch.device("meta"):
+        model = RATPlusLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop(_HEAD, None)  # tied: the head is the embedding (equality checked by infer_config)
+        expected.pop(_HEAD)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad = [
+        f"{k}: {tuple(state[k].shape)} vs {expected[k]}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if bad:
+        problems.append(f"shape mismatches (checkpoint vs model): {'; '.join(bad[:8])}")
+    if problems:
+        raise ValueError(f"{source} does not match the inferred config {config}: " + " | ".join(problems))
+    dtype = dtype or state[_EMBED].dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if config.tie_embeddings:
+        state[_HEAD] = state[_EMBED]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.head.lm_head.weight = model.embedding.wte.weight  # assign=True replaced both Parameters
+    return model.eval()
+
+
+def load_reference_checkpoint(
+    path: str | Path,
+    num_heads: int | None = None,
+    head_dim: int = PAPER_HEAD_DIM,
+    max_seq_len: int = 4096,
+    eos_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+    trust_pickle: bool = False,
+) -> RATPlusLM:
+    """Import a checkpoint saved by the paper's reference code as a native ``RATPlusLM`` (eval mode)."""
+    state = normalize_reference_keys(load_checkpoint_file(path, trust_pickle))
+    config = infer_config(state, num_heads, head_dim, max_seq_len, eos_token_id=eos_token_id)
+    return model_from_state_dict(config, state, dtype, source=str(path))
+
+
+# ---- tokenizers -----------------------------------------------------------------------------------
+def load_tokenizer_file(path: str | Path):
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json``, a SentencePiece ``tokenizer.model`` (LLaMA-2's;
+    needs ``transformers``, ``sentencepiece`` and ``protobuf``) or a folder holding either."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        for name in (TOKENIZER_FILE, "tokenizer.model"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {p}")
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {p}")
+    if p.suffix == ".json":
+        try:
+            return Tokenizer.from_file(str(p))
+        except Exception as e:
+            raise ValueError(f"cannot read tokenizer {p}: {e}") from e
+    if p.suffix != ".model":
+        raise ValueError(f"unknown tokenizer file {p}: expected tokenizer.json or a SentencePiece tokenizer.model")
+    import importlib.util
+
+    needed = [m for m in ("transformers", "sentencepiece", "google.protobuf") if not _has_module(importlib.util, m)]
+    if needed:
+        raise ValueError(
+            f"reading the SentencePiece model {p} needs {', '.join(needed)} (pip install transformers sentencepiece "
+            "protobuf); or pass the tokenizer.json that ships with LLaMA-2 instead"
+        )
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:  # a folder holding only this file, so nothing else is read
+        shutil.copyfile(p, Path(tmp) / "tokenizer.model")
+        return LlamaTokenizer.from_pretrained(tmp).backend_tokenizer
+
+
+def _has_module(util: Any, name: str) -> bool:
+    try:
+        return util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# ---- folder conversions ---------------------------------------------------------------------------
+def folder_kind(path: str | Path) -> str:
+    """``"reference"`` for a checkpoint file, ``"hf"`` for a folder whose config.json has
+    ``model_type: ratplus``, ``"native"`` for a native model folder."""
+    p = Path(path)
+    if p.is_file():
+        return "reference"
+    if not p.is_dir():
+        raise FileNotFoundError(f"not found: {p}")
+    cfg = p / CONFIG_FILE
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{p} has no {CONFIG_FILE}: neither a native nor a Hugging Face model folder")
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON: {e}") from e
+    model_type = data.get("model_type")
+    if model_type is None:
+        return "native"
+    if model_type != "ratplus":
+        raise ValueError(f"{cfg} has model_type {model_type!r}, not 'ratplus': not a RAT+ model")
+    return "hf"
+
+
+def save_native(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
+    """Write a native folder; a non-dense ``pattern`` is recorded as ``adapted_pattern`` metadata."""
+    from ratplus.config import pattern_to_str
+
+    metadata = None
+    if pattern is not None:
+        text = pattern_to_str(model.config.resolve_pattern(pattern))
+        if text != "dense":
+            metadata = {"adapted_pattern": text}
+    return save_pretrained(model, dst, tokenizer=tokenizer, metadata=metadata)
+
+
+def save_hf(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
+    """Write a Hugging Face folder (needs ``transformers``)."""
+    from_native = _hf().from_native
+
+    hf = from_native(model, attention_pattern=pattern, tokenizer=tokenizer)
+    hf.save_pretrained(dst)
+    return Path(dst)
+
+
+def _hf() -> Any:
+    """``ratplus.hf``, or a ValueError the CLI reports when transformers is missing."""
+    try:
+        import ratplus.hf
+    except ImportError as e:
+        raise ValueError(f"Hugging Face folders need transformers: {e}") from e
+    return ratplus.hf
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str | None = None,
+    pattern: PatternSpec = None,
+    tokenizer: str | Path | None = None,
+    num_heads: int | None = None,
+    head_dim: int = PAPER_HEAD_DIM,
+    max_seq_len: int = 4096,
+    eos_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+    trust_pickle: bool = False,
+    overwrite: bool = False,
+) -> tuple[str, str]:
+    """Convert ``src`` into a ``to`` (``"native"`` / ``"hf"``) folder at ``dst``; returns (from, to).
+
+    Default ``to``: ``"native"`` from a Hugging Face folder, ``"hf"`` otherwise. ``pattern``: the
+    default attention pattern to record (None = keep the source's). ``tokenizer``: a tokenizer file
+    or folder to save beside the weights (reference checkpoints carry none)."""
+    kind = folder_kind(src)
+    to = to or ("native" if kind == "hf" else "hf")
+    if to not in ("native", "hf"):
+        raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
+    out = Path(dst)
+    if (out / CONFIG_FILE).exists() and not overwrite:
+        raise ValueError(f"{out} already holds a model ({CONFIG_FILE}); pass --overwrite to replace it")
+    tok = load_tokenizer_file(tokenizer) if tokenizer is not None else None
+    if kind == "reference":
+        if tok is not None and eos_token_id is None:
+            eos_token_id = tok.token_to_id("</s>")  # LLaMA-2's EOS; None when the tokenizer has no such token
+        model = load_reference_checkpoint(src, num_heads, head_dim, max_seq_len, eos_token_id, dtype, trust_pickle)
+    elif kind == "native":
+        from ratplus.model.io import load_pretrained
+
+        model = load_pretrained(src, dtype=dtype)
+        pattern = pattern if pattern is not None else load_metadata(src).get("adapted_pattern")
+        tok = tok if tok is not None else load_tokenizer(src)
+    else:
+        hf = _hf().RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))
+        model = hf.model
+        pattern = pattern if pattern is not None else hf.config.attention_pattern
+        if tok is None and (Path(src) / TOKENIZER_FILE).is_file():
+            tok = load_tokenizer_file(Path(src) / TOKENIZER_FILE)
+    if to == "native":
+        save_native(model, out, tok, pattern)
+    else:
+        save_hf(model, out, tok, pattern)
+    return kind, to
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints: native <-> Hugging Face folder, import the paper's .pth checkpoints",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("src", help="native folder, Hugging Face folder, or a reference checkpoint file (.pth/.safetensors)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=("native", "hf"), default=None, help="output format (default: the other one)")
+    p.add_argument("--pattern", default=None, help="default attention pattern to record, e.g. D16-W256-P4")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model (or a folder) to save beside")
+    p.add_argument("--num-heads", type=int, default=None, help="reference import: heads per layer")
+    p.add_argument("--head-dim", type=int, default=PAPER_HEAD_DIM, help="reference import: head size if no --num-heads")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="reference import: max_seq_len of the config")
+    p.add_argument(
+        "--eos-token-id", type=int, default=None, help="reference import: EOS id (default 2 for vocab 32000)"
+    )
+    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in DST")
+    p.set_defaults(func=_run)
+
+
+def _run(args: Any) -> int:
+    dtype = None
+    if args.dtype is not None:
+        if args.dtype not in _DTYPES:
+            raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[args.dtype]
+    kind, to = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        pattern=args.pattern,
+        tokenizer=args.tokenizer,
+        num_heads=args.num_heads,
+        head_dim=args.head_dim,
+        max_seq_len=args.max_seq_len,
+        eos_token_id=args.eos_token_id,
+        dtype=dtype,
+        trust_pickle=args.trust_pickle,
+        overwrite=args.overwrite,
+    )
+    print(f"converted {args.src} ({kind}) -> {args.dst} ({to})")
+    return 0

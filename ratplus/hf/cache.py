@@ -1,0 +1,130 @@
+"""A ``transformers`` ``Cache`` around RAT+'s compact decoding cache.
+
+Shapes: B batch, T new tokens per call.
+
+RAT+ layers do not hand key/value tensors to the cache (``Cache.update``): the native model writes
+its own compact cache (P initial slots, a W-token ring, the dilated keys, the recurrent state; see
+``ratplus.model.cache``). This wrapper only gives ``GenerationMixin`` what it asks of a cache:
+``get_seq_length()`` (tokens seen so far), beam reordering (``reorder_cache`` -> ``select``),
+``reset``. The inner ``RATPlusCache`` is built on the first forward, when the batch size, device
+and dtype are known (``generate`` expands the batch for beams / ``num_return_sequences`` before
+the first forward, so building it earlier would get the batch size wrong).
+
+What a compact cache cannot do it refuses: ``crop`` (tokens already folded into the recurrence
+cannot be taken back, so assisted decoding is unsupported) and ``update`` (nothing calls it here).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from ratplus.model.cache import RATPlusCache
+from ratplus.model.rat import RATPlusLM
+
+
+class RATPlusHFCache(Cache):
+    """Compact RAT+ cache for ``RATPlusForCausalLM`` (``past_key_values``).
+
+    ``max_len``: the most tokens the cache will ever hold (prompt + generated); None = the model's
+    ``max_seq_len``. The attention pattern is the one of the first forward (``pattern`` holds its
+    canonical string from then on); a forward with another pattern is refused.
+    """
+
+    def __init__(self, max_len: int | None = None):
+        super().__init__(layers=[])
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+        self.max_len = max_len
+        self.pattern: str | None = None
+        self.inner = None  # ratplus.model.cache.RATPlusCache once the first forward ran
+
+    # ---- the forward path ---------------------------------------------------------------------
+    def run(
+        self, model: RATPlusLM, input_ids: torch.Tensor, pattern: str, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed input_ids (B, T) after the tokens already cached; returns their logits (B, T, V).
+
+        ``attention_mask``: (B, T) or (B, cached + T), 0 = left padding (first call only)."""
+        if self.pattern is not None and pattern != self.pattern:
+            raise ValueError(
+                f"this cache was built for attention pattern {self.pattern!r} but the forward asks for "
+                f"{pattern!r}; start a new cache (or a new generate call) to switch patterns"
+            )
+        if self.inner is None:
+            max_len = self.max_len if self.max_len is not None else model.config.max_seq_len
+            weight = model.embedding.wte.weight
+            self.inner = RATPlusCache(
+                model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=weight.dtype
+            )
+            self.pattern = pattern
+        # pattern=None: the inner cache runs the pattern it was built for (checked above), without
+        # parsing the string again on every decode step.
+        return model(input_ids, cache=self.inner, attention_mask=attention_mask)
+
+    # ---- what GenerationMixin reads -----------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns fed so far, left padding included, as ``generate`` counts ``input_ids`` (not the
+        slots held: a sparse pattern keeps far fewer)."""
+        return 0 if self.inner is None else self.inner.seq_len
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1 if self.max_len is None else self.max_len
+
+    def __len__(self) -> int:
+        return 0 if self.inner is None else len(self.inner.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.inner is None else self.inner.batch_size
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.inner is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def nbytes(self) -> int:
+        """Bytes held by the compact cache (0 before the first forward)."""
+        return 0 if self.inner is None else int(self.inner.nbytes())
+
+    def reset(self) -> None:
+        if self.inner is not None:
+            self.inner.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep rows ``beam_idx`` (B,) of the batch, in that order."""
+        if self.inner is not None:
+            self.inner.select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.inner is not None:
+            self.inner.select(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError(
+                "a RAT+ cache cannot drop tokens: they are already folded into the recurrent state "
+                "(assisted / speculative decoding is not supported)"
+            )
+
+    def activate_past_recording(self) -> None:
+        raise NotImplementedError("a RAT+ cache cannot record past states for rollback")
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise NotImplementedError("RAT+ layers write their compact cache themselves; Cache.update is not used")
+
+    def __repr__(self) -> str:
+        return (
+            f"RATPlusHFCache(pattern={self.pattern!r}, seq_len={self.get_seq_length()}, "
+            f"max_len={self.max_len}, nbytes={self.nbytes()})"
+        )
