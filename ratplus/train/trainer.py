@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from ratplus.config import ModelConfig
+from ratplus.config import ModelConfig, pattern_to_str
 from ratplus.model.io import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
 from ratplus.model.rat import RATPlusLM
 from ratplus.train import checkpoint as ckpt_io
@@ -384,15 +384,17 @@ class _Run:
         # 1. architecture, patterns and lengths: all checked before any data is read
         config = _base_model_config(cfg)
         self.apply_re = config.apply_re
-        self.sparse_pattern = cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE)
-        self.step_patterns = [self.sparse_pattern, "dense"] if cfg.joint_train else [cfg.train_pattern]
-        default_eval = list(dict.fromkeys([*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]))
-        self.eval_patterns = list(cfg.eval_patterns or default_eval)
-        for pattern in dict.fromkeys([*self.step_patterns, *self.eval_patterns]):
+
+        def canonical(pattern: str) -> str:  # "D4" and "D4-W0-P0" name the same pattern in logs
             try:
-                config.resolve_pattern(pattern)
+                return pattern_to_str(config.resolve_pattern(pattern))
             except ValueError as e:
                 raise ValueError(f"bad attention pattern {pattern!r}: {e}") from e
+
+        self.sparse_pattern = canonical(cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE))
+        self.step_patterns = [self.sparse_pattern, "dense"] if cfg.joint_train else [canonical(cfg.train_pattern)]
+        default_eval = [*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]
+        self.eval_patterns = list(dict.fromkeys(canonical(p) for p in (cfg.eval_patterns or default_eval)))
         if cfg.seq_len > config.max_seq_len:
             raise ValueError(
                 f"seq_len={cfg.seq_len} is above the model's max_seq_len={config.max_seq_len}; lower seq_len or "
@@ -527,8 +529,8 @@ class _Run:
         cfg = self.cfg
         source = load_metadata(cfg.init_from) if cfg.init_from else {}
         # adaptation (or SFT in a sparse pattern) moves the model to the pattern it trained in
-        trained_sparse = cfg.task == "adapt" or (cfg.task == "sft" and cfg.train_pattern != "dense")
-        adapted = cfg.train_pattern if trained_sparse else source.get("adapted_pattern")
+        trained_sparse = cfg.task == "adapt" or (cfg.task == "sft" and self.step_patterns[-1] != "dense")
+        adapted = self.step_patterns[-1] if trained_sparse else source.get("adapted_pattern")
         return {
             "task": cfg.task,
             "adapted_pattern": adapted,

@@ -97,9 +97,12 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lr_factor(0, 10, 0, 1e-4, 1e-6) == 1.0  # no warmup: the first step runs at the peak
 
 
-@pytest.mark.parametrize("sampling", ["random", "ordered"])
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, monkeypatch, sampling):
-    kw = dict(steps=6, grad_accum=2, eval_interval=3, ckpt_interval=2, keep_last=2, sampling=sampling)
+@pytest.mark.parametrize(
+    "setup",
+    [dict(sampling="random", grad_accum=2), dict(sampling="ordered", joint_train=False, train_pattern="D4-W4-P1")],
+)
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, monkeypatch, setup):
+    kw = dict(steps=6, eval_interval=3, ckpt_interval=2, keep_last=2, **setup)
     full = train(_cfg(tmp_path, data_dir, "full", **kw))
 
     real_step = T._Run.train_step
