@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 autocast on CUDA")
     t.add_argument("--no-breakdown", action="store_true", help="skip timing the scan / gate pieces alone")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--json", default=None, help="also write the JSON record to this file")
     t.set_defaults(func=_train)
 
@@ -77,8 +78,14 @@ def _attention(args) -> int:
 
 
 def _train(args) -> int:
+    import torch
+
     from ratplus.bench.train import run
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     run(
         presets=[p for p in args.presets.split(",") if p],

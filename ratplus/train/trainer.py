@@ -311,6 +311,21 @@ def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
 # ---- the step ---------------------------------------------------------------------------------------
 
 
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norm weights).
+
+    The fused implementation is used where it exists (CPU, CUDA): on CPU it is several times faster
+    than the per-tensor loop (0.14 s vs 1.0 s per step for the 125m preset, one thread)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
+
+
 def loss_sum(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -466,11 +481,7 @@ class _Run:
         else:
             self.steps = cfg.steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
         self.warmup_steps = round(cfg.warmup * self.steps)
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norm weights
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup_steps, cfg.lr, cfg.min_lr)
         )
@@ -599,7 +610,6 @@ class _Run:
         self.stream.load(ck.trainer_state["data"], ck.tensors)
         ckpt_io.set_rng_state(ck.trainer_state["rng"], ck.tensors)
         self.step, self.tokens_seen = ck.step, int(ck.trainer_state["tokens_seen"])
-        self.log.trim(self.step)
         logger.info("ratplus: resumed from %s (step %d)", path, self.step)
 
     # -- the work --------------------------------------------------------------------------------------
@@ -661,6 +671,7 @@ class _Run:
             ckpt_io.remove_leftovers(self.ckpt_root)
         D.barrier(info)
         self.maybe_resume()
+        self.log.trim(self.step)  # drop records of steps that are about to be redone
         if info.is_main:
             atomic_write_text(self.out / "train_config.json", json.dumps(self.resolved(), indent=2) + "\n")
             logger.info(

@@ -23,9 +23,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ARGS = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--sparse-pattern", "D4", "--no-progress"]
 
 
-def _losses(out: Path) -> dict[int, dict]:
+def _losses(out: Path, key: str = "losses") -> dict[int, dict]:
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["losses"] for r in records if "losses" in r}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def _kill_and_resume(tmp_path: Path, data_dir: Path, kills: int, steps: int) -> Path:
@@ -77,7 +77,7 @@ def _cfg_kw(out: Path, data_dir: Path, **kw) -> dict:
     return {**base, **kw}
 
 
-@pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_torchrun_two_processes_match_one_and_share_checkpoints(tmp_path, data_dir, mode):
     kw = dict(steps=3, grad_accum=2, ckpt_interval=2, eval_interval=3, eval_batches=2, keep_last=3)
     one = train(TrainConfig(**_cfg_kw(tmp_path / "one", data_dir, **kw)))
@@ -96,6 +96,10 @@ def test_torchrun_two_processes_match_one_and_share_checkpoints(tmp_path, data_d
     for step in la:
         for pattern in la[step]:
             assert lb[step][pattern] == pytest.approx(la[step][pattern], rel=1e-5)
+    va, vb = _losses(one.parent, "val_loss"), _losses(two.parent, "val_loss")  # eval split over processes
+    assert va.keys() == vb.keys() == {3} and set(va[3]) == {"D4-W0-P0", "dense"}
+    for pattern in va[3]:
+        assert vb[3][pattern] == pytest.approx(va[3][pattern], rel=1e-5)
     # same checkpoint format: files, tensor names, shapes, dtypes, data position
     for a, b in [(one.parent / "checkpoints" / "step_0000002", tmp_path / "two" / "checkpoints" / "step_0000002")]:
         verify_folder(b)
