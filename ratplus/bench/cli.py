@@ -50,7 +50,13 @@ def add_parser(sub) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 autocast on CUDA")
     t.add_argument("--no-breakdown", action="store_true", help="skip timing the scan / gate pieces alone")
-    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default). 1 by default, as bench decode: on a shared CPU, "
+        "multi-threaded small kernels mostly measure scheduler stalls",
+    )
     t.add_argument("--json", default=None, help="also write the JSON record to this file")
     t.set_defaults(func=_train)
 
@@ -82,9 +88,9 @@ def _train(args) -> int:
 
     from ratplus.bench.train import run
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     run(
