@@ -74,6 +74,13 @@ def add_parser(sub) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 autocast on CUDA")
     t.add_argument("--no-breakdown", action="store_true", help="skip timing the scan / gate pieces alone")
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default). 1 by default, as bench decode: on a shared CPU, "
+        "multi-threaded small kernels mostly measure scheduler stalls",
+    )
     t.add_argument("--json", default=None, help="also write the JSON record to this file")
     t.set_defaults(func=_train)
     _add_hf(bsub)
@@ -133,8 +140,14 @@ def _decode(args) -> int:
 
 
 def _train(args) -> int:
+    import torch
+
     from ratplus.bench.train import run
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     run(
         presets=[p for p in args.presets.split(",") if p],

@@ -26,7 +26,7 @@ from ratplus.bench.common import emit_json, environment, print_table, time_fn, t
 from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
 from ratplus.ops.scan import gated_scan
-from ratplus.train.trainer import BASELINE_SPARSE, RATPLUS_SPARSE, optimizer_steps
+from ratplus.train.trainer import BASELINE_SPARSE, RATPLUS_SPARSE, build_optimizer, optimizer_steps
 
 DENSE_OVERHEAD_TARGET = 0.15
 JOINT_RATIO_TARGET = 1.7
@@ -91,7 +91,7 @@ def run(
                 base = ModelConfig.from_preset(preset)
                 config = ModelConfig.from_preset(preset, apply_re=apply_re, max_seq_len=max(T, base.max_seq_len))
                 model = RATPlusLM(config).to(device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+                opt = build_optimizer(model, lr=1e-4, weight_decay=0.1)
                 ids = torch.randint(0, config.vocab_size, (batch, T + 1), device=device)
                 step_batch = [(ids[:, :-1], ids[:, 1:])]
                 for mode, patterns in (("dense", ["dense"]), ("joint", [sparse, "dense"])):

@@ -330,4 +330,8 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     for _, path in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed out of sight first: a kill during the deletion leaves a hidden leftover (removed
+        # on the next start), never a half-deleted folder that looks like a damaged checkpoint.
+        trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from ratplus.config import ModelConfig
+from ratplus.config import ModelConfig, pattern_to_str
 from ratplus.model.io import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
 from ratplus.model.rat import RATPlusLM
 from ratplus.train import checkpoint as ckpt_io
@@ -311,6 +311,21 @@ def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
 # ---- the step ---------------------------------------------------------------------------------------
 
 
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norm weights).
+
+    The fused implementation is used where it exists (CPU, CUDA): on CPU it is several times faster
+    than the per-tensor loop (0.14 s vs 1.0 s per step for the 125m preset, one thread)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
+
+
 def loss_sum(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -384,15 +399,17 @@ class _Run:
         # 1. architecture, patterns and lengths: all checked before any data is read
         config = _base_model_config(cfg)
         self.apply_re = config.apply_re
-        self.sparse_pattern = cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE)
-        self.step_patterns = [self.sparse_pattern, "dense"] if cfg.joint_train else [cfg.train_pattern]
-        default_eval = list(dict.fromkeys([*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]))
-        self.eval_patterns = list(cfg.eval_patterns or default_eval)
-        for pattern in dict.fromkeys([*self.step_patterns, *self.eval_patterns]):
+
+        def canonical(pattern: str) -> str:  # "D4" and "D4-W0-P0" name the same pattern in logs
             try:
-                config.resolve_pattern(pattern)
+                return pattern_to_str(config.resolve_pattern(pattern))
             except ValueError as e:
                 raise ValueError(f"bad attention pattern {pattern!r}: {e}") from e
+
+        self.sparse_pattern = canonical(cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE))
+        self.step_patterns = [self.sparse_pattern, "dense"] if cfg.joint_train else [canonical(cfg.train_pattern)]
+        default_eval = [*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]
+        self.eval_patterns = list(dict.fromkeys(canonical(p) for p in (cfg.eval_patterns or default_eval)))
         if cfg.seq_len > config.max_seq_len:
             raise ValueError(
                 f"seq_len={cfg.seq_len} is above the model's max_seq_len={config.max_seq_len}; lower seq_len or "
@@ -464,11 +481,7 @@ class _Run:
         else:
             self.steps = cfg.steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
         self.warmup_steps = round(cfg.warmup * self.steps)
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on norm weights
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup_steps, cfg.lr, cfg.min_lr)
         )
@@ -527,8 +540,8 @@ class _Run:
         cfg = self.cfg
         source = load_metadata(cfg.init_from) if cfg.init_from else {}
         # adaptation (or SFT in a sparse pattern) moves the model to the pattern it trained in
-        trained_sparse = cfg.task == "adapt" or (cfg.task == "sft" and cfg.train_pattern != "dense")
-        adapted = cfg.train_pattern if trained_sparse else source.get("adapted_pattern")
+        trained_sparse = cfg.task == "adapt" or (cfg.task == "sft" and self.step_patterns[-1] != "dense")
+        adapted = self.step_patterns[-1] if trained_sparse else source.get("adapted_pattern")
         return {
             "task": cfg.task,
             "adapted_pattern": adapted,
@@ -597,7 +610,6 @@ class _Run:
         self.stream.load(ck.trainer_state["data"], ck.tensors)
         ckpt_io.set_rng_state(ck.trainer_state["rng"], ck.tensors)
         self.step, self.tokens_seen = ck.step, int(ck.trainer_state["tokens_seen"])
-        self.log.trim(self.step)
         logger.info("ratplus: resumed from %s (step %d)", path, self.step)
 
     # -- the work --------------------------------------------------------------------------------------
@@ -659,6 +671,7 @@ class _Run:
             ckpt_io.remove_leftovers(self.ckpt_root)
         D.barrier(info)
         self.maybe_resume()
+        self.log.trim(self.step)  # drop records of steps that are about to be redone
         if info.is_main:
             atomic_write_text(self.out / "train_config.json", json.dumps(self.resolved(), indent=2) + "\n")
             logger.info(

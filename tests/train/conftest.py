@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from ratplus.train.data import prepare_shards, shakespeare_documents
 from ratplus.train.tokenizer import train_bpe
@@ -23,3 +24,13 @@ def data_dir(tmp_path_factory, docs, tokenizer):
     prepare_shards(docs[:-2], tokenizer, root / "train", shard_tokens=2000, show_progress=False)
     prepare_shards(docs[-2:], tokenizer, root / "val", show_progress=False)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: a second intra-op thread only adds OpenMP hand-offs, which on
+    a busy 2-core machine made these tests several times slower. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,4 +1,6 @@
 import copy
+import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -97,9 +99,12 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lr_factor(0, 10, 0, 1e-4, 1e-6) == 1.0  # no warmup: the first step runs at the peak
 
 
-@pytest.mark.parametrize("sampling", ["random", "ordered"])
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, monkeypatch, sampling):
-    kw = dict(steps=6, grad_accum=2, eval_interval=3, ckpt_interval=2, keep_last=2, sampling=sampling)
+@pytest.mark.parametrize(
+    "setup",
+    [dict(sampling="random", grad_accum=2), dict(sampling="ordered", joint_train=False, train_pattern="D4-W4-P1")],
+)
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, monkeypatch, setup):
+    kw = dict(steps=6, eval_interval=3, ckpt_interval=2, keep_last=2, **setup)
     full = train(_cfg(tmp_path, data_dir, "full", **kw))
 
     real_step = T._Run.train_step
@@ -222,3 +227,73 @@ def test_sft_loss_covers_answers_only(tmp_path, pretrained):
         want = model(x, labels=y).loss.item()
     assert logged == pytest.approx(want, rel=1e-5)
     assert load_metadata(out)["task"] == "sft"
+
+
+def test_sft_resume_equals_uninterrupted(tmp_path, pretrained):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}? ", "answer": f"A{i}."}) + "\n" for i in range(5)))
+    kw = dict(steps=3, batch_size=2, progress=False, ckpt_interval=1)
+    full = sft(pretrained, path, out_dir=tmp_path / "a", **kw)
+    cut = tmp_path / "b"
+    sft(pretrained, path, out_dir=cut, **kw)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step_0000003")
+    resumed = sft(pretrained, path, out_dir=cut, resume=True, **kw)
+    assert _train_records(full.parent) == _train_records(cut)
+    assert (full / "model.safetensors").read_bytes() == (resumed / "model.safetensors").read_bytes()
+
+
+def test_token_budget_sets_the_steps(tmp_path, data_dir):
+    out = train(_cfg(tmp_path, data_dir, steps=None, tokens=130, eval_interval=0, ckpt_interval=0))
+    assert load_metadata(out)["steps"] == 3  # ceil(130 / (2 x 32))
+    assert [s for s, _ in list_checkpoints(out.parent / "checkpoints")] == [3]  # interval 0: only the end
+
+
+def test_default_data_is_the_bundled_corpus(tmp_path, monkeypatch, docs):
+    """Without --data, the plays are tokenized once into <out>/data (train and val), then reused."""
+    calls = []
+
+    def few_plays(split="train"):
+        calls.append(split)
+        return docs[:3] if split == "train" else docs[3:4]
+
+    monkeypatch.setattr(T, "shakespeare_documents", few_plays)
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "r"), model="tiny", model_overrides={"vocab_size": 300}, seq_len=32, batch_size=2,
+        steps=1, eval_batches=1, progress=False,
+    )  # fmt: skip
+    out = train(cfg)
+    assert (tmp_path / "r" / "data" / "train" / "meta.json").is_file() and load_config(out).vocab_size == 300
+    assert set(load_metadata(out)["val_loss"]) == {"D64-W0-P0", "dense"}
+    n = len(calls)
+    train(dataclasses.replace(cfg, steps=2, resume=True))
+    assert len(calls) == n  # prepared once
+
+
+def test_tensorboard_flag(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, steps=1, tensorboard=True, eval_interval=0)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train(cfg)
+    else:
+        out = train(cfg)
+        assert any((out.parent / "tensorboard").iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_training_and_resume(tmp_path, data_dir):
+    kw = dict(device="cuda", steps=4, ckpt_interval=2)
+    full = train(_cfg(tmp_path, data_dir, "a", **kw))
+    cut = tmp_path / "b"
+    train(_cfg(tmp_path, data_dir, "b", **kw))
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step_0000004")
+    train(_cfg(tmp_path, data_dir, "b", resume=True, **kw))
+    la = [r["losses"] for r in _log(full.parent) if "losses" in r]
+    lb = [r["losses"] for r in _log(cut) if "losses" in r]
+    assert len(la) == len(lb) == 4 and all(math.isfinite(v) for r in la for v in r.values())
+    for a, b in zip(la, lb):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-3)  # bf16 kernels need not be bit-deterministic
+    assert load_pretrained(full).embedding.wte.weight.dtype == torch.float32  # master weights stay fp32

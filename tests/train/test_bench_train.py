@@ -1,0 +1,29 @@
+import json
+
+from ratplus.cli import main
+
+
+def test_bench_train_cli_prints_table_and_json(capsys, tmp_path):
+    out_file = tmp_path / "bench.json"
+    argv = ["bench", "train", "--presets", "tiny", "--seq-lens", "64,128", "--repeats", "1"]  # 1 thread by default
+    assert main([*argv, "--json", str(out_file)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record == json.loads(out_file.read_text())
+    assert record["bench"] == "train" and record["dtype"] == "float32" and record["device"] == "cpu x1 threads"
+    assert [(r["preset"], r["T"]) for r in record["results"]] == [("tiny", 64), ("tiny", 128)]
+    for r in record["results"]:
+        assert set(r["step_s"]) == {"RAT+ dense", "RAT+ joint", "attention dense", "attention joint"}
+        assert all(v > 0 for v in r["step_s"].values())
+        assert r["tokens_per_s"]["RAT+ dense"] == r["T"] / r["step_s"]["RAT+ dense"]
+        assert r["dense_overhead"] == r["step_s"]["RAT+ dense"] / r["step_s"]["attention dense"] - 1
+        assert r["breakdown"]["scan_s"] > 0 and r["breakdown"]["gate_proj_s"] > 0
+    assert record["sparse_patterns"] == {"RAT+": "D64-W0-P0", "attention": "local-W64-P0"}
+    assert any("target <= +15%" in line for line in lines)
+
+
+def test_bench_train_rejects_bad_input(capsys):
+    assert main(["bench", "train", "--presets", "nope", "--seq-lens", "64", "--repeats", "1"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["bench", "train", "--presets", "tiny", "--seq-lens", "64", "--threads", "-1"]) == 2
+    assert "--threads" in capsys.readouterr().err
