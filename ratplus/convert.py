@@ -44,7 +44,14 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig, PatternSpec
-from ratplus.model.io import CONFIG_FILE, TOKENIZER_FILE, load_metadata, load_tokenizer, save_pretrained
+from ratplus.model.io import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    load_metadata,
+    load_tokenizer,
+    save_pretrained,
+    state_dict_problems,
+)
 from ratplus.model.rat import RATPlusLM
 
 log = logging.getLogger(__name__)
@@ -255,20 +262,7 @@ def model_from_state_dict(
     if config.tie_embeddings:
         state.pop(_HEAD, None)  # tied: the head is the embedding (equality checked by infer_config)
         expected.pop(_HEAD)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad = [
-        f"{k}: {tuple(state[k].shape)} vs {expected[k]}"
-        for k in sorted(set(state) & set(expected))
-        if tuple(state[k].shape) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if bad:
-        problems.append(f"shape mismatches (checkpoint vs model): {'; '.join(bad[:8])}")
+    problems = state_dict_problems(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise ValueError(f"{source} does not match the inferred config {config}: " + " | ".join(problems))
     dtype = dtype or state[_EMBED].dtype

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
+from ratplus.model.io import state_dict_problems
 from ratplus.model.rat import Block, RATPlusLM
 
 # Tokenizer files copied beside the weights when the model was loaded from a folder that had them.
@@ -283,18 +284,7 @@ def check_checkpoint_folder(folder: Path, config: RATPlusConfig) -> None:
         return
     expected = expected_shapes(config)
     optional = {"model.head.lm_head.weight"} if config.tie_embeddings else set()
-    missing = sorted(set(expected) - set(found) - optional)
-    unexpected = sorted(set(found) - set(expected))
-    bad = [
-        f"{k}: {found[k]} vs model {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if bad:
-        problems.append(f"shape mismatches: {'; '.join(bad[:8])}")
+    problems = state_dict_problems(expected, found, optional)
     if problems:
         raise ValueError(f"weights in {folder} do not match its config.json: " + " | ".join(problems))
 

@@ -80,25 +80,37 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read weights {p}: the file is truncated or corrupt ({e})") from e
 
 
+def state_dict_problems(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], optional: set[str] = frozenset()
+) -> list[str]:
+    """What keeps ``found`` (key -> shape) from loading as ``expected``: missing keys (``optional``
+    ones excepted), unexpected keys and shape mismatches, each a short line; empty when it fits."""
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+
+    missing = sorted(set(expected) - set(found) - set(optional))
+    unexpected = sorted(set(found) - set(expected))
+    shared = sorted(set(found) & set(expected))
+    bad = [f"{k}: {found[k]} vs {expected[k]}" for k in shared if found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {listed(unexpected)}")
+    if bad:
+        problems.append(f"shape mismatches (checkpoint vs model): {'; '.join(bad[:8])}")
+    return problems
+
+
 def load_into(model: RATPlusLM, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Strict load with a clear message: missing/unexpected keys and shape mismatches."""
     expected = model.state_dict()
     if model.config.tie_embeddings and _TIED not in state and "embedding.wte.weight" in state:
         state = {**state, _TIED: state["embedding.wte.weight"]}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad_shapes = [
-        f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if bad_shapes:
-        problems.append(f"shape mismatches: {'; '.join(bad_shapes[:8])}")
+    problems = state_dict_problems(
+        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()}
+    )
     if problems:
         raise ValueError(f"{source} does not match the model config: " + " | ".join(problems))
     model.load_state_dict(state, strict=True)

@@ -221,7 +221,7 @@ def _copy_folder(src, dst, config_edit=None, weights_edit=None):
         (
             None,
             lambda w: w.update({"model.backbone.layers.0.seq_layer.in_proj.weight": torch.zeros(128, 32)}),
-            r"in_proj.weight: \(128, 32\) vs model \(160, 32\)",
+            r"in_proj.weight: \(128, 32\) vs \(160, 32\)",
         ),
         (lambda c: c.update(apply_re=False), None, "shape mismatches"),
         (None, lambda w: w.update({"model.head.lm_head.weight": torch.zeros(256, 32)}), "differs from the embedding"),
