@@ -1,28 +1,33 @@
 """``ratplus bench train``: training throughput of RAT+ against the attention baseline of equal size.
 
-For each preset and length T, four steps are timed side by side (interleaved, median of repeats),
-each one full call of the trainer's own ``optimizer_steps`` (forward, backward, clipping, AdamW):
+For each preset and length T, four steps are timed side by side, round-robin, each one full call
+of the trainer's own ``optimizer_steps`` (forward, backward, clipping, AdamW):
 
   RAT+ dense        one step in dense causal attention
   RAT+ joint        D=64 sparse step, then dense step on the same batch (DESIGN.md section 5)
   attention dense   the apply_re=False baseline, dense
   attention joint   baseline: local W=64 sparse step, then dense step
 
-Targets (issue 4): RAT+ dense at most 15% slower than attention dense at T=4096; a joint step at
-most 1.7x a dense step. ``breakdown`` also times the pieces RAT+ adds to a dense step (the gated
-scan over k and v, forward + backward, and the fifth in_proj block for the gate), so a gap can be
-attributed. Before timing, each model's loss with the fast backends is checked against the
-reference backends at a small length.
+Times are medians over rounds; ratios are medians of the ratios *within* each round (the load of a
+shared machine drifts between rounds, much less within one). Targets (issue 4): RAT+ dense at most
+15% slower than attention dense at T=4096; a joint step at most 1.7x a dense step.
+``breakdown`` also times the pieces RAT+ adds to a dense step (the gated scan over k and v, forward
++ backward, and the fifth in_proj block for the gate), so a gap can be attributed. Before timing,
+each model's loss with the fast backends is checked against the reference backends at a small
+length.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, time_fn, time_interleaved
+from ratplus.bench.common import emit_json, environment, print_table, sync, time_fn
 from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
 from ratplus.ops.scan import gated_scan
@@ -47,6 +52,32 @@ def check_parity(preset: str, device: torch.device) -> None:
                 if not torch.allclose(fast, ref, rtol=1e-4, atol=1e-4):
                     what = f"{preset} apply_re={apply_re} {pattern}"
                     raise RuntimeError(f"parity check failed for {what}: loss {fast} vs reference {ref}")
+
+
+def time_rounds(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall time of every function in each of ``repeats`` round-robin rounds (after ``warmup`` rounds).
+
+    Kept per round so that ratios can be taken within a round: on a shared machine the load drifts
+    between rounds, and a ratio of two runs measured seconds apart is far steadier than either."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b) within the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
 def _breakdown(config: ModelConfig, batch: int, T: int, device: torch.device, repeats: int) -> dict[str, float]:
@@ -100,7 +131,8 @@ def run(
                     )
                 if apply_re:
                     rat_config = config
-            times = time_interleaved(contenders, device, repeats)
+            rounds = time_rounds(contenders, device, repeats)
+            times = {name: statistics.median(ts) for name, ts in rounds.items()}
             tokens = batch * T
             entry: dict[str, Any] = {
                 "preset": preset,
@@ -108,16 +140,27 @@ def run(
                 "batch": batch,
                 "step_s": times,
                 "tokens_per_s": {k: tokens / v for k, v in times.items()},
-                "dense_overhead": times["RAT+ dense"] / times["attention dense"] - 1,
-                "joint_ratio_ratplus": times["RAT+ joint"] / times["RAT+ dense"],
-                "joint_ratio_attention": times["attention joint"] / times["attention dense"],
+                "step_s_rounds": rounds,
+                "dense_overhead": paired_ratio(rounds, "RAT+ dense", "attention dense") - 1,
+                "joint_ratio_ratplus": paired_ratio(rounds, "RAT+ joint", "RAT+ dense"),
+                "joint_ratio_attention": paired_ratio(rounds, "attention joint", "attention dense"),
             }
             if breakdown:
                 entry["breakdown"] = _breakdown(rat_config, batch, T, device, repeats)
             for name, t in times.items():
                 model_name, mode = name.rsplit(" ", 1)
-                ratios = [t / times[f"attention {mode}"], t / times[f"{model_name} dense"]]
-                rows.append([preset, T, name, t * 1e3, tokens / t, *ratios])
+                vs_attention = paired_ratio(rounds, name, f"attention {mode}")
+                rows.append(
+                    [
+                        preset,
+                        T,
+                        name,
+                        t * 1e3,
+                        tokens / t,
+                        vs_attention,
+                        paired_ratio(rounds, name, f"{model_name} dense"),
+                    ]
+                )
             results.append(entry)
             del contenders
     env = environment(device, dtype)
