@@ -80,6 +80,30 @@ def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
+def _profile_dense(rat: Callable[[], Any], attention: Callable[[], Any], top: int = 8) -> dict[str, Any]:
+    """Self CPU time per op of one dense step of each model, and the ops where RAT+ spends more.
+
+    CPU time summed by the profiler is far less sensitive to other processes than wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for name, fn in (("RAT+", rat), ("attention", attention)):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        per_op[name] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}  # ms
+    total = {name: sum(ops.values()) for name, ops in per_op.items()}
+    keys = set(per_op["RAT+"]) | set(per_op["attention"])
+    diff = sorted(((per_op["RAT+"].get(k, 0.0) - per_op["attention"].get(k, 0.0), k) for k in keys), reverse=True)
+    return {
+        "self_cpu_ms": total,
+        "overhead": total["RAT+"] / total["attention"] - 1,
+        "top_extra_ms": {k: d for d, k in diff[:top]},
+        # the scan's own autograd nodes (Python-level work around its kernels, which show as addcmul / mul)
+        "scan_node_ms": sum(per_op["RAT+"].get(k, 0.0) for k in ("_GatedScan", "_GatedScanBackward")),
+    }
+
+
 def _breakdown(config: ModelConfig, batch: int, T: int, device: torch.device, repeats: int) -> dict[str, float]:
     """Seconds per dense step spent in what RAT+ adds: the scans (2 per layer: k and v) and the
     gate's in_proj block (a C x C matmul per layer), forward + backward."""
@@ -109,7 +133,11 @@ def run(
     dtype: torch.dtype = torch.float32,
     breakdown: bool = True,
     json_path: str | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
+    """Time the four training steps per preset and length (see module docstring); print a table,
+    the target verdicts, and one JSON line. ``profile``: also run ``torch.profiler`` on one dense
+    step of each model and report where RAT+'s extra CPU time goes, op by op."""
     device = device or torch.device("cpu")
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     results, rows = [], []
@@ -147,6 +175,8 @@ def run(
             }
             if breakdown:
                 entry["breakdown"] = _breakdown(rat_config, batch, T, device, repeats)
+            if profile:
+                entry["profile"] = _profile_dense(contenders["RAT+ dense"], contenders["attention dense"])
             for name, t in times.items():
                 model_name, mode = name.rsplit(" ", 1)
                 vs_attention = paired_ratio(rounds, name, f"attention {mode}")
@@ -181,6 +211,13 @@ def run(
             line += (
                 f"\n    gap {gap * 1e3:.0f} ms per step; gated scans {b['scan_s'] * 1e3:.0f} ms, "
                 f"gate projection {b['gate_proj_s'] * 1e3:.0f} ms (fwd + bwd over all layers, timed alone)"
+            )
+        if "profile" in e:
+            p = e["profile"]
+            ops = ", ".join(f"{k} {v:+.0f}" for k, v in list(p["top_extra_ms"].items())[:5])
+            line += (
+                f"\n    profiler, one dense step: self CPU RAT+ {p['self_cpu_ms']['RAT+']:.0f} ms vs attention "
+                f"{p['self_cpu_ms']['attention']:.0f} ms ({p['overhead']:+.1%}); most extra ms in: {ops}"
             )
         print(line)
     record = {

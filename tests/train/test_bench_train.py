@@ -8,7 +8,17 @@ from ratplus.cli import main
 
 def test_bench_train_cli_prints_table_and_json(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
-    argv = ["bench", "train", "--presets", "tiny", "--seq-lens", "64,128", "--repeats", "2"]  # 1 thread by default
+    argv = [
+        "bench",
+        "train",
+        "--presets",
+        "tiny",
+        "--seq-lens",
+        "64,128",
+        "--repeats",
+        "2",
+        "--profile",
+    ]  # 1 thread by default
     assert main([*argv, "--json", str(out_file)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     record = json.loads(lines[-1])
@@ -24,6 +34,10 @@ def test_bench_train_cli_prints_table_and_json(capsys, tmp_path):
         paired = statistics.median(a / b for a, b in zip(rounds["RAT+ dense"], rounds["attention dense"]))
         assert r["dense_overhead"] == pytest.approx(paired - 1)  # ratio taken within each round
         assert r["breakdown"]["scan_s"] > 0 and r["breakdown"]["gate_proj_s"] > 0
+        prof = r["profile"]
+        assert prof["self_cpu_ms"]["RAT+"] > 0 and prof["scan_node_ms"] > 0 and len(prof["top_extra_ms"]) == 8
+        extra = list(prof["top_extra_ms"].values())
+        assert extra == sorted(extra, reverse=True)
     assert record["sparse_patterns"] == {"RAT+": "D64-W0-P0", "attention": "local-W64-P0"}
     assert any("target <= +15%" in line for line in lines)
 
