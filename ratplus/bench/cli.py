@@ -74,6 +74,7 @@ def add_parser(sub) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 autocast on CUDA")
     t.add_argument("--no-breakdown", action="store_true", help="skip timing the scan / gate pieces alone")
+    t.add_argument("--profile", action="store_true", help="op-level CPU profile of RAT+ vs attention, dense step")
     t.add_argument(
         "--threads",
         type=int,
@@ -158,6 +159,7 @@ def _train(args) -> int:
         dtype=resolve_dtype(args.dtype, device),
         breakdown=not args.no_breakdown,
         json_path=args.json,
+        profile=args.profile,
     )
     return 0
 

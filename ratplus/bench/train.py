@@ -1,28 +1,33 @@
 """``ratplus bench train``: training throughput of RAT+ against the attention baseline of equal size.
 
-For each preset and length T, four steps are timed side by side (interleaved, median of repeats),
-each one full call of the trainer's own ``optimizer_steps`` (forward, backward, clipping, AdamW):
+For each preset and length T, four steps are timed side by side, round-robin, each one full call
+of the trainer's own ``optimizer_steps`` (forward, backward, clipping, AdamW):
 
   RAT+ dense        one step in dense causal attention
   RAT+ joint        D=64 sparse step, then dense step on the same batch (DESIGN.md section 5)
   attention dense   the apply_re=False baseline, dense
   attention joint   baseline: local W=64 sparse step, then dense step
 
-Targets (issue 4): RAT+ dense at most 15% slower than attention dense at T=4096; a joint step at
-most 1.7x a dense step. ``breakdown`` also times the pieces RAT+ adds to a dense step (the gated
-scan over k and v, forward + backward, and the fifth in_proj block for the gate), so a gap can be
-attributed. Before timing, each model's loss with the fast backends is checked against the
-reference backends at a small length.
+Times are medians over rounds; ratios are medians of the ratios *within* each round (the load of a
+shared machine drifts between rounds, much less within one). Targets (issue 4): RAT+ dense at most
+15% slower than attention dense at T=4096; a joint step at most 1.7x a dense step.
+``breakdown`` also times the pieces RAT+ adds to a dense step (the gated scan over k and v, forward
++ backward, and the fifth in_proj block for the gate), so a gap can be attributed. Before timing,
+each model's loss with the fast backends is checked against the reference backends at a small
+length.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, time_fn, time_interleaved
+from ratplus.bench.common import emit_json, environment, print_table, sync, time_fn
 from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
 from ratplus.ops.scan import gated_scan
@@ -47,6 +52,56 @@ def check_parity(preset: str, device: torch.device) -> None:
                 if not torch.allclose(fast, ref, rtol=1e-4, atol=1e-4):
                     what = f"{preset} apply_re={apply_re} {pattern}"
                     raise RuntimeError(f"parity check failed for {what}: loss {fast} vs reference {ref}")
+
+
+def time_rounds(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall time of every function in each of ``repeats`` round-robin rounds (after ``warmup`` rounds).
+
+    Kept per round so that ratios can be taken within a round: on a shared machine the load drifts
+    between rounds, and a ratio of two runs measured seconds apart is far steadier than either."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b) within the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def _profile_dense(rat: Callable[[], Any], attention: Callable[[], Any], top: int = 8) -> dict[str, Any]:
+    """Self CPU time per op of one dense step of each model, and the ops where RAT+ spends more.
+
+    CPU time summed by the profiler is far less sensitive to other processes than wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for name, fn in (("RAT+", rat), ("attention", attention)):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        per_op[name] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}  # ms
+    total = {name: sum(ops.values()) for name, ops in per_op.items()}
+    keys = set(per_op["RAT+"]) | set(per_op["attention"])
+    diff = sorted(((per_op["RAT+"].get(k, 0.0) - per_op["attention"].get(k, 0.0), k) for k in keys), reverse=True)
+    return {
+        "self_cpu_ms": total,
+        "overhead": total["RAT+"] / total["attention"] - 1,
+        "top_extra_ms": {k: d for d, k in diff[:top]},
+        # the scan's own autograd nodes (Python-level work around its kernels, which show as addcmul / mul)
+        "scan_node_ms": sum(per_op["RAT+"].get(k, 0.0) for k in ("_GatedScan", "_GatedScanBackward")),
+    }
 
 
 def _breakdown(config: ModelConfig, batch: int, T: int, device: torch.device, repeats: int) -> dict[str, float]:
@@ -78,7 +133,11 @@ def run(
     dtype: torch.dtype = torch.float32,
     breakdown: bool = True,
     json_path: str | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
+    """Time the four training steps per preset and length (see module docstring); print a table,
+    the target verdicts, and one JSON line. ``profile``: also run ``torch.profiler`` on one dense
+    step of each model and report where RAT+'s extra CPU time goes, op by op."""
     device = device or torch.device("cpu")
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     results, rows = [], []
@@ -100,7 +159,8 @@ def run(
                     )
                 if apply_re:
                     rat_config = config
-            times = time_interleaved(contenders, device, repeats)
+            rounds = time_rounds(contenders, device, repeats)
+            times = {name: statistics.median(ts) for name, ts in rounds.items()}
             tokens = batch * T
             entry: dict[str, Any] = {
                 "preset": preset,
@@ -108,16 +168,29 @@ def run(
                 "batch": batch,
                 "step_s": times,
                 "tokens_per_s": {k: tokens / v for k, v in times.items()},
-                "dense_overhead": times["RAT+ dense"] / times["attention dense"] - 1,
-                "joint_ratio_ratplus": times["RAT+ joint"] / times["RAT+ dense"],
-                "joint_ratio_attention": times["attention joint"] / times["attention dense"],
+                "step_s_rounds": rounds,
+                "dense_overhead": paired_ratio(rounds, "RAT+ dense", "attention dense") - 1,
+                "joint_ratio_ratplus": paired_ratio(rounds, "RAT+ joint", "RAT+ dense"),
+                "joint_ratio_attention": paired_ratio(rounds, "attention joint", "attention dense"),
             }
             if breakdown:
                 entry["breakdown"] = _breakdown(rat_config, batch, T, device, repeats)
+            if profile:
+                entry["profile"] = _profile_dense(contenders["RAT+ dense"], contenders["attention dense"])
             for name, t in times.items():
                 model_name, mode = name.rsplit(" ", 1)
-                ratios = [t / times[f"attention {mode}"], t / times[f"{model_name} dense"]]
-                rows.append([preset, T, name, t * 1e3, tokens / t, *ratios])
+                vs_attention = paired_ratio(rounds, name, f"attention {mode}")
+                rows.append(
+                    [
+                        preset,
+                        T,
+                        name,
+                        t * 1e3,
+                        tokens / t,
+                        vs_attention,
+                        paired_ratio(rounds, name, f"{model_name} dense"),
+                    ]
+                )
             results.append(entry)
             del contenders
     env = environment(device, dtype)
@@ -138,6 +211,13 @@ def run(
             line += (
                 f"\n    gap {gap * 1e3:.0f} ms per step; gated scans {b['scan_s'] * 1e3:.0f} ms, "
                 f"gate projection {b['gate_proj_s'] * 1e3:.0f} ms (fwd + bwd over all layers, timed alone)"
+            )
+        if "profile" in e:
+            p = e["profile"]
+            ops = ", ".join(f"{k} {v:+.0f}" for k, v in list(p["top_extra_ms"].items())[:5])
+            line += (
+                f"\n    profiler, one dense step: self CPU RAT+ {p['self_cpu_ms']['RAT+']:.0f} ms vs attention "
+                f"{p['self_cpu_ms']['attention']:.0f} ms ({p['overhead']:+.1%}); most extra ms in: {ops}"
             )
         print(line)
     record = {

@@ -1,11 +1,24 @@
 import json
+import statistics
+
+import pytest
 
 from ratplus.cli import main
 
 
 def test_bench_train_cli_prints_table_and_json(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
-    argv = ["bench", "train", "--presets", "tiny", "--seq-lens", "64,128", "--repeats", "1"]  # 1 thread by default
+    argv = [
+        "bench",
+        "train",
+        "--presets",
+        "tiny",
+        "--seq-lens",
+        "64,128",
+        "--repeats",
+        "2",
+        "--profile",
+    ]  # 1 thread by default
     assert main([*argv, "--json", str(out_file)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     record = json.loads(lines[-1])
@@ -16,8 +29,14 @@ def test_bench_train_cli_prints_table_and_json(capsys, tmp_path):
         assert set(r["step_s"]) == {"RAT+ dense", "RAT+ joint", "attention dense", "attention joint"}
         assert all(v > 0 for v in r["step_s"].values())
         assert r["tokens_per_s"]["RAT+ dense"] == r["T"] / r["step_s"]["RAT+ dense"]
-        assert r["dense_overhead"] == r["step_s"]["RAT+ dense"] / r["step_s"]["attention dense"] - 1
+        rounds = r["step_s_rounds"]
+        assert all(len(ts) == 2 and statistics.median(ts) == r["step_s"][k] for k, ts in rounds.items())
+        paired = statistics.median(a / b for a, b in zip(rounds["RAT+ dense"], rounds["attention dense"]))
+        assert r["dense_overhead"] == pytest.approx(paired - 1)  # ratio taken within each round
         assert r["breakdown"]["scan_s"] > 0 and r["breakdown"]["gate_proj_s"] > 0
+        prof = r["profile"]
+        assert prof["self_cpu_ms"]["RAT+"] > 0 and prof["scan_node_ms"] > 0 and len(prof["top_extra_ms"]) == 8
+        assert prof["overhead"] == pytest.approx(prof["self_cpu_ms"]["RAT+"] / prof["self_cpu_ms"]["attention"] - 1)
     assert record["sparse_patterns"] == {"RAT+": "D64-W0-P0", "attention": "local-W64-P0"}
     assert any("target <= +15%" in line for line in lines)
 

@@ -297,3 +297,15 @@ def test_cuda_bf16_autocast_training_and_resume(tmp_path, data_dir):
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-3)  # bf16 kernels need not be bit-deterministic
     assert load_pretrained(full).embedding.wte.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_adapt_refuses_a_tampered_model_folder(tmp_path, pretrained):
+    copy_dir = tmp_path / "model"
+    shutil.copytree(pretrained, copy_dir)
+    weights = copy_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0xFF  # one flipped byte inside a weight: safetensors would load it silently
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its SHA-256"):
+        adapt(copy_dir, "D4", out_dir=tmp_path / "ad", steps=1, seq_len=32, batch_size=2, progress=False)
+    assert not (tmp_path / "ad").exists()
