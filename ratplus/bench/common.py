@@ -32,13 +32,14 @@ def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmu
     return statistics.median(times)
 
 
-def time_interleaved(
+def time_rounds(
     fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each function, run round-robin (A, B, A, B, ...) so that a change in
-    machine load during the measurement hits every contender alike: use it for ratios."""
-    for fn in fns.values():
-        for _ in range(warmup):
+) -> dict[str, list[float]]:
+    """Wall time of every function in each of ``repeats`` round-robin rounds (A, B, A, B, ...,
+    after ``warmup`` rounds), kept per round: a change in machine load during the measurement hits
+    every contender alike, and a ratio taken within one round is steadier still."""
+    for _ in range(warmup):
+        for fn in fns.values():
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -48,7 +49,14 @@ def time_interleaved(
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Median of ``time_rounds`` per function: use it for ratios."""
+    return {name: statistics.median(ts) for name, ts in time_rounds(fns, device, repeats, warmup).items()}
 
 
 def git_sha() -> str:

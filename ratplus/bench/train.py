@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, sync, time_fn
+from ratplus.bench.common import emit_json, environment, print_table, time_fn, time_rounds
 from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
 from ratplus.ops.scan import gated_scan
@@ -52,27 +51,6 @@ def check_parity(preset: str, device: torch.device) -> None:
                 if not torch.allclose(fast, ref, rtol=1e-4, atol=1e-4):
                     what = f"{preset} apply_re={apply_re} {pattern}"
                     raise RuntimeError(f"parity check failed for {what}: loss {fast} vs reference {ref}")
-
-
-def time_rounds(
-    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Wall time of every function in each of ``repeats`` round-robin rounds (after ``warmup`` rounds).
-
-    Kept per round so that ratios can be taken within a round: on a shared machine the load drifts
-    between rounds, and a ratio of two runs measured seconds apart is far steadier than either."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
