@@ -87,6 +87,16 @@ def add_parser(sub) -> None:
     _add_hf(bsub)
 
 
+def _apply_threads(threads: int) -> None:
+    """--threads: 0 keeps torch's default, n > 0 pins torch to n threads."""
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _attention(args) -> int:
     from ratplus.bench.attention import run
 
@@ -110,14 +120,9 @@ def _attention(args) -> int:
 
 
 def _decode(args) -> int:
-    import torch
-
     from ratplus.bench.decode import run
 
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_threads(args.threads)
     device = resolve_device(args.device)
     preset = None if args.model_preset.lower() in ("", "none") else args.model_preset
     run(
@@ -141,14 +146,9 @@ def _decode(args) -> int:
 
 
 def _train(args) -> int:
-    import torch
-
     from ratplus.bench.train import run
 
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_threads(args.threads)
     device = resolve_device(args.device)
     run(
         presets=[p for p in args.presets.split(",") if p],
@@ -187,14 +187,9 @@ def _add_hf(bsub) -> None:
 
 
 def _hf(args) -> int:
-    import torch
-
     from ratplus.bench.hf import run
 
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_threads(args.threads)
     device = resolve_device(args.device)
     run(
         preset=args.preset,
