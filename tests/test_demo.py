@@ -43,6 +43,7 @@ def test_report_files(tmp_path):
     assert "| ratplus | D16-W0-P0 | adapted | 101.00 | 1.010x |" in report
     assert "| baseline | D16-W0-P0 | adapted | 140.00 | 1.273x |" in report
     assert json.loads((tmp_path / "results.json").read_text())["needle"]["length"] == 256
+    assert "did not learn retrieval" in report  # a dense needle score of 0 is flagged, not presented as a result
     for name in ("ppl_by_pattern.png", "needle_by_pattern.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -66,3 +67,26 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # every stage reused
     assert capsys.readouterr().out.count("reusing the finished stage") == 2 + 2 * len(ADAPT_PATTERNS) + 4
+
+
+def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):
+    from ratplus.demo import Demo
+
+    base = Demo(DemoConfig(out_dir=str(tmp_path), progress=False))
+    more_needle = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, needle_steps=999))
+    more_pretrain = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, pretrain_tokens=1000))
+    for stage in ("data", "pretrain_ratplus", "adapt_baseline_D16-W0-P0", "ppl", "serve"):
+        assert base._key(stage) == more_needle._key(stage)
+        assert base._workdir(stage) == more_needle._workdir(stage)
+    assert base._key("needle") != more_needle._key("needle")
+    assert base._workdir("needle") != more_needle._workdir("needle")
+    for stage in ("pretrain_ratplus", "adapt_ratplus_D16-W0-P0", "ppl", "needle", "serve"):
+        assert base._workdir(stage) != more_pretrain._workdir(stage)
+    assert base._key("data") == more_pretrain._key("data")
+
+
+def test_demo_cli_rejects_a_non_positive_budget(tmp_path):
+    from ratplus.cli import main
+
+    with pytest.raises(SystemExit, match="--needle-steps must be positive"):
+        main(["demo", "--out", str(tmp_path), "--needle-steps", "0"])
