@@ -13,8 +13,8 @@ Stages (each writes into the output folder and is skipped when its result is alr
 6. serve     KV-cache bytes and decode tokens/s per pattern, and a sample text generated with D16
 7. report    report.md, results.json, PNG plots, and the table printed
 
-The default budget finishes in about 20 minutes on 2 CPU cores; ``--quick`` is a smoke run (about
-3 minutes) whose numbers mean nothing. Perplexity alone cannot show that the dilated keys carry
+The default budget took 14 minutes on an idle 2-core CPU (limit: 20); ``--quick`` is a smoke run
+(67 s there) whose numbers mean nothing. Perplexity alone cannot show that the dilated keys carry
 long-range information (at this scale most prediction is local); the needle probe can.
 """
 
@@ -502,7 +502,7 @@ def print_summary(results: dict[str, Any]) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train dense, adapt sparse, evaluate: the end-to-end main job")
     p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
-    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (about a minute)")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"

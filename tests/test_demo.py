@@ -53,7 +53,6 @@ def test_quick_config_is_smaller():
     assert quick.pretrain_tokens < full.pretrain_tokens and quick.needle_steps < full.needle_steps
 
 
-@pytest.mark.slow
 def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     from ratplus.cli import main
 
