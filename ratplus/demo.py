@@ -235,12 +235,13 @@ class Demo:
         )
         train_set = generate_niah(tok, num_samples=c.needle_train_samples, split="train", seed=c.seed, **kw)
         test_set = generate_niah(tok, num_samples=c.needle_test_samples, split="test", seed=c.seed, **kw)
-        jsonl = write_jsonl(self._workdir("needle") / "train.jsonl", [to_sft(r) for r in train_set])
-        write_jsonl(self._workdir("needle") / "test.jsonl", test_set)
+        work = self._workdir("needle")
+        jsonl = write_jsonl(work / "train.jsonl", [to_sft(r) for r in train_set])
+        write_jsonl(work / "test.jsonl", test_set)
         tuned = sft(
             ckpt,
             jsonl,
-            out_dir=str(self._workdir("needle") / "sft"),
+            out_dir=str(work / "sft"),
             pattern="dense",
             steps=c.needle_steps,
             lr=c.needle_lr,
