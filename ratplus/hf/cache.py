@@ -24,7 +24,7 @@ from ratplus.model.rat import RATPlusLM
 
 
 class RATPlusHFCache(Cache):
-    """Compact RAT+ cache for ``RATPlusForCausalLM`` (``past_key_values``).
+    """Compact RAT+ cache for ``RATPlusForCausalLM`` (``cache``, ``past_key_values`` before transformers 5.24).
 
     ``max_len``: the most tokens the cache will ever hold (prompt + generated); None = the model's
     ``max_seq_len``. The attention pattern is the one of the first forward (``pattern`` holds its

@@ -42,7 +42,7 @@ class RATPlusConfig(PreTrainedConfig):
     """
 
     model_type = "ratplus"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "past_key_values"]
     attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "d_model",
         "num_hidden_layers": "num_layers",

@@ -35,6 +35,10 @@ from ratplus.model.rat import Block, RATPlusLM
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # TransformersKwargs that ask for outputs this model does not produce.
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
+# Name under which `generate` passes the cache to `forward` and reads it back from the output:
+# `cache` from transformers 5.24 on (`past_key_values` then warns as deprecated), `past_key_values`
+# before. Taken from the output class itself, so any 5.x release gets the name it expects.
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class RATPlusPreTrainedModel(PreTrainedModel):
@@ -44,7 +48,7 @@ class RATPlusPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _no_split_modules: ClassVar[list[str]] = [Block.__name__]
-    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["cache", "past_key_values"]
     # Decoding state lives in the compact cache and cannot be rolled back (no assisted decoding).
     _is_stateful = True
     _supported_generation_modes: ClassVar[list[GenerationMode]] = [
@@ -100,21 +104,23 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: RATPlusHFCache | None = None,
+        cache: RATPlusHFCache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         attention_pattern: str | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        """input_ids (B, T) int64. With ``past_key_values`` (a ``RATPlusHFCache``) the tokens continue
-        after the cached ones and only their logits (B, T, V) come back.
+        """input_ids (B, T) int64. With ``cache`` (a ``RATPlusHFCache``; ``past_key_values`` is the
+        same argument under its pre-5.24 name) the tokens continue after the cached ones and only
+        their logits (B, T, V) come back.
 
         ``use_cache=True`` without a cache starts one (sized ``max_seq_len``) and returns it.
         ``labels`` (B, T) follow the ``transformers`` convention: the same ids as ``input_ids``
         (-100 = ignore), shifted here; ``loss`` is the mean next-token cross-entropy in float32.
         ``attention_mask`` (B, T) or (B, cached + T): 0 marks left padding of the prompt (padding
         anywhere else raises); each row then runs exactly as it would alone."""
+        hf_cache = self._take_cache(cache, kwargs)
         self._check_inputs(input_ids, kwargs)
         if attention_mask is not None and bool((attention_mask == 1).all()):
             attention_mask = None  # no padding: the plain path
@@ -122,30 +128,39 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             pattern = self.config.attention_pattern
         else:
             pattern = canonical_pattern(attention_pattern, self.model.config)
-        if past_key_values is None and use_cache:
-            past_key_values = RATPlusHFCache()
-        if past_key_values is None and attention_mask is None:
+        if hf_cache is None and use_cache:
+            hf_cache = RATPlusHFCache()
+        if hf_cache is None and attention_mask is None:
             logits = self.model(input_ids, pattern=pattern)
-        elif past_key_values is None:
+        elif hf_cache is None:
             # Left padding is handled by the compact cache (per-row positions, pads skipped by the
             # recurrence); a throwaway one sized to this input gives the padded full forward.
             logits = RATPlusHFCache(max_len=input_ids.shape[1]).run(self.model, input_ids, pattern, attention_mask)
-        elif isinstance(past_key_values, RATPlusHFCache):
-            logits = past_key_values.run(self.model, input_ids, pattern, attention_mask)
+        elif isinstance(hf_cache, RATPlusHFCache):
+            logits = hf_cache.run(self.model, input_ids, pattern, attention_mask)
         else:
             raise ValueError(
-                f"past_key_values must be a RATPlusHFCache (RAT+ keeps its own compact cache), "
-                f"got {type(past_key_values).__name__}"
+                f"the cache must be a RATPlusHFCache (RAT+ keeps its own compact cache), "
+                f"got {type(hf_cache).__name__}"
             )
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: hf_cache})
         if return_dict is False:
             return out.to_tuple()
         return out
+
+    @staticmethod
+    def _take_cache(cache: RATPlusHFCache | None, kwargs: dict[str, Any]) -> RATPlusHFCache | None:
+        """The cache under either name (``cache``, or ``past_key_values`` as transformers < 5.24 and
+        older user code pass it); both at once must be the same object."""
+        old = kwargs.pop("past_key_values", None)
+        if cache is not None and old is not None and old is not cache:
+            raise ValueError("pass the cache once: as cache= (or past_key_values=, its older name), not both")
+        return cache if cache is not None else old
 
     @staticmethod
     def _check_inputs(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
@@ -168,13 +183,14 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         batch_size: int,
         max_cache_length: int,
     ) -> None:
-        """Give ``generate`` RAT+'s compact cache instead of a ``DynamicCache``."""
-        user_cache = model_kwargs.get("past_key_values")
+        """Give ``generate`` RAT+'s compact cache instead of a ``DynamicCache`` (under the name the
+        installed transformers uses, ``CACHE_KWARG``)."""
+        user_cache = model_kwargs.get(CACHE_KWARG)
         if user_cache is not None:
             if not isinstance(user_cache, RATPlusHFCache):
-                raise ValueError(f"past_key_values must be a RATPlusHFCache, got {type(user_cache).__name__}")
+                raise ValueError(f"the cache must be a RATPlusHFCache, got {type(user_cache).__name__}")
             if generation_config.cache_implementation is not None:
-                raise ValueError("pass either past_key_values or cache_implementation, not both")
+                raise ValueError(f"pass either {CACHE_KWARG} or cache_implementation, not both")
             user_cache._is_user_defined = True
             return
         if generation_config.use_cache is False:
@@ -184,7 +200,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: "
                 "RAT+ always decodes with its own compact cache"
             )
-        model_kwargs["past_key_values"] = RATPlusHFCache(max_len=max_cache_length)
+        model_kwargs[CACHE_KWARG] = RATPlusHFCache(max_len=max_cache_length)
 
     # ---- saving -------------------------------------------------------------------------------
     def attach_tokenizer(self, tokenizer: Any) -> None:

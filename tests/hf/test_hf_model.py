@@ -1,7 +1,9 @@
 """transformers integration: AutoModelForCausalLM loading, forward / generate parity with the native
-model, the compact cache behind past_key_values, pattern switching, save/load, bad inputs."""
+model, the compact cache behind `cache` (`past_key_values` before transformers 5.24), pattern
+switching, save/load, bad inputs, no deprecation warnings."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from ratplus.hf import (
     from_native,
     to_native,
 )
+from ratplus.hf.modeling import CACHE_KWARG
 from tests.hf.conftest import PATTERNS
 
 
@@ -87,7 +90,7 @@ def test_greedy_generate_matches_ratplus_generate(native, loaded, ids, pattern):
     recomputed = loaded.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
     assert torch.equal(cached.sequences, expected)
     assert torch.equal(recomputed, expected)
-    cache = cached.past_key_values
+    cache = getattr(cached, CACHE_KWARG)
     assert isinstance(cache, RATPlusHFCache) and cache.pattern == loaded.config.attention_pattern
     assert cache.get_seq_length() == ids.shape[1] + 12 - 1  # the last token is never fed back
 
@@ -97,7 +100,7 @@ def test_sparse_generate_cache_is_compact(loaded, ids):
     for pattern in ("dense", "local-W8-P2"):
         loaded.set_attention_pattern(pattern)
         out = loaded.generate(ids, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
-        sizes[pattern] = out.past_key_values.nbytes()
+        sizes[pattern] = getattr(out, CACHE_KWARG).nbytes()
     assert 0 < sizes["local-W8-P2"] < sizes["dense"] / 3
 
 
@@ -131,11 +134,13 @@ def test_cached_steps_match_full_forward(native, loaded, ids):
     loaded.set_attention_pattern("D4-W8-P2")
     with torch.no_grad():
         out = loaded(ids[:, :30], use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_KWARG)
         steps = [out.logits]
         for t in range(30, ids.shape[1]):
-            step = loaded(ids[:, t : t + 1], past_key_values=cache)
-            assert step.past_key_values is cache and cache.get_seq_length() == t + 1
+            # the cache's current name and its pre-5.24 name both reach the same cache
+            name = "cache" if t % 2 else "past_key_values"
+            step = loaded(ids[:, t : t + 1], **{name: cache})
+            assert getattr(step, CACHE_KWARG) is cache and cache.get_seq_length() == t + 1
             steps.append(step.logits)
         full = native(ids, pattern="D4-W8-P2")
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
@@ -144,16 +149,18 @@ def test_cached_steps_match_full_forward(native, loaded, ids):
 def test_cache_refuses_what_it_cannot_do(loaded, ids):
     loaded.set_attention_pattern("D4-W8-P2")
     with torch.no_grad():
-        cache = loaded(ids, use_cache=True).past_key_values
+        cache = getattr(loaded(ids, use_cache=True), CACHE_KWARG)
         with pytest.raises(ValueError, match="built for attention pattern"):
-            loaded(ids[:, :1], past_key_values=cache, attention_pattern="dense")
+            loaded(ids[:, :1], cache=cache, attention_pattern="dense")
         with pytest.raises(ValueError, match="RATPlusHFCache"):
-            loaded(ids, past_key_values=DynamicCache())
+            loaded(ids, cache=DynamicCache())
+        with pytest.raises(ValueError, match="not both"):
+            loaded(ids[:, :1], cache=cache, past_key_values=RATPlusHFCache())
     with pytest.raises(NotImplementedError, match="cannot drop tokens"):
         cache.crop(1)
     cache.crop(0)  # a no-op is fine
     with pytest.raises(ValueError, match="RATPlusHFCache"):
-        loaded.generate(ids, max_new_tokens=2, past_key_values=DynamicCache())
+        loaded.generate(ids, max_new_tokens=2, **{CACHE_KWARG: DynamicCache()})
     with pytest.raises(ValueError, match="cache_implementation"):
         loaded.generate(ids, max_new_tokens=2, cache_implementation="static")
 
@@ -257,3 +264,40 @@ def test_bad_runtime_inputs_are_refused(loaded, ids):
         RATPlusForCausalLM.from_pretrained("unused", ignore_mismatched_sizes=True)
     with pytest.raises(ValueError, match=r"only supports.*ASSISTED_GENERATION"):
         loaded.generate(ids, max_new_tokens=2, assistant_model=loaded)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam", "padded", "user_cache"])
+def test_generate_emits_no_deprecation_warnings(loaded, ids, mode):
+    """Every generate path runs with FutureWarning / DeprecationWarning turned into errors (a renamed
+    argument in a new transformers release shows up here first)."""
+    loaded.set_attention_pattern("D4-W8-P2")
+    kwargs = {"max_new_tokens": 4, "pad_token_id": 0}
+    if mode == "sample":
+        kwargs.update(do_sample=True, top_k=5)
+    elif mode == "beam":
+        kwargs.update(num_beams=2, do_sample=False)
+    elif mode == "padded":
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        kwargs.update(attention_mask=mask, do_sample=False)
+    elif mode == "user_cache":
+        kwargs.update({CACHE_KWARG: RATPlusHFCache(), "do_sample": False})
+    else:
+        kwargs.update(do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = loaded.generate(ids, return_dict_in_generate=True, **kwargs)
+    assert out.sequences.shape == (ids.shape[0], ids.shape[1] + 4)
+    assert isinstance(getattr(out, CACHE_KWARG), RATPlusHFCache)
+
+
+def test_generate_logs_no_deprecation(loaded, ids, caplog):
+    """transformers reports some renamed arguments only through its logger, once per process."""
+    loaded.set_attention_pattern("D4-W8-P2")
+    with caplog.at_level("WARNING"):
+        loaded.generate(ids, max_new_tokens=3, do_sample=False)
+        with torch.no_grad():
+            out = loaded(ids, use_cache=True)
+            loaded(ids[:, :1], cache=getattr(out, CACHE_KWARG))
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
