@@ -140,8 +140,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             logits = hf_cache.run(self.model, input_ids, pattern, attention_mask)
         else:
             raise ValueError(
-                f"the cache must be a RATPlusHFCache (RAT+ keeps its own compact cache), "
-                f"got {type(hf_cache).__name__}"
+                f"the cache must be a RATPlusHFCache (RAT+ keeps its own compact cache), got {type(hf_cache).__name__}"
             )
         loss = None
         if labels is not None:
