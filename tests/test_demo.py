@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ratplus.demo import ADAPT_PATTERNS, NEEDLE_PATTERNS, DemoConfig, check_targets, write_report
+from ratplus.demo.pipeline import ADAPT_PATTERNS, NEEDLE_PATTERNS, DemoConfig, check_targets, write_report
 
 
 def _results(rat_d16: float, base_d16: float, needle: dict[str, float], base_dense: float = 110.0) -> dict:
@@ -69,7 +69,7 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
 
 
 def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):
-    from ratplus.demo import Demo
+    from ratplus.demo.pipeline import Demo
 
     base = Demo(DemoConfig(out_dir=str(tmp_path), progress=False))
     more_needle = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, needle_steps=999))

@@ -4,7 +4,7 @@ import torch
 from ratplus import ModelConfig, RATPlusLM, generate
 from ratplus.cli import main
 from ratplus.generation import generate_stream, sample_next
-from ratplus.model.io import save_pretrained
+from ratplus.io.folder import save_pretrained
 
 
 @pytest.fixture(scope="module")

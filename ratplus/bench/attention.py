@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, time_fn, time_interleaved
+from ratplus.bench.timing import time_fn, time_interleaved
 from ratplus.config import AttentionPattern, HeadGroups, ModelConfig
 from ratplus.model.rat import Block, RATPlusLayer
 from ratplus.ops.attention import attention
 from ratplus.ops.rope import rope_cos_sin
 from ratplus.ops.scan import gated_scan
+from ratplus.runtime import emit_json, environment, print_table
 
 DEFAULT_PATTERNS = ("D4", "D16", "D64", "D16-W256-P4", "local-W256-P4")
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table
 from ratplus.config import ModelConfig
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import emit_json, environment, print_table
 
 #: On CPU the memory check compares the resident-set growth of building a cache with its bytes.
 #: That only works when the cache gets fresh pages rather than reused heap, so while a cache is

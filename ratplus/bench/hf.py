@@ -16,16 +16,17 @@ from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, time_interleaved
+from ratplus.bench.timing import time_interleaved
 from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import emit_json, environment, print_table
 
 
 def build_model(preset: str | None, model_dir: str | None, device: torch.device, dtype: torch.dtype) -> RATPlusLM:
     """A model folder's weights, or a preset with random weights (seed 0): decode speed does not
     depend on the weight values."""
     if model_dir is not None:
-        from ratplus.model.io import load_pretrained
+        from ratplus.io.folder import load_pretrained
 
         return load_pretrained(model_dir, device=device, dtype=dtype)
     torch.manual_seed(0)

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from ratplus.bench.common import emit_json, environment, print_table, time_fn, time_rounds
+from ratplus.bench.timing import time_fn, time_rounds
 from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
 from ratplus.ops.scan import gated_scan
+from ratplus.runtime import emit_json, environment, print_table
 from ratplus.train.trainer import BASELINE_SPARSE, RATPLUS_SPARSE, build_optimizer, optimizer_steps
 
 DENSE_OVERHEAD_TARGET = 0.15

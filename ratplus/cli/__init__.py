@@ -1,7 +1,8 @@
 """``ratplus`` command line. Thin: parse arguments, call library functions, print.
 
-Each subcommand lives beside the code it drives and exposes ``add_parser(subparsers)``, which
-registers its arguments and sets ``func(args) -> int``. The list below is the whole table.
+Every argparse of the project lives in this package, one module per command family; each exposes
+``add_parser(subparsers)``, which registers its arguments and sets ``func(args) -> int``. Library
+modules carry no argparse. The list below is the whole table.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import sys
 
 # The subcommand modules, in the order `ratplus --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "ratplus.demo",
-    "ratplus.train.commands",
-    "ratplus.generate_cli",
-    "ratplus.eval.commands",
-    "ratplus.convert",
-    "ratplus.bench.cli",
+    "ratplus.cli.demo",
+    "ratplus.cli.train",
+    "ratplus.cli.generate",
+    "ratplus.cli.eval",
+    "ratplus.cli.convert",
+    "ratplus.cli.bench",
 )
 
 

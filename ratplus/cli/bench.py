@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ratplus.bench.common import resolve_device, resolve_dtype
+from ratplus.runtime import resolve_device, resolve_dtype
 
 
 def _ints(text: str) -> list[int]:

@@ -1,7 +1,7 @@
 """``ratplus eval ...``: perplexity, NIAH (data and evaluation) and LongBench.
 
 Each command prints a table, writes its files under ``--out`` (never into the checkpoint) and
-prints one JSON summary line last. lm-evaluation-harness runs through ``python -m ratplus.lm_eval``.
+prints one JSON summary line last. lm-evaluation-harness runs through ``python -m ratplus.cli.lm_eval``.
 The ``run_*`` functions are the library entry points the commands (and the demo) call.
 """
 
@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ratplus.bench.common import environment, print_table, resolve_device, resolve_dtype
 from ratplus.eval.common import EvalModel, open_checkpoint, read_jsonl, write_json, write_jsonl
+from ratplus.runtime import environment, print_table, resolve_device, resolve_dtype
 
 logger = logging.getLogger("ratplus")
 
@@ -244,7 +244,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_ppl(args) -> int:
-    from ratplus.eval.corpus import read_documents
+    from ratplus.io.corpus import read_documents
 
     texts = read_documents(args.data)
     models = [_open(c, args.device, args.dtype) for c in args.ckpt]
@@ -300,7 +300,7 @@ def _cmd_niah(args) -> int:
 
 
 def _load_tokenizer_arg(path: str):
-    from ratplus.model.io import load_config, load_tokenizer
+    from ratplus.io.folder import load_config, load_tokenizer
 
     p = Path(path)
     if p.is_dir():

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     from ratplus.generation import generate
-    from ratplus.model.io import load_metadata, load_pretrained, load_tokenizer
+    from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
 
     model = load_pretrained(args.ckpt, device=args.device)
     tokenizer = load_tokenizer(args.ckpt)

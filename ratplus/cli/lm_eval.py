@@ -1,12 +1,12 @@
-"""``python -m ratplus.lm_eval``: lm-evaluation-harness's own command line with the ``ratplus`` model
+"""``python -m ratplus.cli.lm_eval``: lm-evaluation-harness's own command line with the ``ratplus`` model
 registered.
 
-    python -m ratplus.lm_eval --model ratplus --model_args ckpt=PATH,pattern=D16-W256-P4 \
+    python -m ratplus.cli.lm_eval --model ratplus --model_args ckpt=PATH,pattern=D16-W256-P4 \
         --tasks arc_easy,piqa [--include_path DIR | --tasks path/to/task.yaml] [--limit N]
 
 Every lm-eval option works as in ``lm-eval run``; ``--model ratplus`` is added when no model is
 named. A task YAML or include path that does not exist, or an unknown task name, stops with a
-one-line error naming it (exit status 2). This module is ``ratplus.lm_eval``; the harness itself
+one-line error naming it (exit status 2). This module is ``ratplus.cli.lm_eval``; the harness itself
 is the top-level ``lm_eval`` package, which it imports absolutely.
 """
 
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         import ratplus.eval.harness as harness  # registers "ratplus" with lm-eval
     except ImportError as e:
         print(
-            f"ratplus.lm_eval: error: lm-evaluation-harness is not installed ({e}); pip install lm-eval",
+            f"ratplus.cli.lm_eval: error: lm-evaluation-harness is not installed ({e}); pip install lm-eval",
             file=sys.stderr,
         )
         return 2
     if args and args[0] not in _LM_EVAL_COMMANDS and not args[0].startswith("-"):
-        print(f"ratplus.lm_eval: error: unknown command {args[0]!r}", file=sys.stderr)
+        print(f"ratplus.cli.lm_eval: error: unknown command {args[0]!r}", file=sys.stderr)
         return 2
     if not args or args[0] not in (*_LM_EVAL_COMMANDS, "-h", "--help"):
         args.insert(0, "run")  # lm-eval's legacy form: options without a command mean "run"
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except (ValueError, FileNotFoundError) as e:
         hint = " (a local task needs its YAML path or --include_path DIR)" if "Tasks not found" in str(e) else ""
-        print(f"ratplus.lm_eval: error: {e}{hint}", file=sys.stderr)
+        print(f"ratplus.cli.lm_eval: error: {e}{hint}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved

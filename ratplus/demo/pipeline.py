@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from ratplus.config import AttentionPattern, ModelConfig
-from ratplus.model.io import load_pretrained, load_tokenizer
+from ratplus.io.folder import load_pretrained, load_tokenizer
+from ratplus.io.tokenizer import train_bpe
 from ratplus.train.data import prepare_shards, shakespeare_documents
-from ratplus.train.tokenizer import train_bpe
 
 logger = logging.getLogger("ratplus")
 
@@ -377,7 +377,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_report(out: Path, results: dict[str, Any]) -> None:
-    from ratplus.model.io import atomic_write_text
+    from ratplus.io.folder import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     plots = _plots(out, results)
@@ -498,35 +498,3 @@ def print_summary(results: dict[str, Any]) -> None:
     print("\ntargets:")
     for t in results["targets"]:
         print(f"  [{'x' if t['ok'] else ' '}] {t['target']}: {t['value']:.3f}")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train dense, adapt sparse, evaluate: the end-to-end main job")
-    p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
-    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (about a minute)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"
-    )
-    p.add_argument(
-        "--needle-steps",
-        type=int,
-        help=f"needle SFT steps (default {DemoConfig.needle_steps}); other stages are reused",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    kw: dict[str, Any] = dict(out_dir=args.out, device=args.device, progress=not args.no_progress)
-    for name in ("pretrain_tokens", "needle_steps"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {value}")
-            kw[name] = value
-    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
-    results = Demo(cfg).run()
-    print_summary(results)
-    print(f"\nreport: {Path(cfg.out_dir) / 'report.md'}")
-    return 0

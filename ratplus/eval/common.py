@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ratplus.config import AttentionPattern, ModelConfig, PatternSpec, pattern_to_str
-from ratplus.model.io import load_metadata, load_pretrained, load_tokenizer
+from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
 from ratplus.model.rat import RATPlusLM
 
 logger = logging.getLogger("ratplus")

@@ -1,6 +1,6 @@
 """lm-evaluation-harness integration: a registered ``ratplus`` model class for lm-eval (0.4.x).
 
-    python -m ratplus.lm_eval --model ratplus \
+    python -m ratplus.cli.lm_eval --model ratplus \
         --model_args ckpt=PATH,pattern=D16-W256-P4 --tasks piqa,arc_easy
 
 ``model_args``: ``ckpt`` (model folder, required unless a model object is passed in Python),
@@ -11,7 +11,7 @@ Requests are answered with the chosen attention pattern: loglikelihood (right-pa
 padding after a causal sequence cannot change its logits), loglikelihood_rolling (lm-eval's
 disjoint rolling windows), and generate_until (greedy, through ``ratplus.eval._decode``).
 
-This module imports ``lm_eval`` (the harness); ``ratplus.lm_eval`` is only our command-line wrapper.
+This module imports ``lm_eval`` (the harness); ``ratplus.cli.lm_eval`` is only our command-line wrapper.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from ratplus.bench.common import resolve_device, resolve_dtype
 from ratplus.eval._decode import greedy_generate
 from ratplus.eval.common import EvalModel, canonical_pattern, decode, encode, open_checkpoint, warn_if_not_adapted
+from ratplus.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger("ratplus")
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ratplus.config import PatternSpec
 from ratplus.eval._decode import greedy_generate, new_tokens
 from ratplus.eval.common import EvalModel, canonical_pattern, decode, encode, warn_if_not_adapted
-from ratplus.eval.corpus import bundled_documents
+from ratplus.io.corpus import bundled_documents
 
 logger = logging.getLogger("ratplus")
 

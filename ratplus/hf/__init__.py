@@ -66,7 +66,7 @@ def from_native(
     metadata when it has one, else dense. A folder's tokenizer is attached for ``save_pretrained``."""
     import torch
 
-    from ratplus.model.io import load_metadata, load_pretrained, load_tokenizer
+    from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
 
     if isinstance(model, (str, Path)):
         folder = Path(model)

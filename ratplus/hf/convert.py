@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig, PatternSpec
-from ratplus.model.io import (
+from ratplus.io.folder import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     load_metadata,
@@ -75,7 +75,7 @@ def load_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict[s
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     if p.suffix == ".safetensors":
-        from ratplus.model.io import load_state_dict_file
+        from ratplus.io.folder import load_state_dict_file
 
         return load_state_dict_file(p)
     obj = _torch_load(p, trust_pickle)
@@ -421,7 +421,7 @@ def convert(
             eos_token_id = tok.token_to_id("</s>")  # LLaMA-2's EOS; None when the tokenizer has no such token
         model = load_reference_checkpoint(src, num_heads, head_dim, max_seq_len, eos_token_id, dtype, trust_pickle)
     elif kind == "native":
-        from ratplus.model.io import load_pretrained
+        from ratplus.io.folder import load_pretrained
 
         model = load_pretrained(src, dtype=dtype)
         pattern = pattern if pattern is not None else load_metadata(src).get("adapted_pattern")
@@ -437,54 +437,3 @@ def convert(
     else:
         save_hf(model, out, tok, pattern)
     return kind, to
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert checkpoints: native <-> Hugging Face folder, import the paper's .pth checkpoints",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("src", help="native folder, Hugging Face folder, or a reference checkpoint file (.pth/.safetensors)")
-    p.add_argument("dst", help="output folder")
-    p.add_argument("--to", choices=("native", "hf"), default=None, help="output format (default: the other one)")
-    p.add_argument("--pattern", default=None, help="default attention pattern to record, e.g. D16-W256-P4")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model (or a folder) to save beside")
-    p.add_argument("--num-heads", type=int, default=None, help="reference import: heads per layer")
-    p.add_argument("--head-dim", type=int, default=PAPER_HEAD_DIM, help="reference import: head size if no --num-heads")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="reference import: max_seq_len of the config")
-    p.add_argument(
-        "--eos-token-id", type=int, default=None, help="reference import: EOS id (default 2 for vocab 32000)"
-    )
-    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
-    p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in DST")
-    p.set_defaults(func=_run)
-
-
-def _run(args: Any) -> int:
-    dtype = None
-    if args.dtype is not None:
-        if args.dtype not in _DTYPES:
-            raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[args.dtype]
-    kind, to = convert(
-        args.src,
-        args.dst,
-        to=args.to,
-        pattern=args.pattern,
-        tokenizer=args.tokenizer,
-        num_heads=args.num_heads,
-        head_dim=args.head_dim,
-        max_seq_len=args.max_seq_len,
-        eos_token_id=args.eos_token_id,
-        dtype=dtype,
-        trust_pickle=args.trust_pickle,
-        overwrite=args.overwrite,
-    )
-    print(f"converted {args.src} ({kind}) -> {args.dst} ({to})")
-    return 0

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
-from ratplus.model.io import state_dict_problems
+from ratplus.io.folder import state_dict_problems
 from ratplus.model.rat import Block, RATPlusLM
 
 # Tokenizer files copied beside the weights when the model was loaded from a folder that had them.

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``<out>/checkpoints/step_0000100/`` holding
 
-  config.json, model.safetensors, tokenizer.json, metadata.json   a model folder (``ratplus.model.io``)
+  config.json, model.safetensors, tokenizer.json, metadata.json   a model folder (``ratplus.io.folder``)
   trainer_state.safetensors    optimizer moments (``optim/<param name>/<key>``), RNG states
   trainer_state.json           step, tokens seen, data position, scheduler, optimizer hyper-parameters,
                                Python / NumPy RNG state
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ratplus.config import ModelConfig
-from ratplus.model.io import (
+from ratplus.io.folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     atomic_write_bytes,

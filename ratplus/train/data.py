@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from ratplus.train.tokenizer import eos_id, vocab_size
+from ratplus.io.tokenizer import eos_id, vocab_size
 
 IGNORE_INDEX = -100
 META_FILE = "meta.json"

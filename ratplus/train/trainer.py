@@ -38,7 +38,8 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig, pattern_to_str
-from ratplus.model.io import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
+from ratplus.io.folder import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
+from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
@@ -51,7 +52,6 @@ from ratplus.train.data import (
     read_sft_records,
     shakespeare_documents,
 )
-from ratplus.train.tokenizer import get_tokenizer, load_tokenizer_file
 
 logger = logging.getLogger("ratplus")
 

@@ -10,7 +10,7 @@ import torch
 
 from ratplus.config import ModelConfig
 from ratplus.eval.niah import NEEDLE, NOISE, TEMPLATE
-from ratplus.model.io import save_pretrained
+from ratplus.io.folder import save_pretrained
 from ratplus.model.rat import RATPlusLM
 
 EOS = "<|endoftext|>"

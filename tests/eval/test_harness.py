@@ -1,5 +1,5 @@
 """lm-evaluation-harness adapter: loglikelihood / rolling / generate_until against independent
-computations with the model, pattern plumbing, `python -m ratplus.lm_eval` end to end on local
+computations with the model, pattern plumbing, `python -m ratplus.cli.lm_eval` end to end on local
 YAML + JSONL tasks (offline), and clear errors for bad input."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance
 
-from ratplus import lm_eval as cli_lm_eval
+from ratplus.cli import lm_eval as cli_lm_eval
 from ratplus.eval.common import EvalModel, open_checkpoint
 from ratplus.eval.harness import RATPlusHarnessLM
 
@@ -159,7 +159,7 @@ def _tasks(folder: Path) -> list[Path]:
 
 
 def test_cli_end_to_end_offline(ckpt, tmp_path):
-    """`python -m ratplus.lm_eval` on local tasks; its metrics equal what the adapter computes."""
+    """`python -m ratplus.cli.lm_eval` on local tasks; its metrics equal what the adapter computes."""
     yamls = _tasks(tmp_path)
     before = folder_digest(ckpt)
     env = {
@@ -169,7 +169,7 @@ def test_cli_end_to_end_offline(ckpt, tmp_path):
         "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"),
         "PYTHONPATH": str(REPO),
     }
-    cmd = [sys.executable, "-m", "ratplus.lm_eval", "--model", "ratplus", "--model_args",
+    cmd = [sys.executable, "-m", "ratplus.cli.lm_eval", "--model", "ratplus", "--model_args",
            f"ckpt={ckpt},pattern=D4-W16-P2", "--tasks", ",".join(map(str, yamls)), "--batch_size", "2",
            "--device", "cpu", "--output_path", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ from ratplus import cli
 from ratplus.config import ModelConfig
 from ratplus.eval.common import EvalModel, adaptation_status, pattern_costs
 from ratplus.eval.ppl import evaluate_ppl, token_stream
-from ratplus.model.io import save_pretrained
+from ratplus.io.folder import save_pretrained
 
 DOCS = [
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",

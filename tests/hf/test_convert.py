@@ -10,7 +10,7 @@ import torch
 
 from ratplus import ModelConfig, RATPlusLM
 from ratplus.cli import main
-from ratplus.convert import (
+from ratplus.hf.convert import (
     convert,
     folder_kind,
     infer_config,
@@ -19,7 +19,7 @@ from ratplus.convert import (
     load_tokenizer_file,
     normalize_reference_keys,
 )
-from ratplus.model.io import load_metadata, load_pretrained, load_tokenizer
+from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
 
 C = 32
 

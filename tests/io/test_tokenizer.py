@@ -1,7 +1,7 @@
 import pytest
 from tokenizers import Tokenizer, models
 
-from ratplus.train.tokenizer import (
+from ratplus.io.tokenizer import (
     EOS_TOKEN,
     eos_id,
     get_tokenizer,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from ratplus.io.tokenizer import train_bpe
 from ratplus.train.data import prepare_shards, shakespeare_documents
-from ratplus.train.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="session")

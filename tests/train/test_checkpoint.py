@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ratplus import ModelConfig, RATPlusLM
-from ratplus.model.io import load_metadata, load_pretrained
+from ratplus.io.folder import load_metadata, load_pretrained
 from ratplus.train import checkpoint as C
 from ratplus.train.distributed import full_model_state, full_optimizer_state, load_full_state
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ratplus.cli import main
-from ratplus.model.io import load_metadata, load_pretrained
+from ratplus.io.folder import load_metadata, load_pretrained
 from ratplus.train.data import TokenDataset
 
 TRAIN = ["--model", "tiny", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--eval-batches", "1"]

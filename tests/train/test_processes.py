@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ratplus.model.io import load_pretrained
+from ratplus.io.folder import load_pretrained
 from ratplus.train.checkpoint import list_checkpoints, verify_folder
 from ratplus.train.trainer import TrainConfig, train
 

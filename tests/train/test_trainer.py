@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ratplus import ModelConfig, RATPlusLM
-from ratplus.model.io import load_config, load_metadata, load_pretrained
+from ratplus.io.folder import load_config, load_metadata, load_pretrained
 from ratplus.train import trainer as T
 from ratplus.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ratplus.train.data import SFTDataset, TokenDataset, read_sft_records

@@ -1,0 +1,62 @@
+"""``ratplus convert``: native <-> Hugging Face folders and import of the paper's checkpoints
+(``ratplus.hf.convert``; imported when the command runs, since it needs ``transformers``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PAPER_HEAD_DIM = 128  # the reference import's default head size (ratplus.hf.convert.PAPER_HEAD_DIM)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints: native <-> Hugging Face folder, import the paper's .pth checkpoints",
+        description=(
+            "Checkpoint conversion: native folder <-> Hugging Face folder, and import of the paper's checkpoints."
+        ),
+    )
+    p.add_argument("src", help="native folder, Hugging Face folder, or a reference checkpoint file (.pth/.safetensors)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=("native", "hf"), default=None, help="output format (default: the other one)")
+    p.add_argument("--pattern", default=None, help="default attention pattern to record, e.g. D16-W256-P4")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model (or a folder) to save beside")
+    p.add_argument("--num-heads", type=int, default=None, help="reference import: heads per layer")
+    p.add_argument("--head-dim", type=int, default=PAPER_HEAD_DIM, help="reference import: head size if no --num-heads")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="reference import: max_seq_len of the config")
+    p.add_argument(
+        "--eos-token-id", type=int, default=None, help="reference import: EOS id (default 2 for vocab 32000)"
+    )
+    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in DST")
+    p.set_defaults(func=_run)
+
+
+def _run(args: Any) -> int:
+    from ratplus.hf.convert import convert
+
+    dtype = None
+    if args.dtype is not None:
+        if args.dtype not in _DTYPES:
+            raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[args.dtype]
+    kind, to = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        pattern=args.pattern,
+        tokenizer=args.tokenizer,
+        num_heads=args.num_heads,
+        head_dim=args.head_dim,
+        max_seq_len=args.max_seq_len,
+        eos_token_id=args.eos_token_id,
+        dtype=dtype,
+        trust_pickle=args.trust_pickle,
+        overwrite=args.overwrite,
+    )
+    print(f"converted {args.src} ({kind}) -> {args.dst} ({to})")
+    return 0

@@ -1,0 +1,40 @@
+"""``ratplus demo``: the end-to-end job (``ratplus.demo``) with its budget flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ratplus.demo.pipeline import Demo, DemoConfig, print_summary
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="train dense, adapt sparse, evaluate: the end-to-end main job")
+    p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
+    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (about a minute)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"
+    )
+    p.add_argument(
+        "--needle-steps",
+        type=int,
+        help=f"needle SFT steps (default {DemoConfig.needle_steps}); other stages are reused",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    kw: dict[str, Any] = dict(out_dir=args.out, device=args.device, progress=not args.no_progress)
+    for name in ("pretrain_tokens", "needle_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {value}")
+            kw[name] = value
+    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    results = Demo(cfg).run()
+    print_summary(results)
+    print(f"\nreport: {Path(cfg.out_dir) / 'report.md'}")
+    return 0
