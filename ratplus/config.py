@@ -331,6 +331,16 @@ class ModelConfig:
     def resolve_pattern(self, spec: PatternSpec) -> tuple[HeadGroups, ...]:
         return resolve_pattern(spec, self.num_layers, self.num_heads)
 
+    def canonical_pattern(self, spec: PatternSpec) -> str:
+        """One printable form per distinct pattern of this architecture (``D16`` and ``D16-W0-P0``
+        give the same string), used wherever a pattern is logged, recorded or compared.
+
+        A spec that does not parse or does not fit the model raises ValueError naming it."""
+        try:
+            return pattern_to_str(self.resolve_pattern(spec))
+        except ValueError as e:
+            raise ValueError(f"bad attention pattern {spec!r}: {e}") from e
+
     # ---- presets & serialisation --------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

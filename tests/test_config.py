@@ -135,3 +135,11 @@ def test_config_save_load(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.load(tmp_path / "bad.json")
+
+
+def test_canonical_pattern_names_each_pattern_once_and_rejects_bad_specs():
+    cfg = ModelConfig.from_preset("tiny")
+    assert cfg.canonical_pattern("D16") == cfg.canonical_pattern("D16-W0-P0") == "D16-W0-P0"
+    assert cfg.canonical_pattern("dense") == cfg.canonical_pattern(None) == "dense"
+    with pytest.raises(ValueError, match="bad attention pattern 'D0'"):
+        cfg.canonical_pattern("D0")

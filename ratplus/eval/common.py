@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ratplus.config import AttentionPattern, ModelConfig, PatternSpec, pattern_to_str
+from ratplus.config import AttentionPattern, ModelConfig, PatternSpec
 from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
 from ratplus.model.rat import RATPlusLM
 
@@ -99,18 +99,6 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 # ---- was the checkpoint adapted to this pattern? -----------------------------------------------
 
 
-def canonical_pattern(config: ModelConfig, spec: PatternSpec) -> str:
-    """One printable form per distinct pattern (``D16`` and ``D16-W0-P0`` compare equal).
-
-    An invalid pattern raises ValueError naming it."""
-    try:
-        return pattern_to_str(config.resolve_pattern(spec))
-    except ValueError as e:
-        if isinstance(spec, str) and spec in str(e):
-            raise
-        raise ValueError(f"attention pattern {spec!r}: {e}") from e
-
-
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -124,20 +112,20 @@ def adaptation_status(metadata: dict[str, Any], config: ModelConfig, pattern: Pa
     checkpoint was resolution-adapted to, ``joint_pattern`` the sparse branch of joint pretraining.
     A pattern that is neither still evaluates; the status says it was not adapted.
     """
-    target = canonical_pattern(config, pattern)
+    target = config.canonical_pattern(pattern)
     if all(layer.is_dense for layer in config.resolve_pattern(pattern)):
         return "dense"
     adapted = []
     for spec in _as_list(metadata.get("adapted_pattern")):
         try:
-            adapted.append(canonical_pattern(config, spec))
+            adapted.append(config.canonical_pattern(spec))
         except ValueError:
             logger.warning("metadata adapted_pattern %r is not a valid pattern for this model; ignored", spec)
     if target in adapted:
         return "adapted"
     for spec in _as_list(metadata.get("joint_pattern")):
         try:
-            if canonical_pattern(config, spec) == target:
+            if config.canonical_pattern(spec) == target:
                 return "joint-trained"
         except ValueError:
             logger.warning("metadata joint_pattern %r is not a valid pattern for this model; ignored", spec)
@@ -152,7 +140,7 @@ def warn_if_not_adapted(em: EvalModel, pattern: PatternSpec) -> str:
         logger.warning(
             "%s: pattern %s: checkpoint %s; results are for an unadapted model",
             em.name,
-            canonical_pattern(em.config, pattern),
+            em.config.canonical_pattern(pattern),
             status,
         )
     return status
@@ -188,7 +176,7 @@ def pattern_costs(config: ModelConfig, pattern: PatternSpec, seq_len: int) -> di
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    spec = canonical_pattern(config, pattern)
+    spec = config.canonical_pattern(pattern)
     attn, kv = _costs(json.dumps(config.to_dict(), sort_keys=True), spec, seq_len)
     return {"attn_flop_frac": attn, "kv_frac": kv}
 

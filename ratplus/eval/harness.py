@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from ratplus.eval._decode import greedy_generate
-from ratplus.eval.common import EvalModel, canonical_pattern, decode, encode, open_checkpoint, warn_if_not_adapted
+from ratplus.eval.common import EvalModel, decode, encode, open_checkpoint, warn_if_not_adapted
 from ratplus.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger("ratplus")
@@ -101,7 +101,7 @@ class RATPlusHarnessLM(TemplateLM):
             model = open_checkpoint(ckpt, device=dev, dtype=resolve_dtype(dtype, dev))
         self.em = model
         self.tokenizer = model.require_tokenizer("lm-eval")
-        self.pattern = canonical_pattern(model.config, pattern)  # validates the pattern
+        self.pattern = model.config.canonical_pattern(pattern)  # validates the pattern
         self.status = warn_if_not_adapted(model, pattern)
         self._batch_size = _int_arg("batch_size", batch_size, DEFAULT_BATCH_SIZE)
         self._max_length = _int_arg("max_length", max_length, model.config.max_seq_len)

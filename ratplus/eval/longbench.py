@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ratplus.config import PatternSpec
 from ratplus.eval._decode import greedy_generate, new_tokens
-from ratplus.eval.common import EvalModel, canonical_pattern, decode, encode, warn_if_not_adapted
+from ratplus.eval.common import EvalModel, decode, encode, warn_if_not_adapted
 
 # ---- metrics -------------------------------------------------------------------------------------
 
@@ -369,7 +369,7 @@ def evaluate_longbench(
     if context_length < 1:
         raise ValueError(f"context_length must be >= 1, got {context_length}")
     ctx = min(context_length, em.config.max_seq_len)
-    name = canonical_pattern(em.config, pattern)
+    name = em.config.canonical_pattern(pattern)
     status = warn_if_not_adapted(em, pattern)
     stop = [em.eos_id] if em.eos_id is not None else []
     scores: dict[str, float] = {}

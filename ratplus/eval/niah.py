@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ratplus.config import PatternSpec
 from ratplus.eval._decode import greedy_generate, new_tokens
-from ratplus.eval.common import EvalModel, canonical_pattern, decode, encode, warn_if_not_adapted
+from ratplus.eval.common import EvalModel, decode, encode, warn_if_not_adapted
 from ratplus.io.corpus import bundled_documents
 
 logger = logging.getLogger("ratplus")
@@ -425,7 +425,7 @@ def evaluate_niah(
     value each sample was sized with.
     """
     tokenizer = em.require_tokenizer("NIAH evaluation")
-    name = canonical_pattern(em.config, pattern)
+    name = em.config.canonical_pattern(pattern)
     status = warn_if_not_adapted(em, pattern)
     stop = [em.eos_id] if em.eos_id is not None else []
     out = []

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ratplus.config import PatternSpec
-from ratplus.eval.common import EvalModel, canonical_pattern, pattern_costs, warn_if_not_adapted
+from ratplus.eval.common import EvalModel, pattern_costs, warn_if_not_adapted
 from ratplus.model.rat import RATPlusLM
 
 logger = logging.getLogger("ratplus")
@@ -151,7 +151,7 @@ def evaluate_ppl(
     seq_len = seq_len or em.config.max_seq_len
     if seq_len > em.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={em.config.max_seq_len}")
-    names = [canonical_pattern(em.config, p) for p in patterns]  # validates every pattern up front
+    names = [em.config.canonical_pattern(p) for p in patterns]  # validates every pattern up front
     stream = token_stream(texts, tokenizer, em.eos_id, max_tokens)
     rows = []
     for spec, name in zip(patterns, names):

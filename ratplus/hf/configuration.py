@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
-from ratplus.config import ModelConfig, PatternSpec, pattern_to_str, resolve_pattern
+from ratplus.config import ModelConfig, PatternSpec
 
 # Fields shared one-to-one with ``ratplus.ModelConfig`` (``name`` is stored as ``preset``).
 NATIVE_FIELDS = (
@@ -110,9 +110,8 @@ class RATPlusConfig(PreTrainedConfig):
 
 
 def canonical_pattern(spec: PatternSpec, config: ModelConfig) -> str:
-    """Validate a pattern spec against the architecture and return its canonical string form.
-
-    Raises ``ValueError`` (from ``ratplus.config``) naming the bad part when it does not parse or does
-    not fit the model (wrong head count, per-layer list of the wrong length)."""
-    layers = resolve_pattern(spec, config.num_layers, config.num_heads)
-    return pattern_to_str(layers)
+    """``config.canonical_pattern(spec)`` (argument order of this module's callers): validate a pattern
+    spec against the architecture and return its canonical string form; ValueError naming the bad part
+    when it does not parse or does not fit the model (wrong head count, per-layer list of the wrong
+    length)."""
+    return config.canonical_pattern(spec)

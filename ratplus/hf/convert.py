@@ -361,11 +361,9 @@ def folder_kind(path: str | Path) -> str:
 
 def save_native(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
     """Write a native folder; a non-dense ``pattern`` is recorded as ``adapted_pattern`` metadata."""
-    from ratplus.config import pattern_to_str
-
     metadata = None
     if pattern is not None:
-        text = pattern_to_str(model.config.resolve_pattern(pattern))
+        text = model.config.canonical_pattern(pattern)
         if text != "dense":
             metadata = {"adapted_pattern": text}
     return save_pretrained(model, dst, tokenizer=tokenizer, metadata=metadata)

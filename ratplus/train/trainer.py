@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from ratplus.config import ModelConfig, pattern_to_str
+from ratplus.config import ModelConfig
 from ratplus.io.folder import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
@@ -400,12 +400,7 @@ class _Run:
         config = _base_model_config(cfg)
         self.apply_re = config.apply_re
 
-        def canonical(pattern: str) -> str:  # "D4" and "D4-W0-P0" name the same pattern in logs
-            try:
-                return pattern_to_str(config.resolve_pattern(pattern))
-            except ValueError as e:
-                raise ValueError(f"bad attention pattern {pattern!r}: {e}") from e
-
+        canonical = config.canonical_pattern  # "D4" and "D4-W0-P0" name the same pattern in logs
         self.sparse_pattern = canonical(cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE))
         self.step_patterns = [self.sparse_pattern, "dense"] if cfg.joint_train else [canonical(cfg.train_pattern)]
         default_eval = [*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]
