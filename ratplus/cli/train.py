@@ -131,8 +131,9 @@ def _print_main(path: Path) -> None:
 
 
 def _data_prepare(args) -> int:
+    from ratplus.io.corpus import read_documents, shakespeare_documents
     from ratplus.io.tokenizer import eos_id, get_tokenizer, vocab_size
-    from ratplus.train.data import prepare_shards, read_documents, shakespeare_documents
+    from ratplus.train.data import prepare_shards
 
     if args.input is None:
         train_docs, val_docs = shakespeare_documents("train"), shakespeare_documents("val")

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 from ratplus.config import AttentionPattern, ModelConfig
+from ratplus.io.corpus import shakespeare_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
 from ratplus.io.tokenizer import train_bpe
-from ratplus.train.data import prepare_shards, shakespeare_documents
+from ratplus.train.data import prepare_shards
 
 logger = logging.getLogger("ratplus")
 

