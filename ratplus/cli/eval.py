@@ -310,12 +310,9 @@ def _load_tokenizer_arg(path: str):
         return tok, load_config(p).max_seq_len
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer not found: {p}")
-    from tokenizers import Tokenizer
+    from ratplus.io.tokenizer import load_tokenizer_file
 
-    try:
-        return Tokenizer.from_file(str(p)), None
-    except Exception as e:
-        raise ValueError(f"cannot read tokenizer {p}: {e}") from e
+    return load_tokenizer_file(p), None
 
 
 def _cmd_niah_data(args) -> int:

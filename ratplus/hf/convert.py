@@ -294,7 +294,7 @@ def load_reference_checkpoint(
 def load_tokenizer_file(path: str | Path):
     """A ``tokenizers.Tokenizer`` from ``tokenizer.json``, a SentencePiece ``tokenizer.model`` (LLaMA-2's;
     needs ``transformers``, ``sentencepiece`` and ``protobuf``) or a folder holding either."""
-    from tokenizers import Tokenizer
+    from ratplus.io import tokenizer as tokenizer_io
 
     p = Path(path)
     if p.is_dir():
@@ -307,10 +307,7 @@ def load_tokenizer_file(path: str | Path):
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer not found: {p}")
     if p.suffix == ".json":
-        try:
-            return Tokenizer.from_file(str(p))
-        except Exception as e:
-            raise ValueError(f"cannot read tokenizer {p}: {e}") from e
+        return tokenizer_io.load_tokenizer_file(p)
     if p.suffix != ".model":
         raise ValueError(f"unknown tokenizer file {p}: expected tokenizer.json or a SentencePiece tokenizer.model")
     import importlib.util

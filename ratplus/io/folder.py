@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig
+from ratplus.io.tokenizer import TOKENIZER_FILE, folder_tokenizer
 from ratplus.model.rat import RATPlusLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "metadata.json"
 _TIED = "head.lm_head.weight"
 
@@ -137,17 +137,9 @@ def load_pretrained(
     return model.eval()
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> Any:
     """The folder's ``tokenizers.Tokenizer``, or None when it has no tokenizer.json."""
-    p = Path(path) / TOKENIZER_FILE
-    if not p.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception as e:
-        raise ValueError(f"cannot read tokenizer {p}: {e}") from e
+    return folder_tokenizer(path)
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:

@@ -21,8 +21,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from ratplus.io.corpus import wheel_files
 
 EOS_TOKEN = "<|endoftext|>"
-#: Special tokens that mean "end of document", most common first.
-EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "[SEP]")
+TOKENIZER_FILE = "tokenizer.json"
+#: Special tokens that mean "end of document", most common first: the one list that training (the
+#: token appended after every document) and evaluation/generation (where to stop) look up.
+EOS_CANDIDATES = (
+    EOS_TOKEN,
+    "</s>",
+    "<eos>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|eos|>",
+    "[EOS]",
+    "[SEP]",
+)
 
 
 def _byte_level(model: models.Model) -> Tokenizer:
@@ -97,7 +109,7 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
     """Load a local ``tokenizer.json`` (or a folder holding one)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "tokenizer.json"
+        p = p / TOKENIZER_FILE
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {p}")
     try:
@@ -106,16 +118,30 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
         raise ValueError(f"cannot read tokenizer {p}: {e}") from e
 
 
-def eos_id(tokenizer: Tokenizer) -> int:
-    """Id of the end-of-document token (``<|endoftext|>``, ``</s>``, ``<eos>``, ...)."""
+def find_eos_id(tokenizer: Tokenizer) -> int | None:
+    """Id of the first ``EOS_CANDIDATES`` token the tokenizer has, or None when it has none."""
     for name in EOS_CANDIDATES:
         idx = tokenizer.token_to_id(name)
         if idx is not None:
-            return idx
+            return int(idx)
+    return None
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """Id of the end-of-document token (``<|endoftext|>``, ``</s>``, ``<eos>``, ...)."""
+    idx = find_eos_id(tokenizer)
+    if idx is not None:
+        return idx
     raise ValueError(
         f"the tokenizer has no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
         "train or load one that has"
     )
+
+
+def folder_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The ``tokenizer.json`` of a folder (model folder, token shards), or None when it has none."""
+    p = Path(folder) / TOKENIZER_FILE
+    return load_tokenizer_file(p) if p.is_file() else None
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:

@@ -29,11 +29,10 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ratplus.io.corpus import read_text_file
-from ratplus.io.tokenizer import eos_id, vocab_size
+from ratplus.io.tokenizer import TOKENIZER_FILE, eos_id, folder_tokenizer, vocab_size
 
 IGNORE_INDEX = -100
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "ratplus-token-shards"
 #: Plays of the bundled corpus held out for validation (about 6% of the text).
 VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
@@ -188,8 +187,7 @@ class TokenDataset:
         return self.num_tokens
 
     def tokenizer(self) -> Tokenizer | None:
-        p = self.path / TOKENIZER_FILE
-        return Tokenizer.from_file(str(p)) if p.is_file() else None
+        return folder_tokenizer(self.path)
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream as int64 (crossing shard borders if needed)."""
