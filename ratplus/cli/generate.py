@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     from ratplus.generation import generate
-    from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
+    from ratplus.io.folder import load_pretrained, load_tokenizer
+    from ratplus.io.metadata import read_metadata
 
     model = load_pretrained(args.ckpt, device=args.device)
     tokenizer = load_tokenizer(args.ckpt)
@@ -57,7 +58,7 @@ def _run(args) -> int:
         prompt = args.prompt_ids
         if not prompt:
             raise ValueError("--prompt-ids is empty")
-    pattern = args.pattern or load_metadata(args.ckpt).get("adapted_pattern") or "dense"
+    pattern = args.pattern or read_metadata(args.ckpt).adapted_pattern or "dense"
     print(f"[pattern {pattern}, {len(prompt)} prompt tokens]", file=sys.stderr)
 
     new_ids: list[int] = []

@@ -18,6 +18,7 @@ import torch
 
 from ratplus.config import AttentionPattern, ModelConfig, PatternSpec
 from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
+from ratplus.io.metadata import ModelMetadata, as_metadata
 from ratplus.io.tokenizer import find_eos_id
 from ratplus.model.rat import RATPlusLM
 
@@ -93,36 +94,32 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 # ---- was the checkpoint adapted to this pattern? -----------------------------------------------
 
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def adaptation_status(metadata: dict[str, Any], config: ModelConfig, pattern: PatternSpec) -> str:
+def adaptation_status(metadata: ModelMetadata | dict[str, Any], config: ModelConfig, pattern: PatternSpec) -> str:
     """``"dense"``, ``"adapted"``, ``"joint-trained"`` or ``"not adapted (...)"`` for a pattern.
 
-    Reads the model folder's metadata: ``adapted_pattern`` (string or list) is the pattern(s) the
-    checkpoint was resolution-adapted to, ``joint_pattern`` the sparse branch of joint pretraining.
-    A pattern that is neither still evaluates; the status says it was not adapted.
+    Reads the model folder's metadata (``ratplus.io.metadata``): ``adapted_pattern`` (string or list)
+    is the pattern(s) the checkpoint was resolution-adapted to, ``sparse_pattern`` of a joint
+    pretraining run (or a legacy ``joint_pattern``) its sparse branch. A pattern that is neither still
+    evaluates; the status says it was not adapted.
     """
+    meta = as_metadata(metadata)
     target = config.canonical_pattern(pattern)
     if all(layer.is_dense for layer in config.resolve_pattern(pattern)):
         return "dense"
     adapted = []
-    for spec in _as_list(metadata.get("adapted_pattern")):
+    for spec in meta.adapted_patterns:
         try:
             adapted.append(config.canonical_pattern(spec))
         except ValueError:
             logger.warning("metadata adapted_pattern %r is not a valid pattern for this model; ignored", spec)
     if target in adapted:
         return "adapted"
-    for spec in _as_list(metadata.get("joint_pattern")):
+    for spec in meta.joint_patterns:
         try:
             if config.canonical_pattern(spec) == target:
                 return "joint-trained"
         except ValueError:
-            logger.warning("metadata joint_pattern %r is not a valid pattern for this model; ignored", spec)
+            logger.warning("metadata joint pattern %r is not a valid pattern for this model; ignored", spec)
     if adapted:
         return f"not adapted (checkpoint adapted to {', '.join(adapted)})"
     return "not adapted (no adaptation recorded)"

@@ -66,13 +66,14 @@ def from_native(
     metadata when it has one, else dense. A folder's tokenizer is attached for ``save_pretrained``."""
     import torch
 
-    from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer
+    from ratplus.io.folder import load_pretrained, load_tokenizer
+    from ratplus.io.metadata import read_metadata
 
     if isinstance(model, (str, Path)):
         folder = Path(model)
         native = load_pretrained(folder)
         if attention_pattern is None:
-            attention_pattern = load_metadata(folder).get("adapted_pattern")
+            attention_pattern = read_metadata(folder).adapted_pattern
         if tokenizer is None:
             tokenizer = load_tokenizer(folder)
     elif isinstance(model, RATPlusLM):

@@ -47,11 +47,11 @@ from ratplus.config import ModelConfig, PatternSpec
 from ratplus.io.folder import (
     CONFIG_FILE,
     TOKENIZER_FILE,
-    load_metadata,
     load_tokenizer,
     save_pretrained,
     state_dict_problems,
 )
+from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.model.rat import RATPlusLM
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ def save_native(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, patter
     if pattern is not None:
         text = model.config.canonical_pattern(pattern)
         if text != "dense":
-            metadata = {"adapted_pattern": text}
+            metadata = ModelMetadata(adapted_pattern=text).to_dict(drop_none=True)
     return save_pretrained(model, dst, tokenizer=tokenizer, metadata=metadata)
 
 
@@ -419,7 +419,7 @@ def convert(
         from ratplus.io.folder import load_pretrained
 
         model = load_pretrained(src, dtype=dtype)
-        pattern = pattern if pattern is not None else load_metadata(src).get("adapted_pattern")
+        pattern = pattern if pattern is not None else read_metadata(src).adapted_pattern
         tok = tok if tok is not None else load_tokenizer(src)
     else:
         hf = _hf().RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))

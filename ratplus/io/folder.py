@@ -1,10 +1,11 @@
-"""Saving and loading a model folder (the native checkpoint format).
+"""Saving and loading a model folder (the native checkpoint format). ``load_metadata`` (the dict of
+``metadata.json``) is re-exported from ``ratplus.io.metadata``.
 
 A model folder holds:
   config.json        the ``ModelConfig`` as a dict
   model.safetensors  the weights (tied head stored once, under ``embedding.wte.weight``)
   tokenizer.json     a Hugging Face ``tokenizers`` file, when the model was trained with one
-  metadata.json      free-form facts (e.g. ``adapted_pattern``, tokens seen), optional
+  metadata.json      what training/conversion knows (``ratplus.io.metadata``), optional
 
 Files are written to a temporary name and renamed, so an interrupted save never leaves a file
 that loads wrong. Loading checks keys and shapes and refuses anything that does not match.
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig
+from ratplus.io.metadata import METADATA_FILE, ModelMetadata, metadata_json
+from ratplus.io.metadata import load_metadata as load_metadata  # re-exported: folder readers import it from here
 from ratplus.io.tokenizer import TOKENIZER_FILE, folder_tokenizer
 from ratplus.model.rat import RATPlusLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-METADATA_FILE = "metadata.json"
 _TIED = "head.lm_head.weight"
 
 
@@ -51,7 +53,10 @@ def model_state_for_saving(model: RATPlusLM) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(
-    model: RATPlusLM, path: str | Path, tokenizer: Any = None, metadata: dict[str, Any] | None = None
+    model: RATPlusLM,
+    path: str | Path,
+    tokenizer: Any = None,
+    metadata: ModelMetadata | dict[str, Any] | None = None,
 ) -> Path:
     """Write a model folder (see module docstring). ``tokenizer``: a ``tokenizers.Tokenizer`` or None."""
     from safetensors.torch import save
@@ -63,7 +68,7 @@ def save_pretrained(
     if tokenizer is not None:
         atomic_write_text(out / TOKENIZER_FILE, tokenizer.to_str())
     if metadata is not None:
-        atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / METADATA_FILE, metadata_json(metadata))
     return out
 
 
@@ -140,13 +145,3 @@ def load_pretrained(
 def load_tokenizer(path: str | Path) -> Any:
     """The folder's ``tokenizers.Tokenizer``, or None when it has no tokenizer.json."""
     return folder_tokenizer(path)
-
-
-def load_metadata(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / METADATA_FILE
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"metadata {p} is not valid JSON: {e}") from e

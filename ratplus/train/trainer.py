@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig
 from ratplus.io.corpus import shakespeare_documents
-from ratplus.io.folder import atomic_write_text, load_config, load_into, load_metadata, load_state_dict_file
+from ratplus.io.folder import atomic_write_text, load_config, load_into, load_state_dict_file
+from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
 from ratplus.train import checkpoint as ckpt_io
@@ -533,25 +534,26 @@ class _Run:
 
     def metadata(self) -> dict[str, Any]:
         cfg = self.cfg
-        source = load_metadata(cfg.init_from) if cfg.init_from else {}
+        source = read_metadata(cfg.init_from) if cfg.init_from else ModelMetadata()
         # adaptation (or SFT in a sparse pattern) moves the model to the pattern it trained in
         trained_sparse = cfg.task == "adapt" or (cfg.task == "sft" and self.step_patterns[-1] != "dense")
-        adapted = self.step_patterns[-1] if trained_sparse else source.get("adapted_pattern")
-        return {
-            "task": cfg.task,
-            "adapted_pattern": adapted,
-            "joint_train": cfg.joint_train,
-            "sparse_pattern": self.sparse_pattern if cfg.joint_train else None,
-            "train_pattern": self.step_patterns[-1],
-            "tokens_seen": self.tokens_seen,
-            "steps": self.step,
-            "peak_lr": cfg.lr if cfg.task == "pretrain" else source.get("peak_lr", cfg.lr),
-            "seq_len": cfg.seq_len,
-            "data": self.data_path,
-            "val_loss": self.last_eval,
-            "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
-            "init_tokens_seen": source.get("tokens_seen"),
-        }
+        adapted = self.step_patterns[-1] if trained_sparse else source.adapted_pattern
+        inherited_lr = source.peak_lr if source.peak_lr is not None else cfg.lr
+        return ModelMetadata(
+            task=cfg.task,
+            adapted_pattern=adapted,
+            joint_train=cfg.joint_train,
+            sparse_pattern=self.sparse_pattern if cfg.joint_train else None,
+            train_pattern=self.step_patterns[-1],
+            tokens_seen=self.tokens_seen,
+            steps=self.step,
+            peak_lr=cfg.lr if cfg.task == "pretrain" else inherited_lr,
+            seq_len=cfg.seq_len,
+            data=self.data_path,
+            val_loss=self.last_eval,
+            init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+            init_tokens_seen=source.tokens_seen,
+        ).to_dict()
 
     # -- checkpoints -----------------------------------------------------------------------------------
 
@@ -760,23 +762,23 @@ def adapt(
 
     Length: ``steps`` or ``tokens``; by default 1% of the tokens the model was pretrained on. Data:
     the pretraining data recorded in the model's metadata unless ``data`` is given."""
-    meta = load_metadata(ckpt)
+    meta = read_metadata(ckpt)
     if steps is None and tokens is None:
-        seen = meta.get("tokens_seen")
+        seen = meta.tokens_seen
         if not seen:
             raise ValueError(f"{ckpt} does not record how many tokens it was trained on: give steps or tokens")
         tokens = max(1, math.ceil(0.01 * seen))
-    defaults = {"seq_len": meta.get("seq_len", 512)}
+    defaults = {"seq_len": meta.seq_len if meta.seq_len is not None else 512}
     cfg = TrainConfig(
         **{
             "task": "adapt",
             "model": str(ckpt),
             "init_from": str(ckpt),
             "out_dir": str(out_dir or f"{Path(ckpt).resolve()}-adapt-{pattern.replace('/', '_')}"),
-            "data": data or meta.get("data"),
+            "data": data or meta.data,
             "joint_train": False,
             "train_pattern": pattern,
-            "lr": lr if lr is not None else 0.1 * meta.get("peak_lr", 8e-4),
+            "lr": lr if lr is not None else 0.1 * (meta.peak_lr if meta.peak_lr is not None else 8e-4),
             "warmup": 0.0,
             "sampling": "random",
             "steps": steps,
@@ -805,7 +807,7 @@ def sft(
     """Supervised fine-tuning with the loss on answer tokens only (DESIGN.md section 5: 4 epochs,
     LR 1e-5, weight decay 0.01, batch 32). ``pattern``: the pattern trained in (default: the model's
     adapted pattern, else dense). Records longer than ``seq_len`` (default: the model's max) are refused."""
-    meta = load_metadata(ckpt)
+    meta = read_metadata(ckpt)
     config = load_config(ckpt)
     cfg = TrainConfig(
         **{
@@ -815,7 +817,7 @@ def sft(
             "sft_data": str(jsonl),
             "out_dir": str(out_dir or f"{Path(ckpt).resolve()}-sft"),
             "joint_train": False,
-            "train_pattern": pattern or meta.get("adapted_pattern") or "dense",
+            "train_pattern": pattern or meta.adapted_pattern or "dense",
             "epochs": epochs if steps is None else None,
             "steps": steps,
             "lr": lr,
