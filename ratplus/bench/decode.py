@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ratplus.bench.synthetic import fill_synthetic_
 from ratplus.config import ModelConfig
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
@@ -134,7 +135,7 @@ def _build(config, pattern, batch, context, steps, device, dtype) -> tuple[RATPl
     with _fresh_pages(device) as exact:
         mem0 = memory_in_use(device)
         cache = RATPlusCache(config, pattern, batch, context + steps + 2, device=device, dtype=dtype)
-        cache.fill_synthetic_(context, torch.Generator().manual_seed(0))
+        fill_synthetic_(cache, context, torch.Generator().manual_seed(0))
         mem1 = memory_in_use(device)
     if mem0 is None or mem1 is None or not (exact or device.type == "cuda"):
         return cache, None

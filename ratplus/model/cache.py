@@ -528,32 +528,5 @@ class RATPlusCache:
                 raise ValueError(f"row {r} of attention_mask is not left padding (zeros, then ones)")
         return pads
 
-    def fill_synthetic_(self, seq_len: int, generator: torch.Generator | None = None) -> None:
-        """Benchmarks only: pretend ``seq_len`` tokens were seen, with random keys, values and
-        states (per-token decode cost does not depend on the values)."""
-        if any(self.lengths):
-            raise ValueError("fill_synthetic_ needs an empty cache")
-        if not 0 < seq_len < self.max_len:
-            raise ValueError(f"seq_len must be in [1, max_len={self.max_len}), got {seq_len}")
-        for layer in self.layers:
-            for g in layer.groups:
-                S = g.num_valid(seq_len)
-                for buf in (g.k, g.v):
-                    # tile one random block (a prime length, so blocks do not repeat in step): drawing
-                    # gigabytes of normals would take longer than the benchmark itself
-                    tile = torch.randn(*buf.shape[:2], min(S, 1021), buf.shape[-1], generator=generator).to(buf)
-                    for s in range(0, S, tile.shape[2]):
-                        e = min(S, s + tile.shape[2])
-                        buf[:, :, s:e] = tile[:, :, : e - s]
-                if g.summaries:
-                    P, Bs = g.pattern.initial_size, g.pattern.block_size
-                    nb = min(max(0, seq_len - P) // Bs, g.summaries[0].shape[-2])
-                    for dst, src in zip(g.summaries, block_summaries(g.k[:, :, P : P + nb * Bs], g.pattern)):
-                        dst[:, :, :nb] = src
-            if layer.state is not None:
-                layer.state.normal_(generator=generator)
-        self.lengths = [seq_len] * self.batch_size
-        self.seq_len = seq_len
-
 
 __all__ = ["CacheStep", "LayerCache", "RATPlusCache", "SlotLayout"]
