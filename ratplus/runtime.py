@@ -59,21 +59,61 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+        raise ValueError(f"device {name} requested (--device) but CUDA is not available")
     return dev
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+#: dtype names a ``--dtype`` flag accepts.
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """A dtype from its name; ``auto``: bfloat16 on CUDA, float32 elsewhere (needs ``device``)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in table:
-        raise ValueError(f"unknown --dtype {name!r}; choose one of {', '.join(table)}")
-    return table[name]
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def write_json(path: str | Path, record: Any) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return p
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return p
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a line that is not a JSON object raises ValueError naming file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {p}")
+    records = []
+    with open(p) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} line {lineno}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    return records

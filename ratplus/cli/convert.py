@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from ratplus.runtime import resolve_dtype
 
 PAPER_HEAD_DIM = 128  # the reference import's default head size (ratplus.hf.convert.PAPER_HEAD_DIM)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_parser(sub: Any) -> None:
@@ -39,11 +38,7 @@ def add_parser(sub: Any) -> None:
 def _run(args: Any) -> int:
     from ratplus.hf.convert import convert
 
-    dtype = None
-    if args.dtype is not None:
-        if args.dtype not in _DTYPES:
-            raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype) if args.dtype is not None else None
     kind, to = convert(
         args.src,
         args.dst,

@@ -2,19 +2,18 @@
 
 Each command prints a table, writes its files under ``--out`` (never into the checkpoint) and
 prints one JSON summary line last. lm-evaluation-harness runs through ``python -m ratplus.cli.lm_eval``.
-The ``run_*`` functions are the library entry points the commands (and the demo) call.
+The ``run_*`` functions it calls live in ``ratplus.eval.report``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from ratplus.eval.common import EvalModel, open_checkpoint, read_jsonl, write_json, write_jsonl
-from ratplus.runtime import environment, print_table, resolve_device, resolve_dtype
+from ratplus.eval.common import EvalModel, open_checkpoint
+from ratplus.eval.report import run_longbench, run_niah, run_ppl
+from ratplus.runtime import emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
 
 logger = logging.getLogger("ratplus")
 
@@ -37,140 +36,9 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _summary_line(record: dict[str, Any]) -> None:
-    print(json.dumps(record, sort_keys=True))
-
-
 def _open(path: str, device: str, dtype: str) -> EvalModel:
     dev = resolve_device(device)
     return open_checkpoint(path, device=dev, dtype=resolve_dtype(dtype, dev))
-
-
-# ---- library entry points -------------------------------------------------------------------------
-
-
-def run_ppl(
-    models: list[EvalModel],
-    texts: list[str],
-    patterns: list[str],
-    out_dir: str | Path,
-    seq_len: int | None = None,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    plot: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Perplexity of each model under each pattern: table, ``ppl.json`` (+ ``ppl.png``) in out_dir."""
-    from ratplus.eval.plots import plot_ppl
-    from ratplus.eval.ppl import evaluate_ppl
-
-    if len({em.name for em in models}) < len(models):  # same folder name twice: label by full path
-        for em in models:
-            em.label = em.label or str(em.path)
-    rows: list[dict[str, Any]] = []
-    for em in models:
-        rows += evaluate_ppl(em, texts, patterns, seq_len, batch_size, max_tokens, progress)
-    print_table(
-        ["model", "pattern", "ppl", "bpb", "attn FLOPs", "KV cache", "tokens", "status"],
-        [
-            [r["model"], r["pattern"], r["ppl"], r["bpb"], r["attn_flop_frac"], r["kv_frac"], r["tokens"], r["status"]]
-            for r in rows
-        ],
-    )
-    out = Path(out_dir)
-    record: dict[str, Any] = {"eval": "ppl", "results": rows, **environment(models[0].device, _dtype(models[0]))}
-    record["json"] = str(write_json(out / "ppl.json", record))
-    if plot:
-        record["plot"] = str(plot_ppl(rows, out / "ppl.png"))
-    return record
-
-
-def _dtype(em: EvalModel):
-    return next(em.model.parameters()).dtype
-
-
-def _niah_table(result: dict[str, Any]) -> None:
-    scores = result["scores"]
-    lengths = sorted({n for s in scores.values() for n in s}, key=int)
-    print(f"NIAH string-match-all x100 | {result['model']} | pattern {result['pattern']} ({result['status']})")
-    print_table(["task", *lengths], [[t, *(s.get(n, float("nan")) for n in lengths)] for t, s in scores.items()])
-
-
-def run_niah(
-    em: EvalModel,
-    patterns: list[str],
-    out_dir: str | Path,
-    samples: list[dict[str, Any]] | None = None,
-    tasks: str | list[str] | None = None,
-    lengths: list[int] = (1024, 2048, 4096),  # type: ignore[assignment]
-    num_samples: int = 5,
-    depths: list[float] | None = None,
-    max_new_tokens: int | None = None,
-    essay_path: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """NIAH for each pattern on one set of test samples (given, or generated with the model's
-    tokenizer); writes ``niah.json`` and ``niah_predictions.jsonl``."""
-    from ratplus.eval.niah import DEFAULT_DEPTHS, DEFAULT_MAX_NEW_TOKENS, evaluate_niah, generate_niah
-
-    if samples is None:
-        samples = generate_niah(
-            em.require_tokenizer("NIAH sample generation"),
-            tasks,
-            lengths,
-            num_samples,
-            depths or DEFAULT_DEPTHS,
-            split="test",
-            seed=seed,
-            essay_path=essay_path,
-            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            max_len=em.config.max_seq_len,
-            progress=progress,
-        )
-    results, predictions = [], []
-    for pattern in patterns:
-        r = evaluate_niah(em, samples, pattern, max_new_tokens, progress)
-        _niah_table(r)
-        predictions += [{**s, "pattern": r["pattern"]} for s in r.pop("samples")]
-        results.append(r)
-    out = Path(out_dir)
-    write_jsonl(out / "niah_predictions.jsonl", predictions)
-    record = {"eval": "niah", "model": em.name, "results": results, **environment(em.device, _dtype(em))}
-    record["json"] = str(write_json(out / "niah.json", record))
-    return record
-
-
-def run_longbench(
-    em: EvalModel,
-    data_paths: list[str],
-    patterns: list[str],
-    out_dir: str | Path,
-    datasets: list[str] | None = None,
-    context_length: int = 4096,
-    limit: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """LongBench for each pattern; writes ``longbench.json`` and ``longbench_predictions.jsonl``."""
-    from ratplus.eval.longbench import evaluate_longbench, load_longbench
-
-    data = load_longbench(data_paths, datasets)
-    results, predictions = [], []
-    for pattern in patterns:
-        r = evaluate_longbench(em, data, pattern, context_length, limit, progress)
-        predictions += [{**p, "pattern": r["pattern"]} for p in r.pop("predictions")]
-        results.append(r)
-    names = list(data)
-    print(f"LongBench x100 | {em.name} | context {results[0]['context_length']}")
-    print_table(
-        ["pattern", *names, "average", "status"],
-        [[r["pattern"], *(r["scores"][n] for n in names), r["average"], r["status"]] for r in results],
-    )
-    out = Path(out_dir)
-    write_jsonl(out / "longbench_predictions.jsonl", predictions)
-    record = {"eval": "longbench", "model": em.name, "results": results, **environment(em.device, _dtype(em))}
-    record["json"] = str(write_json(out / "longbench.json", record))
-    return record
 
 
 # ---- argparse ----------------------------------------------------------------------------------------
@@ -259,7 +127,7 @@ def _cmd_ppl(args) -> int:
         not args.no_plot,
         not args.quiet,
     )
-    _summary_line(
+    emit_json(
         {k: v for k, v in rec.items() if k != "results"}
         | {
             "results": [
@@ -288,7 +156,7 @@ def _cmd_niah(args) -> int:
         args.seed,
         not args.quiet,
     )
-    _summary_line(
+    emit_json(
         {k: v for k, v in rec.items() if k != "results"}
         | {
             "results": [
@@ -336,9 +204,7 @@ def _cmd_niah_data(args) -> int:
         records = [to_sft(r) for r in records]
     path = write_jsonl(args.out, records)
     print(f"wrote {len(records)} {args.split} samples ({args.format} form) to {path}")
-    _summary_line(
-        {"eval": "niah-data", "split": args.split, "seed": args.seed, "records": len(records), "out": str(path)}
-    )
+    emit_json({"eval": "niah-data", "split": args.split, "seed": args.seed, "records": len(records), "out": str(path)})
     return 0
 
 
@@ -347,7 +213,7 @@ def _cmd_longbench(args) -> int:
     rec = run_longbench(
         em, args.data, args.patterns, args.out, args.datasets, args.context_length, args.limit, not args.quiet
     )
-    _summary_line(
+    emit_json(
         {k: v for k, v in rec.items() if k != "results"}
         | {
             "results": [

@@ -221,8 +221,9 @@ class Demo:
 
     # ---- 5. needle ------------------------------------------------------------------------------------
     def needle(self, ckpt: str) -> dict[str, Any]:
-        from ratplus.eval.common import EvalModel, write_jsonl
+        from ratplus.eval.common import EvalModel
         from ratplus.eval.niah import evaluate_niah, generate_niah, to_sft
+        from ratplus.runtime import write_jsonl
         from ratplus.train.trainer import sft
 
         c = self.cfg

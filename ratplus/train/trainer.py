@@ -43,6 +43,7 @@ from ratplus.io.folder import atomic_write_text, load_config, load_into, load_st
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import resolve_device
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.data import (
@@ -172,15 +173,6 @@ class TrainConfig:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but CUDA is not available")
-    return device
 
 
 def _base_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -740,7 +732,7 @@ class _Run:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training job; returns the final model folder ``<out_dir>/final``."""
     cfg.validate()
-    info, device = D.init_distributed(cfg.distributed, _resolve_device(cfg.device))
+    info, device = D.init_distributed(cfg.distributed, resolve_device(cfg.device))
     try:
         return _Run(cfg, info, device).run()
     finally:
