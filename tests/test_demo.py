@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from ratplus.demo.pipeline import ADAPT_PATTERNS, NEEDLE_PATTERNS, DemoConfig, check_targets, write_report
+from ratplus.demo import ADAPT_PATTERNS, NEEDLE_PATTERNS
+from ratplus.demo.pipeline import DemoConfig
+from ratplus.demo.report import check_targets, write_report
 
 
 def _results(rat_d16: float, base_d16: float, needle: dict[str, float], base_dense: float = 110.0) -> dict:

@@ -31,7 +31,8 @@ from ratplus.config import ModelConfig
 from ratplus.model.rat import RATPlusLM
 from ratplus.ops.scan import gated_scan
 from ratplus.runtime import emit_json, environment, print_table
-from ratplus.train.trainer import BASELINE_SPARSE, RATPLUS_SPARSE, build_optimizer, optimizer_steps
+from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE
+from ratplus.train.step import build_optimizer, optimizer_steps
 
 DENSE_OVERHEAD_TARGET = 0.15
 JOINT_RATIO_TARGET = 1.7

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ratplus.demo.pipeline import Demo, DemoConfig, print_summary
+from ratplus.demo.pipeline import Demo, DemoConfig
+from ratplus.demo.report import print_summary
 
 
 def add_parser(sub) -> None:

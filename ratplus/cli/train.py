@@ -118,7 +118,7 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields set on the command line."""
-    from ratplus.train.trainer import TrainConfig
+    from ratplus.train.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in fields}
@@ -165,7 +165,8 @@ def _data_prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from ratplus.train.trainer import TrainConfig, train
+    from ratplus.train.config import TrainConfig
+    from ratplus.train.trainer import train
 
     base = TrainConfig()
     if args.config:

@@ -1,5 +1,6 @@
-"""The end-to-end demo job: ``pipeline`` (the stages) and ``report`` (report.md, plots, summary)."""
+"""The end-to-end demo job: ``pipeline`` (the stages, each reused when its inputs did not change)
+and ``report`` (targets, report.md, plots, the printed summary). The pattern lists both share:"""
 
-from ratplus.demo.pipeline import ADAPT_PATTERNS, NEEDLE_PATTERNS, Demo, DemoConfig
-
-__all__ = ["ADAPT_PATTERNS", "NEEDLE_PATTERNS", "Demo", "DemoConfig"]
+ADAPT_PATTERNS = ("D16-W0-P0", "D64-W0-P0", "D16-W64-P4")  # each pretrained model is adapted to these
+NEEDLE_PATTERNS = ("dense", "D16-W0-P0", "D64-W0-P0", "local-W16-P0")  # the needle probe's patterns
+MODELS = ("ratplus", "baseline")

@@ -326,3 +326,56 @@ class SFTDataset:
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         picked = [perm[(i * batch_size + j) % len(self)] for j in range(batch_size)]
         return self.collate(picked)
+
+
+# ---- streams (the data position a checkpoint saves) ------------------------------------------------
+
+
+class WindowStream:
+    """Global batches of windows from the training shards, random or in order (the data position)."""
+
+    def __init__(self, ds: TokenDataset, batch_size: int, seq_len: int, sampling: str, seed: int):
+        self.ds, self.batch_size, self.seq_len, self.sampling = ds, batch_size, seq_len, sampling
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = 0  # batches drawn (random) or windows consumed (ordered)
+        self._random = ds.random_windows(batch_size, seq_len, self.generator) if sampling == "random" else None
+        if sampling == "ordered":
+            self.num_windows = ds.num_windows(seq_len)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._random is not None:
+            self.position += 1
+            return next(self._random)
+        # wrap around at the end of the stream: the next epoch starts over in the same order
+        idx = [(self.position + j) % self.num_windows for j in range(self.batch_size)]
+        self.position += self.batch_size
+        return self.ds.batch_at([i * self.seq_len for i in idx], self.seq_len)
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"kind": self.sampling, "position": self.position}, {"data/generator": self.generator.get_state()}
+
+    def load_state_dict(self, js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        if js["kind"] != self.sampling:
+            raise ValueError(f"the checkpoint drew {js['kind']} windows but this run asks for {self.sampling}")
+        self.position = int(js["position"])
+        self.generator.set_state(tensors["data/generator"])
+
+
+class SFTStream:
+    """Global batches of prompt/answer examples, reshuffled every epoch (position = batch index)."""
+
+    def __init__(self, ds: SFTDataset, batch_size: int, seed: int):
+        self.ds, self.batch_size, self.seed, self.position = ds, batch_size, seed, 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.ds.batch(self.position, self.batch_size, self.seed)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"kind": "sft", "position": self.position}, {}
+
+    def load_state_dict(self, js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        if js["kind"] != "sft":
+            raise ValueError(f"the checkpoint is from a {js['kind']}-window run, not an SFT run")
+        self.position = int(js["position"])

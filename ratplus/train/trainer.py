@@ -1,4 +1,6 @@
-"""The training loop (DESIGN.md section 5): pretraining with joint training, resolution adaptation, SFT.
+"""The training run (DESIGN.md section 5): pretraining with joint training, resolution adaptation, SFT.
+Its parts: ``config`` (TrainConfig), ``data`` (shards and the streams a checkpoint resumes),
+``step`` (optimizer, schedule, the joint step), ``checkpoint``, ``distributed``.
 
 Shapes: B batch (sequences), T sequence length, V vocab.
 
@@ -27,13 +29,11 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
@@ -46,131 +46,22 @@ from ratplus.model.rat import RATPlusLM
 from ratplus.runtime import resolve_device
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
+from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
 from ratplus.train.data import (
     IGNORE_INDEX,
     META_FILE,
     SFTDataset,
+    SFTStream,
     TokenDataset,
+    WindowStream,
     prepare_shards,
     read_sft_records,
 )
+from ratplus.train.step import build_optimizer, count_targets, loss_sum, lr_factor, optimizer_steps
 
 logger = logging.getLogger("ratplus")
 
-TASKS = ("pretrain", "adapt", "sft")
 LOG_FILE = "log.jsonl"
-RATPLUS_SPARSE = "D64-W0-P0"  # the joint-training sparse branch of RAT+ (paper)
-BASELINE_SPARSE = "local-W64-P0"  # the attention baseline's sparse branch: same FLOPs, no dilation
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run. ``train(cfg)`` validates it before touching any data."""
-
-    out_dir: str = "runs/ratplus"
-    # model: a preset name, a model folder or a config.json; init_from: a model folder whose weights start the run
-    model: str = "demo"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    baseline: bool = False  # apply_re=False: the gated attention baseline (fresh models only)
-    init_from: str | None = None
-    # data: a shard folder, or a folder with train/ and val/ shard folders; None = bundled Shakespeare
-    data: str | None = None
-    val_data: str | None = None
-    tokenizer: str = "bpe"  # for the bundled corpus: bpe (trained, model vocab size) | gpt2 | path
-    sampling: str = "random"  # random | ordered windows of the training stream
-    sft_data: str | None = None  # JSONL {"prompt", "answer"}: answers-only loss (task "sft")
-    # shape of a step: batch_size sequences (over all processes) x grad_accum micro-batches x seq_len
-    seq_len: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
-    steps: int | None = None
-    tokens: int | None = None  # token budget; steps = ceil(tokens / tokens per step)
-    epochs: float | None = None  # SFT: passes over the records (default 4)
-    # optimisation: AdamW + cosine with linear warmup down to min_lr
-    lr: float = 8e-4
-    min_lr: float = 1e-6
-    warmup: float = 0.05  # fraction of the steps
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    # RAT+ recipe
-    joint_train: bool = True
-    sparse_pattern: str | None = None  # None: D64-W0-P0 for RAT+, local-W64-P0 for the baseline
-    train_pattern: str = "dense"  # the single pattern when joint_train is off (adaptation)
-    eval_patterns: list[str] | None = None  # None: the patterns trained in
-    # bookkeeping
-    eval_interval: int = 100  # 0 = only at the end
-    eval_batches: int = 8
-    ckpt_interval: int = 200  # 0 = only at the end
-    keep_last: int = 3
-    log_interval: int = 1
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU | float32 | bfloat16
-    distributed: str = "ddp"  # ddp | fsdp, used when launched by torchrun with WORLD_SIZE > 1
-    resume: bool | str = False  # True: newest valid checkpoint in out_dir (fresh start if none); or a path
-    tensorboard: bool = False
-    progress: bool = True
-    task: str = "pretrain"
-
-    def validate(self) -> None:
-        """Cheap checks of the knobs themselves (ValueError naming the field)."""
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_interval"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("eval_interval", "ckpt_interval"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("steps", "tokens"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.steps is not None and (self.tokens is not None or self.epochs is not None):
-            raise ValueError("give only one of steps, tokens, epochs")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.task == "sft":
-            if self.sft_data is None or self.init_from is None:
-                raise ValueError("task 'sft' needs sft_data (a prompt/answer JSONL file) and init_from (a model)")
-            if self.joint_train:
-                raise ValueError("joint training is for pretraining; set joint_train=False for SFT")
-        elif self.steps is None and self.tokens is None:
-            raise ValueError("give the length of the run: steps or tokens")
-        if self.task == "adapt" and self.init_from is None:
-            raise ValueError("task 'adapt' needs init_from (the pretrained model folder)")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.sampling not in ("random", "ordered"):
-            raise ValueError(f"sampling must be 'random' or 'ordered', got {self.sampling!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.distributed not in D.MODES:
-            raise ValueError(f"distributed must be one of {', '.join(D.MODES)}, got {self.distributed!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        data = dict(data)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
-
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -195,64 +86,6 @@ def _base_model_config(cfg: TrainConfig) -> ModelConfig:
     if cfg.baseline:
         overrides["apply_re"] = False
     return ModelConfig.from_preset(cfg.model, **overrides)
-
-
-def lr_factor(step: int, steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """LR multiplier for batch ``step`` (0-based): linear warmup, then cosine from lr down to min_lr."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    return (min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
-
-
-class _WindowStream:
-    """Global batches of windows from the training shards, random or in order (the data position)."""
-
-    def __init__(self, ds: TokenDataset, batch_size: int, seq_len: int, sampling: str, seed: int):
-        self.ds, self.batch_size, self.seq_len, self.sampling = ds, batch_size, seq_len, sampling
-        self.generator = torch.Generator().manual_seed(seed)
-        self.position = 0  # batches drawn (random) or windows consumed (ordered)
-        self._random = ds.random_windows(batch_size, seq_len, self.generator) if sampling == "random" else None
-        if sampling == "ordered":
-            self.num_windows = ds.num_windows(seq_len)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._random is not None:
-            self.position += 1
-            return next(self._random)
-        # wrap around at the end of the stream: the next epoch starts over in the same order
-        idx = [(self.position + j) % self.num_windows for j in range(self.batch_size)]
-        self.position += self.batch_size
-        return self.ds.batch_at([i * self.seq_len for i in idx], self.seq_len)
-
-    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"kind": self.sampling, "position": self.position}, {"data/generator": self.generator.get_state()}
-
-    def load(self, js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        if js["kind"] != self.sampling:
-            raise ValueError(f"the checkpoint drew {js['kind']} windows but this run asks for {self.sampling}")
-        self.position = int(js["position"])
-        self.generator.set_state(tensors["data/generator"])
-
-
-class _SFTStream:
-    """Global batches of prompt/answer examples, reshuffled every epoch (position = batch index)."""
-
-    def __init__(self, ds: SFTDataset, batch_size: int, seed: int):
-        self.ds, self.batch_size, self.seed, self.position = ds, batch_size, seed, 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.ds.batch(self.position, self.batch_size, self.seed)
-        self.position += 1
-        return batch
-
-    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"kind": "sft", "position": self.position}, {}
-
-    def load(self, js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        if js["kind"] != "sft":
-            raise ValueError(f"the checkpoint is from a {js['kind']}-window run, not an SFT run")
-        self.position = int(js["position"])
 
 
 class _Log:
@@ -299,81 +132,6 @@ class _Log:
 
 def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
     return a is None or b is None or a.to_str() == b.to_str()
-
-
-# ---- the step ---------------------------------------------------------------------------------------
-
-
-def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on norm weights).
-
-    The fused implementation is used where it exists (CPU, CUDA): on CPU it is several times faster
-    than the per-tensor loop (0.14 s vs 1.0 s per step for the 125m preset, one thread)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    device = next(model.parameters()).device
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
-
-
-def loss_sum(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    pattern: str,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> torch.Tensor:
-    """Summed float32 cross-entropy of the model on input_ids x (B, T) against labels y (B, T)
-    (-100 ignored) in ``pattern``. Summed, not averaged: the caller divides by the step's target count."""
-    with autocast():
-        logits = model(x, pattern=pattern)  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def count_targets(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Non-ignored labels in a (global) batch of micro-batches (at least 1, to divide by)."""
-    return max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batch))
-
-
-def optimizer_steps(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: list[tuple[torch.Tensor, torch.Tensor]],
-    patterns: list[str],
-    n_targets: int | None = None,
-    grad_clip: float = 1.0,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    info: D.DistInfo = D.SINGLE,
-) -> tuple[dict[str, float], float]:
-    """The joint-training step of DESIGN.md section 5, for any list of patterns.
-
-    For each pattern in order (``[sparse, "dense"]`` when joint training, one pattern otherwise):
-    forward/backward every micro-batch of ``batch`` (gradients accumulate), clip, ``optimizer.step()``,
-    zero the gradients. So a joint step takes two optimizer steps on the *same* batch; the caller
-    steps the LR scheduler once afterwards. ``batch``: this process's micro-batches (input_ids,
-    labels), each (B, T) int64 on the model's device; ``n_targets``: non-ignored labels in the whole
-    step over all processes (default: counted in ``batch``). Returns the mean loss per pattern (over
-    all processes) and the last gradient norm (before clipping)."""
-    n_targets = n_targets or count_targets(batch)
-    device = batch[0][0].device
-    losses, grad_norm = {}, 0.0
-    for pattern in patterns:
-        total = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(batch):
-            with D.gradient_sync(model, info, enabled=i == len(batch) - 1):
-                loss = loss_sum(model, x, y, pattern, autocast) / n_targets
-                # DDP / FSDP average gradients over processes; the loss is already the global mean
-                (loss * info.world_size).backward()
-            total += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses[pattern] = float(D.all_reduce_sum(total, info))
-    return losses, grad_norm
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -425,7 +183,7 @@ class _Run:
             self.tokenizer = self.init_tokenizer
             sft_ds = SFTDataset(read_sft_records(cfg.sft_data), self.tokenizer, max_len=cfg.seq_len)
             data_vocab, data_eos = self.tokenizer.get_vocab_size(with_added_tokens=True), sft_ds.eos_id
-            self.stream: _WindowStream | _SFTStream = _SFTStream(sft_ds, cfg.batch_size, cfg.seed + 1)
+            self.stream: WindowStream | SFTStream = SFTStream(sft_ds, cfg.batch_size, cfg.seed + 1)
             self.data_path: str | None = str(Path(cfg.sft_data).resolve())
         else:
             train_dir, val_dir = self._resolve_data(config)
@@ -436,7 +194,7 @@ class _Run:
             if not _same_tokenizer(self.init_tokenizer, self.tokenizer):
                 raise ValueError(f"the data at {train_dir} was tokenized with another tokenizer than {cfg.init_from}")
             data_vocab, data_eos = train_ds.vocab_size, train_ds.eos_id
-            self.stream = _WindowStream(train_ds, cfg.batch_size, cfg.seq_len, cfg.sampling, cfg.seed + 1)
+            self.stream = WindowStream(train_ds, cfg.batch_size, cfg.seq_len, cfg.sampling, cfg.seed + 1)
             self.data_path = str(Path(train_dir).resolve())
         if self.val is not None:
             if self.val.vocab_size != data_vocab or self.val.eos_id != data_eos:
@@ -553,7 +311,7 @@ class _Run:
         model_state = D.full_model_state(self.model)  # collectives under FSDP: every rank takes part
         optim_state = D.full_optimizer_state(self.model, self.optimizer)
         if self.info.is_main:
-            data_js, data_tensors = self.stream.state()
+            data_js, data_tensors = self.stream.state_dict()
             rng_js, rng_tensors = ckpt_io.rng_state()
             sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
             state = {"tokens_seen": self.tokens_seen, "scheduler": sched, "data": data_js, "rng": rng_js}
@@ -596,7 +354,7 @@ class _Run:
             logger.warning("ratplus: resuming with different settings than the checkpoint: %s", ", ".join(differs))
         D.load_full_state(self.model, ck.model_state, self.optimizer, ck.optimizer_state)
         self.scheduler.load_state_dict({**ck.trainer_state["scheduler"], "lr_lambdas": [None]})
-        self.stream.load(ck.trainer_state["data"], ck.tensors)
+        self.stream.load_state_dict(ck.trainer_state["data"], ck.tensors)
         ckpt_io.set_rng_state(ck.trainer_state["rng"], ck.tensors)
         self.step, self.tokens_seen = ck.step, int(ck.trainer_state["tokens_seen"])
         logger.info("ratplus: resumed from %s (step %d)", path, self.step)

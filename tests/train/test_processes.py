@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from ratplus.io.folder import load_pretrained
 from ratplus.train.checkpoint import list_checkpoints, verify_folder
-from ratplus.train.trainer import TrainConfig, train
+from ratplus.train.config import TrainConfig
+from ratplus.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]  # `python -m ratplus` from here imports this tree
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

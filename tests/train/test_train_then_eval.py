@@ -5,8 +5,9 @@ import dataclasses
 
 from ratplus.eval.common import eos_token_id, open_checkpoint
 from ratplus.io.tokenizer import train_bpe
+from ratplus.train.config import TrainConfig
 from ratplus.train.data import TokenDataset, prepare_shards
-from ratplus.train.trainer import TrainConfig, train
+from ratplus.train.trainer import train
 
 
 def _train(tmp_path, data, **kw):

@@ -13,8 +13,10 @@ from ratplus import ModelConfig, RATPlusLM
 from ratplus.io.folder import load_config, load_metadata, load_pretrained
 from ratplus.train import trainer as T
 from ratplus.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ratplus.train.config import TrainConfig
 from ratplus.train.data import SFTDataset, TokenDataset, read_sft_records
-from ratplus.train.trainer import TrainConfig, adapt, lr_factor, optimizer_steps, sft, train
+from ratplus.train.step import lr_factor, optimizer_steps
+from ratplus.train.trainer import adapt, sft, train
 
 
 def _cfg(tmp_path, data_dir, name="run", **kw) -> TrainConfig:

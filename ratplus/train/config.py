@@ -1,0 +1,124 @@
+"""``TrainConfig``: every knob of a training run (pretraining, adaptation, SFT), validated up front
+with a ValueError naming the field, saved beside checkpoints as ``train_config.json``.
+The recipe these defaults follow is DESIGN.md section 5."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ratplus.train import distributed as D
+
+TASKS = ("pretrain", "adapt", "sft")
+RATPLUS_SPARSE = "D64-W0-P0"  # the joint-training sparse branch of RAT+ (paper)
+BASELINE_SPARSE = "local-W64-P0"  # the attention baseline's sparse branch: same FLOPs, no dilation
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. ``train(cfg)`` validates it before touching any data."""
+
+    out_dir: str = "runs/ratplus"
+    # model: a preset name, a model folder or a config.json; init_from: a model folder whose weights start the run
+    model: str = "demo"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False  # apply_re=False: the gated attention baseline (fresh models only)
+    init_from: str | None = None
+    # data: a shard folder, or a folder with train/ and val/ shard folders; None = bundled Shakespeare
+    data: str | None = None
+    val_data: str | None = None
+    tokenizer: str = "bpe"  # for the bundled corpus: bpe (trained, model vocab size) | gpt2 | path
+    sampling: str = "random"  # random | ordered windows of the training stream
+    sft_data: str | None = None  # JSONL {"prompt", "answer"}: answers-only loss (task "sft")
+    # shape of a step: batch_size sequences (over all processes) x grad_accum micro-batches x seq_len
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int | None = None
+    tokens: int | None = None  # token budget; steps = ceil(tokens / tokens per step)
+    epochs: float | None = None  # SFT: passes over the records (default 4)
+    # optimisation: AdamW + cosine with linear warmup down to min_lr
+    lr: float = 8e-4
+    min_lr: float = 1e-6
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    # RAT+ recipe
+    joint_train: bool = True
+    sparse_pattern: str | None = None  # None: D64-W0-P0 for RAT+, local-W64-P0 for the baseline
+    train_pattern: str = "dense"  # the single pattern when joint_train is off (adaptation)
+    eval_patterns: list[str] | None = None  # None: the patterns trained in
+    # bookkeeping
+    eval_interval: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    ckpt_interval: int = 200  # 0 = only at the end
+    keep_last: int = 3
+    log_interval: int = 1
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU | float32 | bfloat16
+    distributed: str = "ddp"  # ddp | fsdp, used when launched by torchrun with WORLD_SIZE > 1
+    resume: bool | str = False  # True: newest valid checkpoint in out_dir (fresh start if none); or a path
+    tensorboard: bool = False
+    progress: bool = True
+    task: str = "pretrain"
+
+    def validate(self) -> None:
+        """Cheap checks of the knobs themselves (ValueError naming the field)."""
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("eval_interval", "ckpt_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        for name in ("steps", "tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and (self.tokens is not None or self.epochs is not None):
+            raise ValueError("give only one of steps, tokens, epochs")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "sft":
+            if self.sft_data is None or self.init_from is None:
+                raise ValueError("task 'sft' needs sft_data (a prompt/answer JSONL file) and init_from (a model)")
+            if self.joint_train:
+                raise ValueError("joint training is for pretraining; set joint_train=False for SFT")
+        elif self.steps is None and self.tokens is None:
+            raise ValueError("give the length of the run: steps or tokens")
+        if self.task == "adapt" and self.init_from is None:
+            raise ValueError("task 'adapt' needs init_from (the pretrained model folder)")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.sampling not in ("random", "ordered"):
+            raise ValueError(f"sampling must be 'random' or 'ordered', got {self.sampling!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.distributed not in D.MODES:
+            raise ValueError(f"distributed must be one of {', '.join(D.MODES)}, got {self.distributed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        data = dict(data)
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
