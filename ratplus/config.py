@@ -2,8 +2,8 @@
 
 Everything here is plain data: no tensors, no modules. Two things live here:
 
-* ``ModelConfig``: the architecture (DESIGN.md section 2) plus named presets.
-* ``AttentionPattern``: which keys each query sees (DESIGN.md section 3), with a compact string
+* ``ModelConfig``: the architecture (docs/DESIGN.md section 2) plus named presets.
+* ``AttentionPattern``: which keys each query sees (docs/DESIGN.md section 3), with a compact string
   form (``dense``, ``D16``, ``D16-W256-P4``, ``local-W64-P4``, ``topk-B64-K16-W64-P4-quest``), per-head
   groups (``D16:4+local-W64:4``) and per-layer lists (``D16/dense/D64/dense``).
 
@@ -29,7 +29,7 @@ TopKScoring = Literal["quest", "moba"]
 
 @dataclass(frozen=True)
 class AttentionPattern:
-    """One attention pattern: the key set S(t) of DESIGN.md section 3.
+    """One attention pattern: the key set S(t) of docs/DESIGN.md section 3.
 
     For query position t (0-based) the keys are the union of
       local    { p : t - W <= p <= t }                            (W = local_size)
@@ -89,7 +89,7 @@ class AttentionPattern:
         return self.kind == "topk"
 
     def kv_slots(self, seq_len: int) -> int:
-        """Cache slots needed to decode at context ``seq_len``: P + W + 1 + floor(T / D) (DESIGN.md 4).
+        """Cache slots needed to decode at context ``seq_len``: P + W + 1 + floor(T / D) (docs/DESIGN.md 4).
 
         Dense needs T + 1; top-k keeps every key (it only skips work, not memory).
         """
@@ -274,7 +274,7 @@ def pattern_to_str(layers: Sequence[HeadGroups]) -> str:
 
 @dataclass
 class ModelConfig:
-    """Architecture of a RAT+ language model (DESIGN.md section 2).
+    """Architecture of a RAT+ language model (docs/DESIGN.md section 2).
 
     ``apply_re=False`` gives the gated-attention baseline (no recurrence, in_proj packs o,q,k,v).
     ``max_seq_len`` bounds training/prefill length and RoPE positions; longer input raises.
@@ -378,7 +378,7 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-#: Named presets. ``tiny`` is for tests, ``demo`` trains on 2 CPU cores (DESIGN.md: C=256, 4 layers,
+#: Named presets. ``tiny`` is for tests, ``demo`` trains on 2 CPU cores (docs/DESIGN.md section 2: C=256, 4 layers,
 #: T=512, about 4.7M parameters with a 4096-token vocabulary), the last three are the paper's sizes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, max_seq_len=256),

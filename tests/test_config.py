@@ -91,7 +91,7 @@ def test_kv_slots_and_keys_per_query():
     p = AttentionPattern(16, 256, 4)
     assert p.kv_slots(4096) == 4 + 256 + 1 + 4096 // 16
     assert AttentionPattern().kv_slots(100) == 101
-    # keys_per_query against a brute-force count of the index sets of DESIGN.md section 3
+    # keys_per_query against a brute-force count of the index sets of docs/DESIGN.md section 3
     for pat in [AttentionPattern(4, 3, 5), AttentionPattern(None, 7, 2), AttentionPattern(3), AttentionPattern()]:
         for t in range(60):
             brute = sum(
@@ -114,7 +114,7 @@ def test_kv_slots_and_keys_per_query():
 def test_preset_param_count_closed_form(name, apply_re):
     cfg = ModelConfig.from_preset(name, apply_re=apply_re)
     C, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
-    per_layer_c2 = 14 if apply_re else 13  # DESIGN.md section 2
+    per_layer_c2 = 14 if apply_re else 13  # docs/DESIGN.md section 2
     assert cfg.num_params() == V * C + L * (per_layer_c2 * C * C + 2 * C) + C
     if name in ("tiny", "demo", "125m"):  # cheap enough to instantiate
         assert RATPlusLM(cfg).num_params() == cfg.num_params()

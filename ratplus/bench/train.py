@@ -4,7 +4,7 @@ For each preset and length T, four steps are timed side by side, round-robin, ea
 of the trainer's own ``optimizer_steps`` (forward, backward, clipping, AdamW):
 
   RAT+ dense        one step in dense causal attention
-  RAT+ joint        D=64 sparse step, then dense step on the same batch (DESIGN.md section 5)
+  RAT+ joint        D=64 sparse step, then dense step on the same batch (docs/DESIGN.md section 5)
   attention dense   the apply_re=False baseline, dense
   attention joint   baseline: local W=64 sparse step, then dense step
 

@@ -4,7 +4,7 @@ Data: the user's LongBench JSONL files (one per dataset, named ``<dataset>.jsonl
 official release); each record needs ``input`` (str), ``context`` (str) and ``answers`` (list of
 str), plus ``all_classes`` (list of str) for the classification task ``trec``. Nothing is downloaded.
 
-Protocol (the LongBench reference settings, DESIGN.md section 6): the dataset's prompt template,
+Protocol (the LongBench reference settings, docs/DESIGN.md section 6): the dataset's prompt template,
 greedy decoding of at most the dataset's generation length, and middle truncation: when the prompt
 has more tokens than ``context_length - max_new_tokens``, its first and last halves are kept (so the
 instruction at both ends survives and prompt + answer fit the model).

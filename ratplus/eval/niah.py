@@ -1,4 +1,4 @@
-"""Needle in a haystack, offline: the 8 RULER NIAH tasks (DESIGN.md section 6).
+"""Needle in a haystack, offline: the 8 RULER NIAH tasks (docs/DESIGN.md section 6).
 
 Each sample is a long text (the haystack) with one or more needle sentences
 ``One of the special magic {numbers|uuids} for {key} is: {value}.`` inserted at chosen depths,

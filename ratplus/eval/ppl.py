@@ -1,6 +1,6 @@
 """Held-out perplexity and bits per byte of one checkpoint under several attention patterns.
 
-The text is laid out as in training (DESIGN.md section 5): documents tokenized and concatenated with
+The text is laid out as in training (docs/DESIGN.md section 5): documents tokenized and concatenated with
 an EOS after each; a target whose input token is EOS is not scored (nothing predicts the first
 token of a document). The stream is cut into non-overlapping windows of ``seq_len`` inputs that
 share one token with the next window, so every scored token is predicted exactly once, each window

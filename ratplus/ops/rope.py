@@ -1,4 +1,4 @@
-"""Rotary position embedding, rotate-half convention over the whole head dim (DESIGN.md 2, step 5).
+"""Rotary position embedding, rotate-half convention over the whole head dim (docs/DESIGN.md 2, step 5).
 
 Shapes: B batch, H heads, T length, K head dim (even).
 """

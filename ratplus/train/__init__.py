@@ -1,1 +1,1 @@
-"""Training: data, tokenizers, trainer, checkpoints, distributed (DESIGN.md section 5)."""
+"""Training: data, tokenizers, trainer, checkpoints, distributed (docs/DESIGN.md section 5)."""

@@ -1,6 +1,6 @@
 """``TrainConfig``: every knob of a training run (pretraining, adaptation, SFT), validated up front
 with a ValueError naming the field, saved beside checkpoints as ``train_config.json``.
-The recipe these defaults follow is DESIGN.md section 5."""
+The recipe these defaults follow is docs/DESIGN.md section 5."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Shapes: B batch (sequences), T sequence length (tokens per window).
 
-Pipeline (DESIGN.md section 5): documents -> tokenizer -> one stream with an EOS token after every
+Pipeline (docs/DESIGN.md section 5): documents -> tokenizer -> one stream with an EOS token after every
 document -> shards of raw ``uint16``/``uint32`` tokens on disk (``prepare_shards``) -> windows of
 T + 1 tokens read through ``np.memmap`` (``TokenDataset``). Input is the first T tokens of a window,
 labels are the next tokens, with -100 (ignored) wherever the *input* token is EOS: predicting the

@@ -1,4 +1,4 @@
-"""One training step (DESIGN.md section 5): the optimizer, the LR schedule, the summed loss and the
+"""One training step (docs/DESIGN.md section 5): the optimizer, the LR schedule, the summed loss and the
 joint-training step that takes one optimizer step per pattern on the same batch.
 
 Shapes: B batch (sequences), T sequence length, V vocab.
@@ -61,7 +61,7 @@ def optimizer_steps(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     info: D.DistInfo = D.SINGLE,
 ) -> tuple[dict[str, float], float]:
-    """The joint-training step of DESIGN.md section 5, for any list of patterns.
+    """The joint-training step of docs/DESIGN.md section 5, for any list of patterns.
 
     For each pattern in order (``[sparse, "dense"]`` when joint training, one pattern otherwise):
     forward/backward every micro-batch of ``batch`` (gradients accumulate), clip, ``optimizer.step()``,

@@ -1,4 +1,4 @@
-"""The training run (DESIGN.md section 5): pretraining with joint training, resolution adaptation, SFT.
+"""The training run (docs/DESIGN.md section 5): pretraining with joint training, resolution adaptation, SFT.
 Its parts: ``config`` (TrainConfig), ``data`` (shards and the streams a checkpoint resumes),
 ``step`` (optimizer, schedule, the joint step), ``checkpoint``, ``distributed``.
 
@@ -507,7 +507,7 @@ def adapt(
     tokens: int | None = None,
     **overrides: Any,
 ) -> Path:
-    """Resolution adaptation (DESIGN.md section 5): continue ``ckpt`` in ``pattern`` only, joint
+    """Resolution adaptation (docs/DESIGN.md section 5): continue ``ckpt`` in ``pattern`` only, joint
     training off, LR 0.1x the pretraining peak, no warmup, cosine to min_lr, random windows.
 
     Length: ``steps`` or ``tokens``; by default 1% of the tokens the model was pretrained on. Data:
@@ -554,7 +554,7 @@ def sft(
     batch_size: int = 32,
     **overrides: Any,
 ) -> Path:
-    """Supervised fine-tuning with the loss on answer tokens only (DESIGN.md section 5: 4 epochs,
+    """Supervised fine-tuning with the loss on answer tokens only (docs/DESIGN.md section 5: 4 epochs,
     LR 1e-5, weight decay 0.01, batch 32). ``pattern``: the pattern trained in (default: the model's
     adapted pattern, else dense). Records longer than ``seq_len`` (default: the model's max) are refused."""
     meta = read_metadata(ckpt)

@@ -44,7 +44,7 @@ def _decode(model, ids, pattern, n, chunks=None):
 
 
 def _keyset(t, D, W, P):
-    """DESIGN.md section 3 key set of query t, as a literal set."""
+    """docs/DESIGN.md section 3 key set of query t, as a literal set."""
     local = {p for p in range(t + 1) if t - W <= p <= t}
     initial = {p for p in range(t + 1) if p < P}
     dilated = set() if D is None else {p for p in range(t + 1) if (p + 1) % D == 0 and p >= P and p < t - W}

@@ -51,7 +51,7 @@ def test_ignore_index():
 
 
 def test_layer_math_against_design_formula():
-    """One RAT+ layer recomputed step by step from DESIGN.md section 2 with explicit loops."""
+    """One RAT+ layer recomputed step by step from docs/DESIGN.md section 2 with explicit loops."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, max_seq_len=32)
     model = RATPlusLM(cfg).double()

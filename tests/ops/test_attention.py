@@ -22,7 +22,7 @@ def _qkv(B, H, T, K, dtype=torch.float64, seed=0, S=None):
 
 
 def _brute_keyset(t, D, W, P):
-    """DESIGN.md section 3, written as the literal set definitions."""
+    """docs/DESIGN.md section 3, written as the literal set definitions."""
     local = {p for p in range(t + 1) if t - W <= p <= t}
     initial = {p for p in range(t + 1) if p < P}
     dilated = set() if D is None else {p for p in range(t + 1) if (p + 1) % D == 0 and p >= P and p < t - W}

@@ -1,4 +1,4 @@
-"""Attention over the RAT+ patterns (DESIGN.md section 3).
+"""Attention over the RAT+ patterns (docs/DESIGN.md section 3).
 
 Shapes: B batch, H heads, T query length, S key length, K head dim.
 """

@@ -1,4 +1,4 @@
-"""Exact key sets of the attention patterns as boolean masks (DESIGN.md section 3).
+"""Exact key sets of the attention patterns as boolean masks (docs/DESIGN.md section 3).
 
 Shapes: T query length, S key length. D/W/P are pattern sizes (dilation, local window, initial).
 

@@ -31,6 +31,6 @@ def attention_reference(
     q_offset: int = 0,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of q over k/v restricted to the pattern's key sets S(t) (DESIGN.md section 3)."""
+    """Attention of q over k/v restricted to the pattern's key sets S(t) (docs/DESIGN.md section 3)."""
     mask = dilated_mask(pattern, q.shape[-2], k.shape[-2], q_offset, device=q.device)
     return masked_attention_reference(q, k, v, mask, scale)

@@ -1,4 +1,4 @@
-"""Top-k block attention, an inference-time pattern (DESIGN.md section 3).
+"""Top-k block attention, an inference-time pattern (docs/DESIGN.md section 3).
 
 Shapes: B batch, H heads, T query length, S key length, K head dim, N number of blocks.
 Pattern sizes: block size ``Bs = pattern.block_size``, ``top_k``, W local window, P initial tokens.

@@ -1,4 +1,4 @@
-"""Gated linear recurrence h_t = g_t h_{t-1} + (1 - g_t) x_t (DESIGN.md section 2, step 4)."""
+"""Gated linear recurrence h_t = g_t h_{t-1} + (1 - g_t) x_t (docs/DESIGN.md section 2, step 4)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ true state across chunk boundaries (N small steps); pass 3 adds carry * product.
 2 sqrt(T) Python-level steps instead of T, and it only multiplies gates (no exp/log of cumulative
 sums), so tiny gates underflow harmlessly to zero instead of overflowing.
 
-Backward is the same recurrence run in reverse (DESIGN.md section 2 notes): with u_t = dL/dh_t,
+Backward is the same recurrence run in reverse (docs/DESIGN.md section 2 notes): with u_t = dL/dh_t,
     c_t = u_t + g_{t+1} c_{t+1}          (from the end)
     dL/dx_t = (1 - g_t) c_t,  dL/dg_t = (h_{t-1} - x_t) c_t,  dL/dh0 = g_0 c_0.
 Autograd through the loops would store every intermediate; this stores only g, x and h.

@@ -1,4 +1,4 @@
-"""Loop reference for the gated linear recurrence (DESIGN.md section 2, step 4).
+"""Loop reference for the gated linear recurrence (docs/DESIGN.md section 2, step 4).
 
 Shapes: B batch, H heads, T time, K head dim.
 
