@@ -1,7 +1,8 @@
 """``ratplus eval ...``: perplexity, NIAH (data and evaluation) and LongBench.
 
 Each command prints a table, writes its files under ``--out`` (never into the checkpoint) and
-prints one JSON summary line last. lm-evaluation-harness runs through ``python -m ratplus.cli.lm_eval``.
+prints one JSON summary line last. lm-evaluation-harness runs through ``ratplus eval lm-eval`` (or
+``python -m ratplus.cli.lm_eval``).
 The ``run_*`` functions it calls live in ``ratplus.eval.report``.
 """
 
@@ -55,7 +56,7 @@ def add_parser(sub) -> None:
     from ratplus.eval.niah import DEFAULT_DEPTHS, DEFAULT_MAX_NEW_TOKENS
     from ratplus.eval.ppl import DEFAULT_PATTERNS
 
-    ev = sub.add_parser("eval", help="evaluation: perplexity, needle in a haystack, LongBench")
+    ev = sub.add_parser("eval", help="evaluation: perplexity, needle in a haystack, LongBench, lm-eval")
     esub = ev.add_subparsers(dest="what", metavar="WHAT")
     esub.required = True
 
@@ -109,6 +110,17 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="records per dataset")
     _common(p, "runs/eval/longbench")
     p.set_defaults(func=_cmd_longbench)
+
+    # everything after `lm-eval` goes to lm-eval's own parser: "+" as the prefix keeps argparse from
+    # reading its --options (and -h) as ours
+    p = esub.add_parser(
+        "lm-eval",
+        prefix_chars="+",
+        add_help=False,
+        help="lm-evaluation-harness with the ratplus model registered (lm-eval's options; -h for them)",
+    )
+    p.add_argument("lm_eval_args", nargs="*")
+    p.set_defaults(func=_cmd_lm_eval)
 
 
 def _cmd_ppl(args) -> int:
@@ -223,3 +235,9 @@ def _cmd_longbench(args) -> int:
         }
     )
     return 0
+
+
+def _cmd_lm_eval(args) -> int:
+    from ratplus.cli.lm_eval import main
+
+    return main(args.lm_eval_args, prog="ratplus eval lm-eval")

@@ -32,8 +32,9 @@ def _option_values(argv: list[str], name: str) -> list[str]:
     return [v for v in values if v]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run lm-eval's CLI on ``argv`` (default: sys.argv[1:]) with the ratplus model registered."""
+def main(argv: list[str] | None = None, prog: str = "ratplus.cli.lm_eval") -> int:
+    """Run lm-eval's CLI on ``argv`` (default: sys.argv[1:]) with the ratplus model registered;
+    errors are one line ``<prog>: error: ...`` with exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         from lm_eval.__main__ import cli_evaluate
@@ -41,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         import ratplus.eval.harness as harness  # registers "ratplus" with lm-eval
     except ImportError as e:
         print(
-            f"ratplus.cli.lm_eval: error: lm-evaluation-harness is not installed ({e}); pip install lm-eval",
+            f"{prog}: error: lm-evaluation-harness is not installed ({e}); pip install lm-eval",
             file=sys.stderr,
         )
         return 2
     if args and args[0] not in _LM_EVAL_COMMANDS and not args[0].startswith("-"):
-        print(f"ratplus.cli.lm_eval: error: unknown command {args[0]!r}", file=sys.stderr)
+        print(f"{prog}: error: unknown command {args[0]!r}", file=sys.stderr)
         return 2
     if not args or args[0] not in (*_LM_EVAL_COMMANDS, "-h", "--help"):
         args.insert(0, "run")  # lm-eval's legacy form: options without a command mean "run"
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except (ValueError, FileNotFoundError) as e:
         hint = " (a local task needs its YAML path or --include_path DIR)" if "Tasks not found" in str(e) else ""
-        print(f"ratplus.cli.lm_eval: error: {e}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved

@@ -126,6 +126,15 @@ def test_missing_task_file_is_named(tmp_path, capsys):
     assert "lm-eval include path not found" in capsys.readouterr().err
 
 
+def test_ratplus_eval_lm_eval_reaches_the_wrapper(tmp_path, capsys):
+    """`ratplus eval lm-eval ARGS` hands lm-eval's own options (--tasks, -h, ...) to the wrapper."""
+    from ratplus.cli import main
+
+    missing = tmp_path / "no_such_task.yaml"
+    assert main(["eval", "lm-eval", "--model_args", "ckpt=x", "--tasks", str(missing)]) == 2
+    assert f"ratplus eval lm-eval: error: lm-eval task file not found: {missing}" in capsys.readouterr().err
+
+
 def _tasks(folder: Path) -> list[Path]:
     rows = {
         "mc": [
