@@ -357,11 +357,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -371,11 +367,23 @@ class ModelConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"model config not found: {p}")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"model config {p} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(p, "model config"))
+
+
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` checked to hold only fields of the dataclass ``cls`` (ValueError naming the others)."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return dict(data)
+
+
+def read_json(path: Path, what: str = "") -> Any:
+    """The JSON value in a file; a file that is not JSON raises ValueError naming it (``what`` first)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what + ' ' if what else ''}{path} is not valid JSON: {e}") from e
 
 
 #: Named presets. ``tiny`` is for tests, ``demo`` trains on 2 CPU cores (docs/DESIGN.md section 2: C=256, 4 layers,

@@ -99,21 +99,30 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
     return p
 
 
+def parse_jsonl(text: str, source: str | Path, sep: str = " line ") -> list[tuple[str, Any]]:
+    """(where, record) for every non-blank line of JSON-lines ``text``; ``where`` names the place as
+    ``<source><sep><line number>`` for the caller's own messages. A line that is not JSON raises
+    ValueError naming its place."""
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source}{sep}{lineno}"
+        try:
+            out.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a line that is not a JSON object raises ValueError naming file:line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"JSONL file not found: {p}")
     records = []
-    with open(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p} line {lineno}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p} line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    for where, rec in parse_jsonl(p.read_text(encoding="utf-8"), p):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     return records

@@ -1,6 +1,7 @@
-"""Imports point one way: config -> ops -> model -> io/generation/runtime -> train/eval/hf ->
-bench/demo -> cli. Every ``ratplus`` import in the package (function-level ones included) is read
-with ``ast``; a module may import its own package, lower layers, and nothing beside or above it."""
+"""Imports point one way: config -> ops -> model -> io/generation -> train/eval/hf -> bench/demo ->
+cli, with runtime (device, dtype, tables, JSON) a leaf that any layer may use. Every ``ratplus``
+import in the package (function-level ones included) is read with ``ast``; a module may import its
+own package, lower layers, and nothing beside or above it."""
 
 import ast
 from pathlib import Path
@@ -14,11 +15,11 @@ PACKAGE = Path(ratplus.__file__).parent
 #: Top-level unit (subpackage or module) -> layer; units on one layer do not import each other.
 LAYERS = {
     "config": 0,
+    "runtime": 0,  # a leaf: imports nothing of ratplus
     "ops": 1,
     "model": 2,
     "io": 3,
     "generation": 3,
-    "runtime": 3,
     "train": 4,
     "eval": 4,
     "hf": 4,

@@ -5,8 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from ratplus.cli.common import picked
 from ratplus.runtime import resolve_dtype
 
+#: flags that are keyword arguments of ``ratplus.hf.convert.convert`` under the same name
+_PASSED_AS_IS = (
+    "to",
+    "pattern",
+    "tokenizer",
+    "num_heads",
+    "head_dim",
+    "max_seq_len",
+    "eos_token_id",
+    "trust_pickle",
+    "overwrite",
+)
 PAPER_HEAD_DIM = 128  # the reference import's default head size (ratplus.hf.convert.PAPER_HEAD_DIM)
 
 
@@ -39,19 +52,6 @@ def _run(args: Any) -> int:
     from ratplus.hf.convert import convert
 
     dtype = resolve_dtype(args.dtype) if args.dtype is not None else None
-    kind, to = convert(
-        args.src,
-        args.dst,
-        to=args.to,
-        pattern=args.pattern,
-        tokenizer=args.tokenizer,
-        num_heads=args.num_heads,
-        head_dim=args.head_dim,
-        max_seq_len=args.max_seq_len,
-        eos_token_id=args.eos_token_id,
-        dtype=dtype,
-        trust_pickle=args.trust_pickle,
-        overwrite=args.overwrite,
-    )
+    kind, to = convert(args.src, args.dst, dtype=dtype, **picked(args, *_PASSED_AS_IS))
     print(f"converted {args.src} ({kind}) -> {args.dst} ({to})")
     return 0

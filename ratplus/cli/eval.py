@@ -12,29 +12,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from ratplus.cli.common import floats, ints, names
 from ratplus.eval.common import EvalModel, open_checkpoint
 from ratplus.eval.report import run_longbench, run_niah, run_ppl
 from ratplus.runtime import emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
 
 logger = logging.getLogger("ratplus")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _open(path: str, device: str, dtype: str) -> EvalModel:
@@ -62,7 +45,7 @@ def add_parser(sub) -> None:
 
     p = esub.add_parser("ppl", help="held-out perplexity / bits per byte per pattern (table, JSON, PNG)")
     p.add_argument("--ckpt", action="append", required=True, help="model folder (repeat for several models)")
-    p.add_argument("--patterns", type=_names, default=list(DEFAULT_PATTERNS), help="comma-separated patterns")
+    p.add_argument("--patterns", type=names, default=list(DEFAULT_PATTERNS), help="comma-separated patterns")
     p.add_argument("--data", nargs="+", required=True, help=".txt/.md/.jsonl files or folders of held-out text")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -74,11 +57,11 @@ def add_parser(sub) -> None:
     depths = ",".join(str(d) for d in DEFAULT_DEPTHS)
     p = esub.add_parser("niah", help="RULER needle-in-a-haystack tasks, greedy decoding, string-match-all")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--pattern", "--patterns", dest="patterns", type=_names, default=["dense"])
+    p.add_argument("--pattern", "--patterns", dest="patterns", type=names, default=["dense"])
     p.add_argument("--tasks", default="all", help="comma-separated NIAH tasks (default: all 8)")
-    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096])
+    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096])
     p.add_argument("--num-samples", type=int, default=5, help="samples per task and length")
-    p.add_argument("--depths", type=_floats, default=list(DEFAULT_DEPTHS), help=f"needle depths %% (default {depths})")
+    p.add_argument("--depths", type=floats, default=list(DEFAULT_DEPTHS), help=f"needle depths %% (default {depths})")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     p.add_argument("--essay", default=None, help="prose file for essay haystacks (default: the bundled plays)")
     p.add_argument("--seed", type=int, default=0)
@@ -89,9 +72,9 @@ def add_parser(sub) -> None:
     p = esub.add_parser("niah-data", help="write NIAH samples (train or test split) as JSONL, eval or SFT form")
     p.add_argument("--tokenizer", required=True, help="model folder or tokenizer.json sizing the samples")
     p.add_argument("--tasks", default="all")
-    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096])
+    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096])
     p.add_argument("--num-samples", type=int, default=100)
-    p.add_argument("--depths", type=_floats, default=list(DEFAULT_DEPTHS))
+    p.add_argument("--depths", type=floats, default=list(DEFAULT_DEPTHS))
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--essay", default=None)
@@ -103,9 +86,9 @@ def add_parser(sub) -> None:
 
     p = esub.add_parser("longbench", help="LongBench v1 on local JSONL files (middle truncation, greedy)")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--pattern", "--patterns", dest="patterns", type=_names, default=["dense"])
+    p.add_argument("--pattern", "--patterns", dest="patterns", type=names, default=["dense"])
     p.add_argument("--data", nargs="+", required=True, help="<dataset>.jsonl files or folders of them")
-    p.add_argument("--datasets", type=_names, default=None, help="only these datasets")
+    p.add_argument("--datasets", type=names, default=None, help="only these datasets")
     p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--limit", type=int, default=None, help="records per dataset")
     _common(p, "runs/eval/longbench")

@@ -9,18 +9,13 @@ adapted to), else dense.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
+from ratplus.cli.common import comma_list
 
-def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from e
-    return ids
+token_ids = comma_list(int, "token ids")
 
 
 def add_parser(sub) -> None:
@@ -28,14 +23,14 @@ def add_parser(sub) -> None:
     p.add_argument("--ckpt", required=True, help="model folder (config.json, model.safetensors, tokenizer.json)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the folder's tokenizer.json)")
-    prompt.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids")
+    prompt.add_argument("--prompt-ids", type=token_ids, help="prompt as comma-separated token ids")
     p.add_argument("--pattern", default=None, help="attention pattern, e.g. D16-W256-P4 (default: adapted or dense)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--stop", type=_ids, default=None, help="stop token ids (default: the config's eos_token_id)")
+    p.add_argument("--stop", type=token_ids, default=None, help="stop token ids (default: the config's eos_token_id)")
     p.add_argument("--max-length", type=int, default=None, help="cap on prompt + new tokens")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run)

@@ -19,7 +19,6 @@ similarity for code (first non-comment line of the output vs the gold line, inde
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from ratplus.config import PatternSpec
 from ratplus.eval._decode import greedy_generate, new_tokens
 from ratplus.eval.common import EvalModel, decode, encode, warn_if_not_adapted
+from ratplus.runtime import parse_jsonl
 
 # ---- metrics -------------------------------------------------------------------------------------
 
@@ -297,24 +297,16 @@ def load_longbench(paths: list[str | Path], datasets: list[str] | None = None) -
             file_dataset = None  # then every record must say its dataset
         if wanted is not None and file_dataset is not None and file_dataset not in wanted:
             continue
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{f} line {lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e})") from e
-                name = file_dataset
-                if isinstance(rec, dict) and isinstance(rec.get("dataset"), str):
-                    name = _dataset_name(rec["dataset"])
-                if name is None:
-                    raise ValueError(
-                        f"{where}: the file name is not a LongBench dataset and the record has no 'dataset' field"
-                    )
-                if wanted is None or name in wanted:
-                    out.setdefault(name, []).append(check_record(rec, name, where))
+        for where, rec in parse_jsonl(f.read_text(encoding="utf-8"), f):
+            name = file_dataset
+            if isinstance(rec, dict) and isinstance(rec.get("dataset"), str):
+                name = _dataset_name(rec["dataset"])
+            if name is None:
+                raise ValueError(
+                    f"{where}: the file name is not a LongBench dataset and the record has no 'dataset' field"
+                )
+            if wanted is None or name in wanted:
+                out.setdefault(name, []).append(check_record(rec, name, where))
     if wanted is not None:
         missing = sorted(wanted - set(out))
         if missing:

@@ -30,7 +30,6 @@ model folder is native (-> Hugging Face).
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import re
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ratplus.config import ModelConfig, PatternSpec
+from ratplus.config import ModelConfig, PatternSpec, read_json
 from ratplus.io.folder import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -344,11 +343,7 @@ def folder_kind(path: str | Path) -> str:
     cfg = p / CONFIG_FILE
     if not cfg.is_file():
         raise FileNotFoundError(f"{p} has no {CONFIG_FILE}: neither a native nor a Hugging Face model folder")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg} is not valid JSON: {e}") from e
-    model_type = data.get("model_type")
+    model_type = read_json(cfg).get("model_type")
     if model_type is None:
         return "native"
     if model_type != "ratplus":

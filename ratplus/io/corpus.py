@@ -10,10 +10,12 @@ text (``shakespeare_documents``, speaker names as ``NAME:``) and as the NIAH ess
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from ratplus.runtime import parse_jsonl
 
 #: Plays of the bundled corpus held out for validation (about 6% of the text).
 VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
@@ -78,19 +80,25 @@ def read_text_file(path: str | Path) -> str:
 
 def read_jsonl(path: str | Path, text_field: str = "text") -> list[str]:
     """The ``text_field`` of every record of a JSON-lines file (blank lines skipped)."""
+    return [r[text_field] for _, r in jsonl_objects(path, (text_field,))]
+
+
+def jsonl_objects(path: str | Path, fields: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """(``file:line``, record) for the records of a UTF-8 JSON-lines file, each checked to be an
+    object whose ``fields`` are strings; errors name ``file:line``."""
     p = Path(path)
-    docs = []
-    for n, line in enumerate(read_text_file(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
-        docs.append(record[text_field])
-    return docs
+    records = []
+    for where, record in parse_jsonl(read_text_file(p), p, sep=":"):
+        if not isinstance(record, dict) or not all(isinstance(record.get(f), str) for f in fields):
+            named = f"a string field {fields[0]!r}" if len(fields) == 1 else f"string fields {_and(fields)}"
+            raise ValueError(f"{where}: expected an object with {named}")
+        records.append((where, record))
+    return records
+
+
+def _and(fields: tuple[str, ...]) -> str:
+    quoted = [repr(f) for f in fields]
+    return ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def read_parquet(path: str | Path, text_field: str = "text") -> list[str]:

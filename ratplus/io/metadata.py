@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ratplus.config import read_json
+
 METADATA_FILE = "metadata.json"
 _LEGACY_JOINT = "joint_pattern"
 
@@ -87,10 +89,7 @@ def load_metadata(folder: str | Path) -> dict[str, Any]:
     p = Path(folder) / METADATA_FILE
     if not p.is_file():
         return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"metadata {p} is not valid JSON: {e}") from e
+    return read_json(p, "metadata")
 
 
 def read_metadata(folder: str | Path) -> ModelMetadata:

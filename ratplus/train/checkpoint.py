@@ -40,6 +40,7 @@ from ratplus.io.folder import (
     atomic_write_text,
     load_config,
     load_state_dict_file,
+    replace_dir,
     save_pretrained,
 )
 from ratplus.model.rat import RATPlusLM
@@ -131,13 +132,7 @@ def _publish(tmp: Path, final: Path) -> None:
     """Rename a finished folder into place (an older folder of the same name is swapped out)."""
     _write_manifest(tmp)
     _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
     _fsync_dir(final.parent)
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ratplus.config import known_fields
 from ratplus.train import distributed as D
 
 TASKS = ("pretrain", "adapt", "sft")
@@ -114,11 +115,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        data = dict(data)
+        data = known_fields(cls, data)
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         return cls(**data)

@@ -28,7 +28,9 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from ratplus.io.corpus import read_text_file
+from ratplus.config import read_json
+from ratplus.io.corpus import jsonl_objects
+from ratplus.io.folder import replace_dir
 from ratplus.io.tokenizer import TOKENIZER_FILE, eos_id, folder_tokenizer, vocab_size
 
 IGNORE_INDEX = -100
@@ -55,17 +57,6 @@ def token_dtype(vocab: int, dtype: str | None = None) -> str:
     if vocab > limit:
         raise ValueError(f"a vocabulary of {vocab} tokens does not fit token dtype {dtype} (at most {limit} ids)")
     return dtype
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; an older folder at ``final`` is swapped out first."""
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def prepare_shards(
@@ -142,7 +133,7 @@ def prepare_shards(
     }
     (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 
@@ -156,10 +147,7 @@ class TokenDataset:
             raise FileNotFoundError(
                 f"no token shards at {self.path} (missing {META_FILE}); create them with `ratplus data prepare`"
             )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
+        meta = read_json(meta_path)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a ratplus token-shard index")
         self.meta = meta
@@ -259,17 +247,9 @@ def read_sft_records(path: str | Path) -> list[tuple[str, str]]:
     if not p.is_file():
         raise FileNotFoundError(f"SFT data not found: {p}")
     records = []
-    for n, line in enumerate(read_text_file(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("answer"), str):
-            raise ValueError(f"{p}:{n}: expected an object with string fields 'prompt' and 'answer'")
+    for where, r in jsonl_objects(p, ("prompt", "answer")):
         if not r["answer"]:
-            raise ValueError(f"{p}:{n}: the answer is empty (there would be nothing to learn)")
+            raise ValueError(f"{where}: the answer is empty (there would be nothing to learn)")
         records.append((r["prompt"], r["answer"]))
     if not records:
         raise ValueError(f"the SFT file {p} holds no records")
