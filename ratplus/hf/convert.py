@@ -385,19 +385,17 @@ def convert(
     to: str | None = None,
     pattern: PatternSpec = None,
     tokenizer: str | Path | None = None,
-    num_heads: int | None = None,
-    head_dim: int = PAPER_HEAD_DIM,
-    max_seq_len: int = 4096,
-    eos_token_id: int | None = None,
     dtype: torch.dtype | None = None,
-    trust_pickle: bool = False,
     overwrite: bool = False,
+    **reference: Any,
 ) -> tuple[str, str]:
     """Convert ``src`` into a ``to`` (``"native"`` / ``"hf"``) folder at ``dst``; returns (from, to).
 
     Default ``to``: ``"native"`` from a Hugging Face folder, ``"hf"`` otherwise. ``pattern``: the
     default attention pattern to record (None = keep the source's). ``tokenizer``: a tokenizer file
-    or folder to save beside the weights (reference checkpoints carry none)."""
+    or folder to save beside the weights (reference checkpoints carry none). ``reference``: the
+    options of ``load_reference_checkpoint`` (num_heads, head_dim, max_seq_len, eos_token_id,
+    trust_pickle), used when ``src`` is a reference checkpoint."""
     kind = folder_kind(src)
     to = to or ("native" if kind == "hf" else "hf")
     if to not in ("native", "hf"):
@@ -407,9 +405,10 @@ def convert(
         raise ValueError(f"{out} already holds a model ({CONFIG_FILE}); pass --overwrite to replace it")
     tok = load_tokenizer_file(tokenizer) if tokenizer is not None else None
     if kind == "reference":
-        if tok is not None and eos_token_id is None:
-            eos_token_id = tok.token_to_id("</s>")  # LLaMA-2's EOS; None when the tokenizer has no such token
-        model = load_reference_checkpoint(src, num_heads, head_dim, max_seq_len, eos_token_id, dtype, trust_pickle)
+        if tok is not None and reference.get("eos_token_id") is None:
+            # LLaMA-2's EOS; None when the tokenizer has no such token
+            reference["eos_token_id"] = tok.token_to_id("</s>")
+        model = load_reference_checkpoint(src, dtype=dtype, **reference)
     elif kind == "native":
         from ratplus.io.folder import load_pretrained
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ratplus.config import AttentionPattern
+from ratplus.ops.attention.reference import masked_attention_reference
 
 # ---- block summaries and scores --------------------------------------------------------------------
 
@@ -163,11 +164,7 @@ def topk_attention_reference(
     """q (B, H, T, K) at positions q_offset.., k, v (B, H, S, K) at 0..S-1 -> (B, H, T, K):
     softmax over the keys of ``topk_mask_reference``."""
     _check(q, k, v, pattern, q_offset)
-    mask = topk_mask_reference(q, k, pattern, q_offset)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.einsum("bhtk,bhsk->bhts", q, k) * scale
-    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    return torch.einsum("bhts,bhsk->bhtk", probs, v)
+    return masked_attention_reference(q, k, v, topk_mask_reference(q, k, pattern, q_offset), scale)
 
 
 # ---- prefill (any number of queries) -----------------------------------------------------------------
