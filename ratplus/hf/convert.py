@@ -45,6 +45,8 @@ import torch
 from ratplus.config import ModelConfig, PatternSpec, read_json
 from ratplus.io.folder import (
     CONFIG_FILE,
+    EMBED_KEY,
+    HEAD_KEY,
     TOKENIZER_FILE,
     load_tokenizer,
     save_pretrained,
@@ -60,7 +62,6 @@ LLAMA2_VOCAB = 32000
 LLAMA2_EOS_ID = 2  # "</s>" in the LLaMA-2 tokenizer the paper's checkpoints were trained with
 _WRAPPER_KEYS = ("task", "model", "state_dict", "module")  # where trainers nest the weights
 _LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
-_EMBED, _HEAD = "embedding.wte.weight", "head.lm_head.weight"
 
 
 # ---- reading a reference checkpoint -----------------------------------------------------------
@@ -171,15 +172,15 @@ def infer_config(
 
     ``num_heads``: None = ``d_model // head_dim`` (head size 128 in the paper). ``eos_token_id``:
     None = 2 (LLaMA-2's ``</s>``) for a 32000-token vocabulary, else unset."""
-    if _EMBED not in state:
+    if EMBED_KEY not in state:
         sample = ", ".join(sorted(state)[:6])
-        raise ValueError(f"no {_EMBED} in the checkpoint: not a RAT+ reference checkpoint (keys: {sample} ...)")
+        raise ValueError(f"no {EMBED_KEY} in the checkpoint: not a RAT+ reference checkpoint (keys: {sample} ...)")
     biases = sorted(k for k in state if k.endswith(".bias"))
     if biases:
         raise ValueError(f"RAT+ layers have no biases but the checkpoint has {', '.join(biases[:4])}")
-    wte = state[_EMBED]
+    wte = state[EMBED_KEY]
     if wte.dim() != 2:
-        raise ValueError(f"{_EMBED} must be 2-D (V, C), got shape {tuple(wte.shape)}")
+        raise ValueError(f"{EMBED_KEY} must be 2-D (V, C), got shape {tuple(wte.shape)}")
     V, C = wte.shape
     indices = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
     if not indices:
@@ -218,11 +219,11 @@ def infer_config(
             "num_heads=%d inferred from head size %d (the paper's); pass num_heads if it differs", num_heads, head_dim
         )
     tie = True
-    if _HEAD in state:
-        head = state[_HEAD]
+    if HEAD_KEY in state:
+        head = state[HEAD_KEY]
         tie = head.shape == wte.shape and torch.equal(head, wte)
         if not tie:
-            log.warning("%s differs from %s: the converted model keeps an untied LM head", _HEAD, _EMBED)
+            log.warning("%s differs from %s: the converted model keeps an untied LM head", HEAD_KEY, EMBED_KEY)
     if eos_token_id is None and V == LLAMA2_VOCAB:
         eos_token_id = LLAMA2_EOS_ID
     return ModelConfig(
@@ -259,15 +260,15 @@ def model_from_state_dict(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = dict(state)
     if config.tie_embeddings:
-        state.pop(_HEAD, None)  # tied: the head is the embedding (equality checked by infer_config)
-        expected.pop(_HEAD)
+        state.pop(HEAD_KEY, None)  # tied: the head is the embedding (equality checked by infer_config)
+        expected.pop(HEAD_KEY)
     problems = state_dict_problems(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise ValueError(f"{source} does not match the inferred config {config}: " + " | ".join(problems))
-    dtype = dtype or state[_EMBED].dtype
+    dtype = dtype or state[EMBED_KEY].dtype
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if config.tie_embeddings:
-        state[_HEAD] = state[_EMBED]
+        state[HEAD_KEY] = state[EMBED_KEY]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:
         model.head.lm_head.weight = model.embedding.wte.weight  # assign=True replaced both Parameters

@@ -29,7 +29,9 @@ from ratplus.model.rat import RATPlusLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_TIED = "head.lm_head.weight"
+#: The tied pair: with ``tie_embeddings`` the head is the embedding, stored once under EMBED_KEY.
+EMBED_KEY = "embedding.wte.weight"
+HEAD_KEY = "head.lm_head.weight"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -61,7 +63,7 @@ def model_state_for_saving(model: RATPlusLM) -> dict[str, torch.Tensor]:
     """State dict with the tied head dropped (safetensors refuses shared storage)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
-        state.pop(_TIED, None)
+        state.pop(HEAD_KEY, None)
     return state
 
 
@@ -124,14 +126,20 @@ def state_dict_problems(
 def load_into(model: RATPlusLM, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Strict load with a clear message: missing/unexpected keys and shape mismatches."""
     expected = model.state_dict()
-    if model.config.tie_embeddings and _TIED not in state and "embedding.wte.weight" in state:
-        state = {**state, _TIED: state["embedding.wte.weight"]}
+    state = with_tied_keys(model.config, state)
     problems = state_dict_problems(
         {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()}
     )
     if problems:
         raise ValueError(f"{source} does not match the model config: " + " | ".join(problems))
     model.load_state_dict(state, strict=True)
+
+
+def with_tied_keys(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with the tied LM head present (the model folder stores it once)."""
+    if config.tie_embeddings and HEAD_KEY not in state and EMBED_KEY in state:
+        state = {**state, HEAD_KEY: state[EMBED_KEY]}
+    return state
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -42,6 +42,7 @@ from ratplus.io.folder import (
     load_state_dict_file,
     replace_dir,
     save_pretrained,
+    with_tied_keys,
 )
 from ratplus.model.rat import RATPlusLM
 
@@ -53,7 +54,6 @@ STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainer_state.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
-_TIED = ("embedding.wte.weight", "head.lm_head.weight")
 
 
 class CheckpointError(ValueError):
@@ -134,14 +134,6 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(tmp)
     replace_dir(tmp, final)
     _fsync_dir(final.parent)
-
-
-def with_tied_keys(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with the tied LM head present (the model folder stores it once)."""
-    emb, head = _TIED
-    if config.tie_embeddings and head not in state and emb in state:
-        state = {**state, head: state[emb]}
-    return state
 
 
 def write_model_folder(
