@@ -155,6 +155,13 @@ class CacheStep:
         return [n + self.T - pad for n, pad in zip(self.starts, self.pads)]
 
 
+def _grown(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t (B, h, S, K) copied into zeros (B, h, n, K), n >= S (zeros: see ``_GroupCache.__init__``)."""
+    out = t.new_zeros(*t.shape[:2], n, t.shape[-1])
+    out[:, :, : t.shape[2]] = t
+    return out
+
+
 class _GroupCache:
     """Slots of one head group of one layer: k, v (B, h, S, K) and top-k summaries (B, h, N, K)."""
 
@@ -180,6 +187,20 @@ class _GroupCache:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v, *self.summaries]
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate for ``max_len`` tokens, keeping every slot and summary. Slots only ever get
+        appended at the end (the dilated area, or positions for top-k), so contents keep their index."""
+        B, h, _, K = self.k.shape
+        if self.pattern.is_topk:
+            slots = max_len
+            P, W, Bs = self.pattern.initial_size, self.pattern.local_size, self.pattern.block_size
+            n_blocks = max(0, max_len - 1 - W - P) // Bs
+            self.summaries = tuple(_grown(s, n_blocks) for s in self.summaries)
+        else:
+            self.layout = SlotLayout.for_pattern(self.pattern, max_len)
+            slots = self.layout.capacity
+        self.k, self.v = _grown(self.k, slots), _grown(self.v, slots)
 
     def select(self, index: torch.Tensor) -> None:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
@@ -405,6 +426,22 @@ class RATPlusCache:
             for t in layer.tensors():
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())
+
+    def grow(self, max_len: int) -> None:
+        """Make room for ``max_len`` tokens per row, keeping everything cached (a new allocation and
+        one copy of the held slots; decoding afterwards is exactly as with a cache built that big)."""
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < self.max_len:
+            raise ValueError(f"max_len must be an int >= the current max_len={self.max_len}, got {max_len!r}")
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        if self.current_step is not None:
+            raise ValueError("cannot grow the cache during a forward")
+        if max_len == self.max_len:
+            return
+        for layer in self.layers:
+            for g in layer.groups:
+                g.grow(max_len)
+        self.max_len = max_len
 
     def reset(self) -> None:
         """Empty the cache (buffers are kept; stale slots are never read)."""
