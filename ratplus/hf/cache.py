@@ -22,7 +22,6 @@ from transformers.cache_utils import Cache
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 
-
 #: Tokens added per growth when a forward goes past the cache's size (see ``RATPlusHFCache.run``).
 GROW_CHUNK = 256
 
@@ -32,8 +31,8 @@ class RATPlusHFCache(Cache):
 
     ``max_len``: the tokens to allocate for (prompt + generated); None = the first forward's input.
     A later forward that goes past it grows the cache by at least ``GROW_CHUNK`` tokens, up to the
-    model's ``max_seq_len``, keeping everything cached. The attention pattern is the one of the first forward (``pattern`` holds its
-    canonical string from then on); a forward with another pattern is refused.
+    model's ``max_seq_len``, keeping everything cached. The attention pattern is the one of the
+    first forward (``pattern`` holds its canonical string from then on); another one is refused.
     """
 
     def __init__(self, max_len: int | None = None):
