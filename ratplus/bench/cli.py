@@ -55,6 +55,11 @@ def add_parser(sub) -> None:
     d.add_argument("--model-batch", type=_ints, default=[1, 4], help="batch sizes of the whole-model line")
     d.add_argument("--model-steps", type=int, default=8)
     d.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the same-size LlamaForCausalLM rows (DynamicCache and StaticCache; need transformers)",
+    )
+    d.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -138,6 +143,7 @@ def _decode(args) -> int:
         model_context=args.model_context,
         model_patterns=[p for p in args.model_patterns.split(",") if p],
         model_batches=args.model_batch,
+        peer=not args.no_peer,
         model_steps=args.model_steps,
         plot_path=args.plot or None,
         json_path=args.json,
