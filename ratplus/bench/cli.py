@@ -188,6 +188,7 @@ def _add_hf(bsub) -> None:
     )
     h.add_argument("--device", default="auto")
     h.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
+    h.add_argument("--no-peer", action="store_true", help="skip the same-size LlamaForCausalLM generate() rows")
     h.add_argument("--json", default=None, help="also write the JSON record to this file")
     h.set_defaults(func=_hf)
 
@@ -208,5 +209,6 @@ def _hf(args) -> int:
         device=device,
         dtype=resolve_dtype(args.dtype, device),
         json_path=args.json,
+        peer=not args.no_peer,
     )
     return 0
