@@ -252,19 +252,19 @@ def _ratplus_step(model: RATPlusLM, cache: RATPlusCache, token: torch.Tensor):
     return run
 
 
-def read_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int = 2**28, repeats: int = 5) -> float:
-    """Bytes/s read by a matrix-vector product over an ``nbytes`` matrix (768 wide), the access
-    pattern of a decode step's weights: median of ``repeats`` after one warm-up."""
+def _bandwidth_probe(device: torch.device, dtype: torch.dtype, nbytes: int = 2**28) -> tuple[Any, int]:
+    """A matrix-vector product over an ``nbytes`` matrix (768 wide), the access pattern of a decode
+    step's weights, and the bytes it reads: timed with the steps, it gives the read bandwidth."""
     item = torch.empty(0, dtype=dtype).element_size()
     w = torch.randn(nbytes // (768 * item), 768, device=device, dtype=dtype)
     x = torch.randn(768, device=device, dtype=dtype)
-    seconds = _interleaved({"mv": lambda: torch.mv(w, x)}, repeats, device)["mv"]
-    return w.numel() * item / seconds
+    return (lambda: torch.mv(w, x)), w.numel() * item
 
 
-def _model_point(model, patterns, batch, context, steps, device, dtype, peer=None) -> dict[str, tuple[float, int]]:
+def _model_point(model, patterns, batch, context, steps, device, dtype, peer=None) -> tuple[dict, float]:
     """Whole model at one context and batch: tokens/s and cache bytes per pattern (and per peer cache
-    kind, named ``llama-dynamic`` / ``llama-static``)."""
+    kind, named ``llama-dynamic`` / ``llama-static``), and the read bandwidth (bytes/s) measured in
+    the same interleaved rounds."""
     caches = {p: _build(model.config, p, batch, context, steps, device, dtype)[0] for p in patterns}
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     fns = {p: _ratplus_step(model, c, token) for p, c in caches.items()}
@@ -276,9 +276,10 @@ def _model_point(model, patterns, batch, context, steps, device, dtype, peer=Non
             nbytes[f"llama-{kind}"] = sum(
                 t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
             )
+    probe, probe_bytes = _bandwidth_probe(device, dtype)
     with torch.no_grad():
-        seconds = _interleaved(fns, steps, device)
-    return {p: (batch / seconds[p], nbytes[p]) for p in fns}
+        seconds = _interleaved({**fns, "_probe": probe}, steps, device)
+    return {p: (batch / seconds[p], nbytes[p]) for p in fns}, probe_bytes / seconds["_probe"]
 
 
 def _plot(path: str, contexts: list[int], names: list[str], results: dict, title: str) -> None:
@@ -380,18 +381,19 @@ def run(
             params |= {f"llama-{k}": sum(t.numel() for t in peer_model.parameters()) for k in PEER_CACHES}
         item = torch.empty(0, dtype=dtype).element_size()
         weight_bytes = {name: n * item for name, n in params.items()}
-        bandwidth = read_bandwidth(device, dtype)
         rows_names = list(params)
         tps: dict[str, dict[int, float]] = {p: {} for p in rows_names}
         kv: dict[str, dict[int, int]] = {p: {} for p in rows_names}
+        bandwidth: dict[int, float] = {}
         for b in model_batches:
-            for p, (rate, nbytes) in _model_point(
+            point, bandwidth[b] = _model_point(
                 model, model_patterns, b, model_context, model_steps, device, dtype, peer_model
-            ).items():
+            )
+            for p, (rate, nbytes) in point.items():
                 tps[p][b], kv[p][b] = rate, nbytes
         del model, peer_model
         # tokens/s if a step only read the weights once and the whole cache once, at the measured bandwidth
-        limit = {p: {b: b * bandwidth / (weight_bytes[p] + kv[p][b]) for b in model_batches} for p in rows_names}
+        limit = {p: {b: b * bandwidth[b] / (weight_bytes[p] + kv[p][b]) for b in model_batches} for p in rows_names}
         print(
             f"\nwhole-model decode, {model_preset} preset, context {model_context}, median of {model_steps} "
             "interleaved steps (cache filled with random keys/values/states, not a real prefill: per-token cost only)"
@@ -414,7 +416,9 @@ def run(
         print_table(["model", "params", "batch", "tokens/s", f"vs {base}", "x params", "KV MiB", "of bw limit"], mrows)
         print(
             f"(x params: tokens/s x params relative to {base}; bw limit: weights + KV bytes per step at the "
-            f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s)"
+            "read bandwidth measured in the same rounds: "
+            + ", ".join(f"batch {b} {bw / 1e9:.2f} GB/s" for b, bw in bandwidth.items())
+            + ")"
         )
         for b in model_batches:
             line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in rows_names)
@@ -425,7 +429,7 @@ def run(
             "batches": model_batches,
             "synthetic_cache": True,
             "params": params,
-            "read_bandwidth_bytes_per_s": bandwidth,
+            "read_bandwidth_bytes_per_s": {str(b): v for b, v in bandwidth.items()},
             "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in rows_names},
             "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in rows_names},
             "bandwidth_limit_tokens_per_s": {p: {str(b): v for b, v in limit[p].items()} for p in rows_names},
@@ -462,4 +466,4 @@ def run(
     return record
 
 
-__all__ = ["check_decode_parity", "formula_bytes", "memory_in_use", "run"]
+__all__ = ["check_decode_parity", "formula_bytes", "llama_peer", "memory_in_use", "run"]

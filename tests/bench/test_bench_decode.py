@@ -35,7 +35,7 @@ def test_bench_decode_cli_prints_table_plot_and_json(capsys, tmp_path):
     bw = model["read_bandwidth_bytes_per_s"]
     for name, per_batch in model["bandwidth_limit_tokens_per_s"].items():
         for b, v in per_batch.items():  # b tokens per step; weights once + the whole cache (float32)
-            assert v == pytest.approx(int(b) * bw / (model["params"][name] * 4 + model["kv_bytes"][name][b]))
+            assert v == pytest.approx(int(b) * bw[b] / (model["params"][name] * 4 + model["kv_bytes"][name][b]))
     assert plot.stat().st_size > 1000
 
 
