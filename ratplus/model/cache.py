@@ -284,7 +284,7 @@ class _GroupCache:
         """q, k, v (B, h, T, K) of the new tokens (after RoPE). Returns the attention output (B, h, T, K)
         over the cached tokens plus the new ones, and stores the new ones."""
         if step.held is not None:
-            return self._decode_fixed(q, k, v, step.held)
+            return self._decode_fixed(q, k, v, step)
         if step.fresh:
             out = self._prefill(q, k, v, step, backend)
             self.write(k, v, step)
@@ -307,17 +307,20 @@ class _GroupCache:
             )
         return out
 
-    def _decode_fixed(self, q, k, v, held: torch.Tensor) -> torch.Tensor:
+    def _decode_fixed(self, q, k, v, step: CacheStep) -> torch.Tensor:
         """Fixed-shape decode step (reference: ``write`` + ``_decode``): one token per row at
         positions ``held`` (B,) int64, written with index tensors, attention over every slot with a
         (B, 1, 1, S) mask of the filled prefix. Shapes never depend on the values."""
-        rows = torch.arange(q.shape[0], device=q.device)
-        src, dst, write = self.layout.step_t(held)
+        key = (self.layout, self.k.shape[2])
+        if key not in step._masks:  # indices and mask shared by every layer with this layout
+            held = step.held
+            rows = torch.arange(q.shape[0], device=q.device)
+            mask = torch.arange(key[1], device=q.device) < self.layout.num_valid_t(held + 1).view(-1, 1, 1, 1)
+            step._masks[key] = (rows, *self.layout.step_t(held), mask)  # mask (B, 1, 1, S)
+        rows, src, dst, write, mask = step._masks[key]
         for buf, new in ((self.k, k), (self.v, v)):
             buf[rows, :, dst] = buf[rows, :, src]  # leaving ring token -> dilated area (or a no-op)
             buf[rows, :, write] = new[:, :, 0]
-        S = self.k.shape[2]
-        mask = torch.arange(S, device=q.device) < self.layout.num_valid_t(held + 1).view(-1, 1, 1, 1)
         return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
 
     def _decode(self, q, step) -> torch.Tensor:
