@@ -6,20 +6,25 @@ initial tokens. Reference: ``ratplus.ops.attention.reference.attention_reference
 Two implementations:
 
 ``dilated_attention_cpu`` (the fast path, queries over a whole sequence, q_offset = 0).
-  The key set splits into two disjoint parts that are computed separately and merged exactly with
+  The key set splits into disjoint parts that are computed separately and merged exactly with
   their log-sum-exp:
 
   * dilated keys p = (j + 1) D - 1 with P <= p < t - W. Writing t = W + m D + r (0 <= r < D), query t
-    sees exactly the strided keys j < m. So if queries are regrouped by r (a (D, M) grid, M query
-    chunks) every row r is *plain causal attention* over the strided keys, shifted by one chunk.
-    PyTorch's CPU flash kernel skips the masked half of causal attention, so this costs about
-    T * (T / 2D) key visits: the FLOP saving of the pattern is realised, not masked away.
+    sees exactly the strided keys j_lo <= j < m: a prefix of the strided keys that depends on the
+    query's chunk m only. Queries are taken c chunks at a time (about 1024 rows): the keys every
+    row of the group sees ("far", j < first chunk) go through one unmasked call of PyTorch's CPU
+    flash kernel; the < c "near" keys that only later chunks see go through batched matmuls (few)
+    or one masked flash call (many). Each row thus pays the kernel's fixed per-row cost about once,
+    which at D = 64 is as large as the work on its ~T / 2D keys.
   * local + initial keys: the query itself when W = P = 0 (a dot product per position), otherwise a
     blocked flash call over [initial | band of W + block keys] with an additive mask.
 
+  The parts of a row group are merged in one step (the weights from the log-sum-exps, then two
+  passes over the group's fresh flash output and one write of the final rows).
   The backward is written by hand: with the *merged* output O and log-sum-exp L, the flash backward
   of each part recomputes P_j = exp(s_j - L) (the probability under the joint softmax) and
-  rowsum(dO * O), so each part returns the exact gradient of the joint softmax for its own keys.
+  rowsum(dO * O), so each part returns the exact gradient of the joint softmax for its own keys; the
+  matmul part does the same in the open.
 
 ``sparse_attention_blocked`` (general: any q_offset; simpler, slower).
   For each query block, one SDPA call over [fully visible prefix | band] with a boolean mask.
@@ -127,15 +132,16 @@ class _Segment:
 
 class _Group:
     """The dilated keys of the query chunks m in [a, b) (rows ``rows``, see ``_Plan``):
-      * far keys j in [j_lo, a), seen by every row: one unmasked flash call;
-      * near keys j in [a, b - 1), each seen by the rows of the later chunks only: a small masked
-        attention written with batched matmuls (``near_mask``: (b - 1 - a, R) additive, or None
-        when the group is a single chunk and has no near keys)."""
+    * far keys j in [j_lo, a), seen by every row: one unmasked flash call;
+    * near keys j in [a, b - 1), each seen by the rows of the later chunks only (None when the
+      group is a single chunk). A few are done with batched matmuls (``near_mask``: (n, R)
+      additive, n = b - 1 - a); many with a masked flash call over the rows from chunk a + 1 on
+      (``near_flash``, ``near_mask``: (R - D, n))."""
 
-    __slots__ = ("a", "b", "near_mask", "rows")
+    __slots__ = ("a", "b", "near_flash", "near_mask", "rows")
 
-    def __init__(self, a: int, b: int, rows: slice, near_mask: torch.Tensor | None):
-        self.a, self.b, self.rows, self.near_mask = a, b, rows, near_mask
+    def __init__(self, a: int, b: int, rows: slice, near_mask: torch.Tensor | None, near_flash: bool):
+        self.a, self.b, self.rows, self.near_mask, self.near_flash = a, b, rows, near_mask, near_flash
 
 
 def _positions(ranges: Ranges, device) -> torch.Tensor:
@@ -162,8 +168,8 @@ class _Plan:
     exactly the strided keys j (position (j + 1) D - 1) with j_lo <= j < m, where j_lo is the first
     one at position >= P: a prefix of the strided keys that depends on the chunk only. Chunks
     m <= j_lo see no dilated key (rows below ``first_row``); ``groups`` cover the others, c chunks
-    each (the last chunk may be partial), so every row gets exactly one flash call for its
-    dilated keys plus a few near keys done with matmuls.
+    each (the last chunk may be partial): every row gets one unmasked flash call for the far keys
+    of its group, plus its near keys (by matmuls, or by one masked flash call when there are many).
     """
 
     def __init__(self, T: int, pattern: AttentionPattern, local_block: int, group: int, dtype, device):
@@ -188,9 +194,10 @@ class _Plan:
         self.j_lo = j_lo = (P + D) // D - 1
         n_chunks = -(-(T - W) // D)  # the last one may be partial
         self.first_row = min(T, W + (j_lo + 1) * D)
-        # c chunks per group: c * D rows share one flash call (larger calls run faster per row),
-        # and each row does c - 1 near keys with matmuls (about half of them masked).
-        c = max(1, min(_MAX_NEAR + 1, group // D))
+        # c chunks per group: c * D rows share one flash call for their far keys (the kernel runs
+        # faster per row on larger calls), and each row has up to c - 1 near keys.
+        c = max(1, group // D)
+        near_flash = c - 1 > _MAX_MATMUL_NEAR
         for a in range(j_lo + 1, n_chunks, c):
             b = min(n_chunks, a + c)
             rows = slice(W + a * D, min(T, W + b * D))
@@ -198,8 +205,11 @@ class _Plan:
             if b - a > 1:
                 m = (torch.arange(rows.start, rows.stop, device=device) - W).div(D, rounding_mode="floor")
                 j = torch.arange(a, b - 1, device=device)
-                near_mask = _additive(j.unsqueeze(1) < m.unsqueeze(0), dtype)  # (b - 1 - a, R)
-            self.groups.append(_Group(a, b, rows, near_mask))
+                if near_flash:  # (R - D, n): chunk a has no near key and stays out of the call
+                    near_mask = _additive(j.unsqueeze(0) < m[D:].unsqueeze(1), dtype)
+                else:
+                    near_mask = _additive(j.unsqueeze(1) < m.unsqueeze(0), dtype)  # (n, R)
+            self.groups.append(_Group(a, b, rows, near_mask, near_flash))
 
     def far(self, x: torch.Tensor, g: _Group) -> torch.Tensor:
         """(N, T, K) -> (N, a - j_lo, K) strided view: the far keys of the group, positions (j + 1) D - 1."""
@@ -210,7 +220,9 @@ class _Plan:
         return x[:, self.D - 1 :: self.D][:, g.a : g.b - 1]
 
 
-_MAX_NEAR = 31  # near keys per group at most: past this, the matmul part costs more than a flash call saves
+# Near keys per row up to which matmuls beat a second (masked) flash call; measured at T = 16K,
+# K = 64: 15 near keys (D = 64) run faster as matmuls, 63 (D = 16) as a flash call.
+_MAX_MATMUL_NEAR = 16
 
 
 class _SegmentedAttention(torch.autograd.Function):
@@ -227,9 +239,8 @@ class _SegmentedAttention(torch.autograd.Function):
             lse = q3.new_empty(B * H, T)
             for seg in plan.local:  # disjoint, covering every row: the first touch writes
                 rows = slice(seg.qs, seg.qe)
-                o, l = _flash_fwd(
-                    q3[:, rows].unsqueeze(1), seg.gather(k3), seg.gather(v3), 0.0, False, attn_mask=seg.mask, scale=scale
-                )
+                qr, mask = q3[:, rows].unsqueeze(1), seg.mask
+                o, l = _flash_fwd(qr, seg.gather(k3), seg.gather(v3), 0.0, False, attn_mask=mask, scale=scale)
                 out[:, rows] = o.squeeze(1)
                 lse[:, rows] = l.squeeze(1)
         base = v3 if plan.self_only else out  # the local part's output; its log-sum-exp is lse
@@ -245,18 +256,36 @@ class _SegmentedAttention(torch.autograd.Function):
                 # two parts: out = base + w (o - base), w = exp(l - L), one pass
                 new = torch.logaddexp(l_loc, l)
                 torch.lerp(b, o, l.sub_(new).exp_().unsqueeze(-1), out=out[:, rows])
-            else:
-                # three parts: far (o, l), local (base, l_loc) and the near keys, whose logits are
+            elif not g.near_flash:
+                # three parts: far (o, l), local (b, l_loc) and the near keys, whose logits are
                 # kept as (N, n, R) so that reductions run over rows, the contiguous dim
                 s = torch.baddbmm(g.near_mask, plan.near(k3, g), qr.transpose(1, 2), alpha=scale)
-                mx = torch.maximum(torch.maximum(l, l_loc), s.amax(1))  # (N, R), finite: l is
+                mx = torch.maximum(torch.maximum(l, l_loc), s.amax(1))  # (N, R), finite as l is
                 p = s.sub_(mx.unsqueeze(1)).exp_()
                 w_far, w_loc = l.sub_(mx).exp_(), (l_loc - mx).exp_()
                 z = p.sum(1).add_(w_far).add_(w_loc)  # softmax denominator / exp(mx)
                 new = z.log().add_(mx)
                 z.reciprocal_()
-                # out = w_far o + P_near V_near + w_loc base: two passes on o (fresh, in cache), one on out
+                # out = w_far o + P_near V_near + w_loc b: two passes on o (fresh, in cache), one on out
                 o.mul_(w_far.mul_(z).unsqueeze(-1)).baddbmm_(p.mul_(z.unsqueeze(1)).transpose(1, 2), plan.near(v3, g))
+                torch.addcmul(o, b, w_loc.mul_(z).unsqueeze(-1), out=out[:, rows])
+            else:
+                # three parts again, the near one from a masked flash call over the rows after chunk a
+                D = plan.D
+                o2, l2 = _flash_fwd(
+                    qr[:, D:].unsqueeze(1), plan.near(k3, g).unsqueeze(1), plan.near(v3, g).unsqueeze(1), 0.0, False,
+                    attn_mask=g.near_mask, scale=scale,
+                )  # fmt: skip
+                o2, l2 = o2.squeeze(1), l2.squeeze(1)  # (N, R - D, K), (N, R - D)
+                mx = torch.maximum(l, l_loc)
+                mx[:, D:] = torch.maximum(mx[:, D:], l2)
+                w_far, w_loc, w_near = l.sub_(mx).exp_(), (l_loc - mx).exp_(), l2.sub_(mx[:, D:]).exp_()
+                z = w_far + w_loc
+                z[:, D:] += w_near
+                new = z.log().add_(mx)
+                z.reciprocal_()
+                o.mul_(w_far.mul_(z).unsqueeze(-1))
+                o[:, D:].addcmul_(o2, w_near.mul_(z[:, D:]).unsqueeze(-1))
                 torch.addcmul(o, b, w_loc.mul_(z).unsqueeze(-1), out=out[:, rows])
             lse[:, rows] = new
         ctx.save_for_backward(q3, k3, v3, out, lse)
@@ -299,7 +328,18 @@ class _SegmentedAttention(torch.autograd.Function):
             plan.far(dv, g).add_(gv.squeeze(1))
             if g.near_mask is None:
                 continue
-            # near keys, logits as (N, n, R): P = exp(s - L), dS = P (V dO^T - delta)
+            if g.near_flash:
+                sub = slice(rows.start + plan.D, rows.stop)
+                gq, gk, gv = _flash_bwd(
+                    dout[:, sub].unsqueeze(1), q3[:, sub].unsqueeze(1), plan.near(k3, g).unsqueeze(1),
+                    plan.near(v3, g).unsqueeze(1), out[:, sub].unsqueeze(1), lse[:, sub].unsqueeze(1), 0.0, False,
+                    attn_mask=g.near_mask, scale=scale,
+                )  # fmt: skip
+                dq[:, sub] += gq.squeeze(1)
+                plan.near(dk, g).add_(gk.squeeze(1))
+                plan.near(dv, g).add_(gv.squeeze(1))
+                continue
+            # near keys by matmuls, logits as (N, n, R): P = exp(s - L), dS = P (V dO^T - delta)
             kn, vn = plan.near(k3, g), plan.near(v3, g)
             p = torch.baddbmm(g.near_mask, kn, qr.transpose(1, 2), alpha=scale).sub_(lse[:, rows].unsqueeze(1)).exp_()
             ds = torch.bmm(vn, dor.transpose(1, 2)).sub_(delta[:, rows].unsqueeze(1)).mul_(p)
@@ -311,7 +351,8 @@ class _SegmentedAttention(torch.autograd.Function):
 
 
 def default_group_size(T: int) -> int:
-    # Query rows per dilated flash call: the flash kernel runs fastest per row from ~768 rows on.
+    # Query rows per group of the dilated part: the flash kernel runs fastest per row from 768 rows
+    # on (its query block grows from 64 to 256), while the near keys per row grow with the group.
     return max(128, min(1024, T // 8))
 
 
