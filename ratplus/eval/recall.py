@@ -237,8 +237,15 @@ class RecallConfig:
         bad = [m for m in self.models if m not in ("ratplus", "baseline")]
         if bad or not self.models:
             raise ValueError(f"models must be a non-empty subset of ratplus, baseline, got {list(self.models)}")
-        for p in [*self.all_patterns(), self.joint_pattern, self.baseline_joint_pattern, *(self.adapt_patterns or [])]:
-            AttentionPattern.parse(p)  # raises ValueError naming the pattern
+        named = [("joint_pattern", self.joint_pattern), ("baseline_joint_pattern", self.baseline_joint_pattern)]
+        named += [("patterns", p) for p in self.all_patterns()] + [
+            ("adapt_patterns", p) for p in self.adapt_patterns or []
+        ]
+        for option, p in named:
+            try:
+                AttentionPattern.parse(p)
+            except ValueError as e:
+                raise ValueError(f"{option}: {e}") from e
 
     def all_patterns(self) -> list[str]:
         return list(self.patterns) if self.patterns is not None else default_patterns(self.task.seq_len)
