@@ -401,6 +401,61 @@ def gate_profile(model: RATPlusLM, b: RecallBatch, task: RecallTask) -> list[dic
     return out
 
 
+@torch.no_grad()
+def carrier_attention(model: RATPlusLM, b: RecallBatch, task: RecallTask, pattern: str) -> list[dict[str, float]]:
+    """Where each answer's query looks, per layer, under a dilated ``pattern`` (D > 1).
+
+    The *carrier* of a pair is the first dilated key at or after its value token (the first position
+    p >= value with (p + 1) % D == 0): the only dilated key whose recurrent state can hold both key
+    and value. For each queried key (the position that predicts the answer) this returns, per layer,
+    the attention mass on the carrier (best head) and the fraction of queries whose most-attended key
+    (best head) is the carrier; mean over the batch. Uses the exact masks (reference semantics)."""
+    from ratplus.ops.attention.masks import dilated_mask
+    from ratplus.ops.rope import apply_rope
+
+    p = _pattern(pattern)
+    if p.is_topk or p.is_dense or p.dilation_size is None:
+        raise ValueError(f"pattern must be dilated with D > 1, got {pattern!r}")
+    D = p.dilation_size
+    device = next(model.parameters()).device
+    ids = b.input_ids.to(device)
+    B, T = ids.shape
+    cos, sin = model.rope(torch.arange(T, device=device), torch.float32)
+    mask = dilated_mask(p, T, T, device=device)  # (T, S)
+    layers = model.resolve_pattern(pattern)
+    # carrier of the pair each query asks for: match the query key to its pair in the body
+    body_keys = ids.gather(1, b.pair_pos.to(device))  # (B, n)
+    asked = ids.gather(1, b.query_pos.to(device))  # (B, n)
+    which = (asked.unsqueeze(2) == body_keys.unsqueeze(1)).float().argmax(2)  # (B, n) pair index
+    value_pos = b.pair_pos.to(device).gather(1, which) + 1  # (B, n)
+    carrier = (value_pos + 1 + D - 1) // D * D - 1  # first p >= value_pos with (p + 1) % D == 0
+    visible = carrier < b.query_pos.to(device) - p.local_size  # carrier is a dilated key of the query
+    out: list[dict[str, float]] = []
+    x = model.embedding.wte(ids)  # (B, T, C)
+    for block, lp in zip(model.backbone.layers, layers, strict=True):
+        layer = block.seq_layer
+        _, q, k, v, g = layer.project(x)  # (B, H, T, K)
+        if g is not None:
+            k, v = layer.recur(g, k, v)
+        q, k = apply_rope(q, cos, sin), apply_rope(k.to(q.dtype), cos, sin)
+        scores = (q @ k.transpose(-1, -2)) * layer.head_dim**-0.5  # (B, H, T, S)
+        w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        qp = b.query_pos.to(device)  # (B, n)
+        rows = w.gather(2, qp[:, None, :, None].expand(B, w.shape[1], qp.shape[1], T))  # (B, H, n, S)
+        mass = rows.gather(3, carrier[:, None, :, None].expand(B, w.shape[1], -1, 1)).squeeze(3)  # (B, H, n)
+        top = rows.argmax(3) == carrier[:, None, :]  # (B, H, n)
+        sel = visible
+        out.append(
+            {
+                "carrier_mass": float(mass.amax(1)[sel].mean()) if sel.any() else float("nan"),
+                "carrier_top": float(top.any(1)[sel].float().mean()) if sel.any() else float("nan"),
+                "queries": int(sel.sum()),
+            }
+        )
+        x = block(x, lp, cos, sin)
+    return out
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -504,10 +559,17 @@ def run_recall_probe(
             }
             if row["kind"] == "dilated" and (p.local_size or p.initial_size) and not p.is_dense:
                 row["kind"] = "dilated+window"
+            traced = row["kind"] == "dilated" and not p.is_dense
+            if traced:
+                row["carrier"] = carrier_attention(model, test[0], cfg.task, pattern)
             if pattern in adapt_set:
                 adapted = adapt(model, cfg, pattern)
                 row["acc_adapted"] = evaluate_accuracy(adapted, test, pattern)
                 row["acc_adapted_dense"] = evaluate_accuracy(adapted, test, "dense")
+                if traced:
+                    row["carrier_adapted"] = carrier_attention(adapted, test[0], cfg.task, pattern)
+                if adapted.config.apply_re:
+                    row["gates_adapted"] = gate_profile(adapted, test[0], cfg.task)
             rows.append(row)
         info["eval_adapt_s"] = round(time.perf_counter() - t0, 1)
         record["models"][name] = info

@@ -11,6 +11,7 @@ from ratplus.cli import main
 from ratplus.eval.recall import (
     RecallTask,
     answer_accuracy,
+    carrier_attention,
     gate_profile,
     make_batch,
     quick_config,
@@ -154,6 +155,28 @@ def test_gate_profile_separates_token_kinds():
     model = RATPlusLM(cfg.model_config(baseline=False))
     prof = gate_profile(model, make_batch(cfg.task, 4), cfg.task)
     assert set(prof[0]) == {"filler", "key", "value", "query_key"}
+
+
+def test_carrier_attention_uniform_queries():
+    """With q = 0 every visible key gets the same weight: the carrier's mass is 1 / |S(t)|."""
+    from ratplus.config import AttentionPattern
+    from ratplus.model.rat import RATPlusLM
+
+    cfg = quick_config()
+    torch.manual_seed(0)
+    model = RATPlusLM(cfg.model_config(baseline=False))
+    C = cfg.d_model
+    for block in model.backbone.layers:
+        block.seq_layer.in_proj.weight.data[C : 2 * C] = 0  # rows of q
+    b = make_batch(cfg.task, 6, seed=2)
+    got = carrier_attention(model, b, cfg.task, "D8")
+    pattern = AttentionPattern.parse("D8")
+    expected = torch.tensor([1 / pattern.keys_per_query(int(t)) for t in b.query_pos.flatten()]).mean()
+    assert len(got) == cfg.num_layers and got[0]["queries"] == b.query_pos.numel()
+    for layer in got:
+        assert layer["carrier_mass"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="dilated"):
+        carrier_attention(model, b, cfg.task, "dense")
 
 
 def test_cli_quick(tmp_path, capsys):
