@@ -298,6 +298,27 @@ def quick_config(**overrides: Any) -> RecallConfig:
     return RecallConfig(**base)
 
 
+def demo_config(quick: bool = False, **overrides: Any) -> RecallConfig:
+    """The budget for the demo's recall stage (about 4 minutes at one idle thread; ``quick``: the smoke
+    budget). RAT+ only: in a few minutes the attention baseline does not learn the task densely, so its
+    sparse rows would mean nothing. Dense pretraining (the issue's run: 98% dense at 1,000 steps), then
+    adaptation at the full LR to D16 and to the local-only control (the recipe that worked here; the
+    paper's 0.1x LR did not move D16 at this scale)."""
+    if quick:
+        return quick_config(models=("ratplus",), **overrides)
+    base = dict(
+        steps=1000,
+        joint_train=False,
+        adapt_steps=100,
+        adapt_lr_mult=1.0,
+        patterns=["dense", "D4", "D16", "D32", "local-W16-P0", "topk-B8-K2-W8-P0-quest", "topk-B8-K2-W8-P0-moba"],
+        adapt_patterns=["D16", "local-W16-P0"],
+        models=("ratplus",),
+    )
+    base.update(overrides)
+    return RecallConfig(**base)
+
+
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RecallTask))
 OPTION_NAMES = frozenset(TASK_FIELDS) | {f.name for f in dataclasses.fields(RecallConfig)} - {"task", "progress"}
 

@@ -12,6 +12,7 @@ from ratplus.eval.recall import (
     RecallTask,
     answer_accuracy,
     carrier_attention,
+    demo_config,
     gate_profile,
     make_batch,
     quick_config,
@@ -120,6 +121,14 @@ def test_bad_probe_options():
         recall_config(quick=True, colour="red")
     with pytest.raises(ValueError, match="models"):
         recall_config(quick=True, models=("mamba",))
+
+
+def test_demo_config_is_valid_and_ratplus_only():
+    for quick in (False, True):
+        cfg = demo_config(quick)
+        cfg.validate()
+        assert cfg.models == ("ratplus",)
+    assert demo_config().steps > demo_config(quick=True).steps
 
 
 def test_tiny_end_to_end(tmp_path):
