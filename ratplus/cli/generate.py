@@ -40,8 +40,10 @@ def _run(args) -> int:
     from ratplus.generation import generate
     from ratplus.io.folder import load_pretrained, load_tokenizer
     from ratplus.io.metadata import read_metadata
+    from ratplus.runtime import resolve_device
 
-    model = load_pretrained(args.ckpt, device=args.device)
+    device = resolve_device(args.device)
+    model = load_pretrained(args.ckpt, device=device)
     tokenizer = load_tokenizer(args.ckpt)
     if args.prompt is not None:
         if tokenizer is None:
@@ -85,7 +87,7 @@ def _run(args) -> int:
         stop_tokens=args.stop,
         max_length=args.max_length,
         streamer=stream,
-        generator=torch.Generator(device=args.device).manual_seed(args.seed),
+        generator=torch.Generator(device=device).manual_seed(args.seed),
     )
     print(shown if not new_ids else "")
     return 0

@@ -39,11 +39,13 @@ from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig
 from ratplus.io.corpus import shakespeare_documents
-from ratplus.io.folder import atomic_write_text, load_config, load_into, load_state_dict_file
+from ratplus.io.folder import load_config, load_into, load_state_dict_file
+from ratplus.io.lock import folder_lock
+from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import resolve_device
+from ratplus.runtime import atomic_write_text, resolve_device
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
@@ -172,8 +174,7 @@ class _Run:
         # 2. data (the bundled corpus is tokenized on first use, by rank 0)
         self.init_tokenizer = None
         if cfg.init_from is not None:
-            if (Path(cfg.init_from) / ckpt_io.MANIFEST_FILE).exists():  # written by us: check it is intact
-                ckpt_io.verify_folder(cfg.init_from)
+            verify_folder(cfg.init_from, require=False)  # a folder of another tool (no manifest) loads with a note
             p = Path(cfg.init_from) / "tokenizer.json"
             self.init_tokenizer = load_tokenizer_file(p) if p.is_file() else None
         self.val: TokenDataset | None = None
@@ -492,7 +493,9 @@ def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     info, device = D.init_distributed(cfg.distributed, resolve_device(cfg.device))
     try:
-        return _Run(cfg, info, device).run()
+        # one writer per output folder (rank 0 holds the lock for the whole job)
+        with folder_lock(cfg.out_dir, cfg.task) if info.is_main else contextlib.nullcontext():
+            return _Run(cfg, info, device).run()
     finally:
         D.shutdown(info)
 
