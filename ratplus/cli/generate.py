@@ -55,6 +55,11 @@ def _run(args) -> int:
         prompt = args.prompt_ids
         if not prompt:
             raise ValueError("--prompt-ids is empty")
+    vocab = model.config.vocab_size
+    for flag, ids in (("--prompt-ids", prompt), ("--stop", args.stop or [])):
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:  # checked before the tokenizer decodes the prompt for display
+            raise ValueError(f"{flag}: token id {bad[0]} is outside [0, vocab_size={vocab})")
     pattern = args.pattern or read_metadata(args.ckpt).adapted_pattern or "dense"
     print(f"[pattern {pattern}, {len(prompt)} prompt tokens]", file=sys.stderr)
 

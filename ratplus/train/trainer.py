@@ -73,6 +73,7 @@ def _base_model_config(cfg: TrainConfig) -> ModelConfig:
     source = cfg.init_from or cfg.model
     p = Path(source)
     if p.is_dir():
+        verify_folder(p, require=False)  # before anything is read; a folder of another tool loads with a note
         config = load_config(p)
         if cfg.model_overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **cfg.model_overrides})
@@ -174,7 +175,6 @@ class _Run:
         # 2. data (the bundled corpus is tokenized on first use, by rank 0)
         self.init_tokenizer = None
         if cfg.init_from is not None:
-            verify_folder(cfg.init_from, require=False)  # a folder of another tool (no manifest) loads with a note
             p = Path(cfg.init_from) / "tokenizer.json"
             self.init_tokenizer = load_tokenizer_file(p) if p.is_file() else None
         self.val: TokenDataset | None = None
