@@ -153,7 +153,9 @@ def writing(target: str | Path, partial: Iterable[str | Path] = (), needed: int 
             if needed is not None:
                 msg += f", about {_size(needed)} needed"
         msg += "; partial files were removed, earlier results are intact: fix this and run the command again"
-        raise WriteError(e.errno, msg) from e
+        error = WriteError(msg)
+        error.errno = e.errno
+        raise error from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

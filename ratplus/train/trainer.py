@@ -45,7 +45,7 @@ from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import atomic_write_text, resolve_device
+from ratplus.runtime import atomic_write_text, resolve_device, writing
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
@@ -118,7 +118,7 @@ class _Log:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:  # a line cut short is dropped by trim() on resume
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
