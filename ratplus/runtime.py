@@ -175,11 +175,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def make_dir(path: str | Path) -> Path:
-    """``mkdir -p`` with a clear error when a file stands where the folder should be."""
+def check_dir(path: str | Path) -> Path:
+    """``path`` can be (or become) a folder: a file standing there raises ValueError naming it."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{p} is a file; a folder is expected there")
+    return p
+
+
+def make_dir(path: str | Path) -> Path:
+    """``mkdir -p`` with a clear error when a file stands where the folder should be."""
+    p = check_dir(path)
     with writing(p):
         p.mkdir(parents=True, exist_ok=True)
     return p
