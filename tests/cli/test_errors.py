@@ -79,7 +79,7 @@ CASES = [
     (
         ["eval", "ppl", "--ckpt", "{root}/model", "--data", "{root}/text.txt", "--out", "{root}/afile"],
         "eval ppl",
-        "afile",
+        "afile is a file",
     ),
     # convert, sft, demo, bench
     (["convert", "{root}/model", "{root}/afile", "--to", "hf"], "convert", "afile is a file"),
