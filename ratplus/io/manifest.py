@@ -6,7 +6,7 @@ written last, and checked by every loader before any file is read.
 Verification levels (``verify=`` of ``verify_folder`` / ``load_pretrained``, or the environment
 variable ``RATPLUS_VERIFY`` when the call gives none):
 
-* ``sha256`` (default): sizes and SHA-256 of every listed file (about 0.6 s per GB on one core here).
+* ``sha256`` (default): sizes and SHA-256 of every listed file (about 1.7 s per GiB, README).
 * ``size``: sizes only, for very large checkpoints on trusted storage (catches truncation, not edits).
 
 A folder without a manifest (written by another tool) loads with a one-line note; an empty or
