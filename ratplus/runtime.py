@@ -81,6 +81,23 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_fits_memory(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
+    """ValueError when ``nbytes`` exceed the total memory of ``device`` (RAM, or the GPU's memory):
+    such a request would end in an allocation failure or the OOM killer, not in a clear error."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device.index or 0).total_memory
+    elif device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+    else:
+        return
+    if nbytes > total:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB, more than the {total / 2**30:.1f} GiB of {device}")
+
+
 #: dtype names a ``--dtype`` flag accepts.
 DTYPES = {
     "float32": torch.float32,

@@ -29,7 +29,7 @@ from ratplus.io.metadata import METADATA_FILE, ModelMetadata, metadata_json
 from ratplus.io.metadata import load_metadata as load_metadata  # re-exported: folder readers import it from here
 from ratplus.io.tokenizer import TOKENIZER_FILE, folder_tokenizer
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import atomic_write_bytes, atomic_write_text, make_dir
+from ratplus.runtime import atomic_write_bytes, atomic_write_text, check_fits_memory, make_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -155,6 +155,7 @@ def load_pretrained(
         raise ValueError(f"{folder} is a file; a model folder (config.json, model.safetensors) is expected")
     verify_folder(folder, verify, require=False)
     config = load_config(folder)
+    check_fits_memory(4 * config.num_params(), f"the {config.num_params():,}-parameter model in {folder}")
     model = RATPlusLM(config)
     load_into(model, load_state_dict_file(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
     model.to(device=device)

@@ -45,7 +45,7 @@ from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import atomic_write_text, resolve_device, writing
+from ratplus.runtime import atomic_write_text, check_fits_memory, resolve_device, writing
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
@@ -153,6 +153,8 @@ class _Run:
         # 1. architecture, patterns and lengths: all checked before any data is read
         config = _base_model_config(cfg)
         self.apply_re = config.apply_re
+        # weights, gradients and two AdamW moments in float32
+        check_fits_memory(16 * config.num_params(), f"training a {config.num_params():,}-parameter model", device)
 
         canonical = config.canonical_pattern  # "D4" and "D4-W0-P0" name the same pattern in logs
         self.sparse_pattern = canonical(cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE))

@@ -44,6 +44,7 @@ CASES = [
     ([*T, "--set", 'd_model="abc"'], "train", "d_model must be a positive int"),
     ([*T, "--set", "tie_embeddings=3"], "train", "tie_embeddings must be true or false"),
     ([*T, "--set", "bogus=1"], "train", "unknown ModelConfig field(s): bogus"),
+    ([*T, "--set", "vocab_size=10000000000"], "train", "GiB, more than the"),  # cannot fit memory
     # patterns: non-ASCII digits, conflicting suffixes, empty, beyond any context
     ([*T, "--sparse-pattern", "D١٦"], "train", "unknown attention pattern 'D١٦'"),
     ([*T, "--sparse-pattern", "topk-B4-K2-quest-moba"], "train", "conflicting scorings quest and moba"),
