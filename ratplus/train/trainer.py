@@ -338,8 +338,16 @@ class _Run:
         if cfg.resume is False:
             return
         if cfg.resume is True:
-            path = ckpt_io.latest_checkpoint(self.ckpt_root) if self.info.is_main else None
-            path = D.broadcast_object(path, self.info)
+            found: Path | str | None = None
+            if self.info.is_main:
+                try:
+                    found = ckpt_io.latest_checkpoint(self.ckpt_root)
+                except ckpt_io.CheckpointError as e:  # every checkpoint damaged: all ranks stop together
+                    found = f"error: {e}"
+            found = D.broadcast_object(found, self.info)
+            if isinstance(found, str):
+                raise ckpt_io.CheckpointError(found.removeprefix("error: "))
+            path = found
             if path is None:
                 logger.info("ratplus: no checkpoint in %s, starting from scratch", self.ckpt_root)
                 return

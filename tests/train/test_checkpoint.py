@@ -140,3 +140,19 @@ def test_overwriting_a_step_replaces_it_whole(tmp_path):
     assert torch.equal(load_pretrained(path).embedding.wte.weight, other.embedding.wte.weight)
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {MANIFEST_FILE}
+
+
+def test_resume_over_only_damaged_checkpoints_stops_with_the_list(tmp_path, data_dir, capsys):
+    from ratplus.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--eval-batches", "1"]
+    argv += ["--data", str(data_dir), "--out", str(out), "--ckpt-interval", "1"]
+    assert main([*argv, "--steps", "2"]) == 0
+    for _, path in C.list_checkpoints(out / "checkpoints"):
+        w = path / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-1] + b"\0")
+    assert main([*argv, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "every checkpoint" in err and "step_0000001" in err and "step_0000002" in err
+    assert [s for s, _ in C.list_checkpoints(out / "checkpoints")] == [1, 2]  # nothing overwritten
