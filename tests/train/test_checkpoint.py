@@ -151,7 +151,8 @@ def test_resume_over_only_damaged_checkpoints_stops_with_the_list(tmp_path, data
     assert main([*argv, "--steps", "2"]) == 0
     for _, path in C.list_checkpoints(out / "checkpoints"):
         w = path / "model.safetensors"
-        w.write_bytes(w.read_bytes()[:-1] + b"\0")
+        data = w.read_bytes()
+        w.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert main([*argv, "--steps", "3", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "every checkpoint" in err and "step_0000001" in err and "step_0000002" in err
