@@ -104,9 +104,14 @@ def release(lock: Path) -> None:
 
 @contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
-    """Hold ``folder``'s lock for the body of the block (see module docstring)."""
+    """Hold ``folder``'s lock for the body of the block (see module docstring). A folder created
+    here that is still empty at the end (the run stopped on bad input) is removed again."""
+    created = not Path(folder).exists()
     lock = acquire(folder, what)
     try:
         yield lock
     finally:
         release(lock)
+        if created:
+            with suppress(OSError):  # not empty: the run wrote something, keep it
+                lock.parent.rmdir()
