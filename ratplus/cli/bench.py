@@ -49,6 +49,11 @@ def add_parser(sub) -> None:
     d.add_argument("--model-patterns", type=names, default="dense,D16", help="the first one is the baseline")
     d.add_argument("--model-batch", type=ints, default=[1, 4], help="batch sizes of the whole-model line")
     d.add_argument("--model-steps", type=int, default=8)
+    d.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the same-size LlamaForCausalLM rows (DynamicCache and StaticCache; need transformers)",
+    )
     d.add_argument("--plot", default="bench_decode.png", help="PNG path ('' to skip)")
     add_machine_flags(d, threads=True)
     d.set_defaults(func=_decode)
@@ -71,6 +76,7 @@ def add_parser(sub) -> None:
     h.add_argument("--prompt-len", type=int, default=256)
     h.add_argument("--new-tokens", type=int, default=64)
     h.add_argument("--repeats", type=int, default=3)
+    h.add_argument("--no-peer", action="store_true", help="skip the same-size LlamaForCausalLM generate() rows")
     add_machine_flags(h, threads=True)
     h.set_defaults(func=_hf)
 
@@ -107,6 +113,7 @@ def _decode(args) -> int:
         model_preset=None if args.model_preset.lower() in ("", "none") else args.model_preset,
         model_batches=args.model_batch,
         model_steps=args.model_steps,
+        peer=not args.no_peer,
         plot_path=args.plot or None,
         **shape,
     )
@@ -119,4 +126,4 @@ def _train(args) -> int:
 
 def _hf(args) -> int:
     shape = picked(args, "preset", "pattern", "batch", "prompt_len", "new_tokens", "repeats")
-    return _run("hf", args, model_dir=args.model, **shape)
+    return _run("hf", args, model_dir=args.model, peer=not args.no_peer, **shape)
