@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 TopKScoring = Literal["quest", "moba"]
+#: Bound on any pattern size (D, W, P, block size, top-k): larger values cannot describe a real context.
+MAX_PATTERN_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,14 @@ class AttentionPattern:
     scoring: TopKScoring = "quest"
 
     def __post_init__(self) -> None:
+        for name in ("dilation_size", "local_size", "initial_size", "block_size", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PATTERN_SIZE:
+                raise ValueError(f"{name}={value} is beyond any context (at most {MAX_PATTERN_SIZE})")
+        for name in ("block_size", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.kind not in ("dilated", "topk"):
             raise ValueError(f"kind must be 'dilated' or 'topk', got {self.kind!r}")
         if self.kind == "dilated":
@@ -148,7 +159,7 @@ class AttentionPattern:
         elif head.lower() == "topk":
             fields["kind"] = "topk"
             fields["dilation_size"] = None
-        elif re.fullmatch(r"[Dd]\d+", head):
+        elif re.fullmatch(r"[Dd][0-9]+", head):
             fields["dilation_size"] = int(head[1:])
         else:
             raise ValueError(
@@ -160,9 +171,11 @@ class AttentionPattern:
             letters.update({"B": "block_size", "K": "top_k"})
         for part in rest:
             if fields.get("kind") == "topk" and part.lower() in ("quest", "moba"):
+                if "scoring" in fields:
+                    raise ValueError(f"conflicting scorings {fields['scoring']} and {part.lower()} in pattern {text!r}")
                 fields["scoring"] = part.lower()
                 continue
-            m = re.fullmatch(r"([A-Za-z])(\d+)", part)
+            m = re.fullmatch(r"([A-Za-z])([0-9]+)", part)
             if not m or m.group(1).upper() not in letters:
                 raise ValueError(f"unknown field {part!r} in attention pattern {text!r}")
             name = letters[m.group(1).upper()]
@@ -215,7 +228,7 @@ class HeadGroups:
         groups = []
         for item in items:
             name, sep, count = item.rpartition(":")
-            if not sep or not count.strip().isdigit():
+            if not sep or not re.fullmatch(r"[0-9]+", count.strip()):
                 raise ValueError(f"head group {item!r} in {text!r} must look like '<pattern>:<num_heads>'")
             groups.append((AttentionPattern.parse(name), int(count)))
         return cls(tuple(groups))
@@ -303,10 +316,18 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head dim d_model/num_heads={self.head_dim} must be even for RoPE")
-        if self.rope_base <= 0:
-            raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name, low in (("rope_base", "> 0"), ("norm_eps", "> 0"), ("init_std", ">= 0")):
+            value = getattr(self, name)
+            if not is_real(value) or not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
+                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+        for name in ("apply_re", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        eos = self.eos_token_id
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
+            raise ValueError(f"eos_token_id must be an int or null, got {self.eos_token_id!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}")
         if self.eos_token_id is not None and not (0 <= self.eos_token_id < self.vocab_size):
             raise ValueError(f"eos_token_id={self.eos_token_id} is outside [0, vocab_size={self.vocab_size})")
 
@@ -348,7 +369,7 @@ class ModelConfig:
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         values = dict(PRESETS[key])
-        values.update(overrides)
+        values.update(known_fields(cls, overrides))
         values.setdefault("name", key)
         return cls(**values)
 
@@ -370,8 +391,15 @@ class ModelConfig:
         return cls.from_dict(read_json(p, "model config"))
 
 
+def is_real(value: Any) -> bool:
+    """A real number (int or float), not a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` checked to hold only fields of the dataclass ``cls`` (ValueError naming the others)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object of fields, got {type(data).__name__}")
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
@@ -381,7 +409,9 @@ def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 def read_json(path: Path, what: str = "") -> Any:
     """The JSON value in a file; a file that is not JSON raises ValueError naming it (``what`` first)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what + ' ' if what else ''}{path} is not a text (UTF-8 JSON) file") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{what + ' ' if what else ''}{path} is not valid JSON: {e}") from e
 

@@ -84,6 +84,14 @@ def add_parser(sub) -> None:
 def _run(what: str, args: argparse.Namespace, **kwargs: Any) -> int:
     """``ratplus.bench.<what>.run(**kwargs)`` on the device, dtype and threads the flags name."""
     apply_threads(getattr(args, "threads", 0))
+    for flag in ("seq_lens", "context_lens", "model_batch"):
+        values = getattr(args, flag, None)
+        if values is not None and (not values or min(values) < 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive integers, got {values}")
+    for flag in ("heads", "head_dim", "batch", "repeats", "steps", "layer_len", "model_steps", "prompt_len"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     device = resolve_device(args.device)
     run = importlib.import_module(f"ratplus.bench.{what}").run
     run(device=device, dtype=resolve_dtype(args.dtype, device), json_path=args.json, **kwargs)

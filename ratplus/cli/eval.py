@@ -15,7 +15,7 @@ from pathlib import Path
 from ratplus.cli.common import floats, ints, names
 from ratplus.eval.common import EvalModel, open_checkpoint
 from ratplus.eval.report import run_longbench, run_niah, run_ppl
-from ratplus.runtime import emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
+from ratplus.runtime import check_dir, emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
 
 logger = logging.getLogger("ratplus")
 
@@ -110,6 +110,7 @@ def add_parser(sub) -> None:
 def _cmd_ppl(args) -> int:
     from ratplus.io.corpus import read_documents
 
+    check_dir(args.out)  # before any model is loaded
     texts = read_documents(args.data)
     models = [_open(c, args.device, args.dtype) for c in args.ckpt]
     rec = run_ppl(
@@ -136,6 +137,7 @@ def _cmd_ppl(args) -> int:
 
 
 def _cmd_niah(args) -> int:
+    check_dir(args.out)
     em = _open(args.ckpt, args.device, args.dtype)
     samples = read_jsonl(args.data) if args.data else None
     rec = run_niah(
@@ -205,6 +207,7 @@ def _cmd_niah_data(args) -> int:
 
 
 def _cmd_longbench(args) -> int:
+    check_dir(args.out)
     em = _open(args.ckpt, args.device, args.dtype)
     rec = run_longbench(
         em, args.data, args.patterns, args.out, args.datasets, args.context_length, args.limit, not args.quiet

@@ -64,6 +64,10 @@ class SlotLayout:
         if pattern.is_topk:
             raise ValueError("top-k patterns keep every key; they have no slot layout")
         P, W, D = (0, 0, 1) if pattern.is_dense else (pattern.initial_size, pattern.local_size, pattern.dilation_size)
+        # A prefix longer than the cache, or a window reaching below P from the last position, changes
+        # no key set (those positions are already in it): both are clamped, so P + W + 1 <= max_len + 1.
+        P = min(P, max_len)
+        W = min(W, max(0, max_len - 1 - P))
         dilated = 0 if D is None else (max_len - 1) // D
         return cls(P, W + 1, D, P + W + 1 + dilated)
 

@@ -235,6 +235,14 @@ class RATPlusLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if cache is None and input_ids.numel():
+            # full forwards (training, scoring) check the ids here; decoding checks them once in generation.py
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids hold token id {bad} outside [0, vocab_size={self.config.vocab_size})")
         if cache is not None:
             if labels is not None:
                 raise ValueError("labels are not supported together with a cache (inference only)")
