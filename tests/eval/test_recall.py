@@ -199,4 +199,4 @@ def test_cli_quick(tmp_path, capsys):
 def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     code = main(["eval", "recall", "--quick", "--pairs", "9", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("ratplus eval: error:") and "pairs=9" in err and "\n" not in err
+    assert code == 2 and err.startswith("ratplus eval recall: error:") and "pairs=9" in err and "\n" not in err
