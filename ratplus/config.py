@@ -277,6 +277,9 @@ class ModelConfig:
     """Architecture of a RAT+ language model (docs/DESIGN.md section 2).
 
     ``apply_re=False`` gives the gated-attention baseline (no recurrence, in_proj packs o,q,k,v).
+    ``num_kv_heads`` (None = ``num_heads``) < ``num_heads`` gives grouped-query attention (1 = multi-query):
+    k, v (and the forget gate f) are projected for the KV heads only, the recurrence runs on them, and
+    the queries of a group of ``num_heads / num_kv_heads`` consecutive heads share one KV head.
     ``max_seq_len`` bounds training/prefill length and RoPE positions; longer input raises.
     """
 
@@ -285,6 +288,7 @@ class ModelConfig:
     num_layers: int = 24
     num_heads: int = 16
     max_seq_len: int = 4096
+    num_kv_heads: int | None = None
     rope_base: float = 10000.0
     apply_re: bool = True
     tie_embeddings: bool = True
@@ -299,6 +303,13 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        kv = self.num_kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.num_heads % kv != 0:
+            raise ValueError(
+                f"num_kv_heads must be a positive int dividing num_heads={self.num_heads}, got {self.num_kv_heads!r}"
+            )
         if self.d_model % self.num_heads != 0:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2 != 0:
@@ -315,21 +326,44 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
+    def kv_group(self) -> int:
+        """Query heads per KV head (1 = plain multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k, v (and f) projections: num_kv_heads x K (= d_model without GQA)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
     def d_ffn(self) -> int:
         return self.ffn_mult * self.d_model
 
     def num_params(self) -> int:
         """Closed-form parameter count (tied head): V*C + L*(c*C^2 + 2C) + C (+ V*C if untied),
-        with c = 5 + 1 + 2*ffn_mult for RAT+ (14 at ffn_mult 4) and one C^2 less for the baseline."""
+        with c = 5 + 1 + 2*ffn_mult for RAT+ (14 at ffn_mult 4) and one C^2 less for the baseline.
+        With GQA the k, v (and f) rows of in_proj shrink from C to num_kv_heads x K each."""
         C, V, L = self.d_model, self.vocab_size, self.num_layers
-        per_layer = (5 if self.apply_re else 4) * C * C + C * C + 2 * self.d_ffn * C + 2 * C
+        in_rows = 2 * C + (3 if self.apply_re else 2) * self.kv_dim
+        per_layer = in_rows * C + C * C + 2 * self.d_ffn * C + 2 * C
         total = V * C + L * per_layer + C
         if not self.tie_embeddings:
             total += V * C
         return total
 
     def resolve_pattern(self, spec: PatternSpec) -> tuple[HeadGroups, ...]:
-        return resolve_pattern(spec, self.num_layers, self.num_heads)
+        """One ``HeadGroups`` per layer; with GQA every head group must hold whole KV groups (its
+        queries share KV heads, and the cache keeps one pattern per KV head)."""
+        layers = resolve_pattern(spec, self.num_layers, self.num_heads)
+        G = self.kv_group
+        if G > 1:
+            for layer in layers:
+                if any(n % G for _, n in layer.groups):
+                    raise ValueError(
+                        f"pattern {layer} splits a KV group: with num_heads={self.num_heads} and "
+                        f"num_kv_heads={self.num_kv_heads} every head group must be a multiple of {G} heads"
+                    )
+        return layers
 
     def canonical_pattern(self, spec: PatternSpec) -> str:
         """One printable form per distinct pattern of this architecture (``D16`` and ``D16-W0-P0``
@@ -387,10 +421,12 @@ def read_json(path: Path, what: str = "") -> Any:
 
 
 #: Named presets. ``tiny`` is for tests, ``demo`` trains on 2 CPU cores (docs/DESIGN.md section 2: C=256, 4 layers,
-#: T=512, about 4.7M parameters with a 4096-token vocabulary), the last three are the paper's sizes.
+#: T=512, about 4.7M parameters with a 4096-token vocabulary; ``demo-gqa``: the same with 2 KV heads), the last
+#: three are the paper's sizes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, max_seq_len=256),
     "demo": dict(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, max_seq_len=512),
+    "demo-gqa": dict(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=512),
     "125m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, max_seq_len=4096),
     "350m": dict(vocab_size=32000, d_model=1024, num_layers=24, num_heads=16, max_seq_len=4096),
     "1.5b": dict(vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, max_seq_len=4096),

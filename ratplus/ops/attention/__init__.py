@@ -62,6 +62,12 @@ def _single(
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 
+def repeat_kv(t: torch.Tensor, group: int) -> torch.Tensor:
+    """Grouped-query attention's key/value heads for every query head: (B, Hkv, S, K) ->
+    (B, Hkv x group, S, K), KV head j serving query heads j*group .. (j+1)*group - 1."""
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,5 +119,6 @@ __all__ = [
     "dilated_mask",
     "mask_mod_values",
     "masked_attention_reference",
+    "repeat_kv",
     "sparse_attention_blocked",
 ]
