@@ -26,6 +26,10 @@ from typing import Any, Literal
 
 TopKScoring = Literal["quest", "moba"]
 
+#: SnapKV's pooling kernel: each key's vote is max-pooled over this many neighbouring positions, so
+#: a selected key keeps the keys around it (SnapKV, Li et al. 2024, clusters its selection this way).
+SNAPKV_KERNEL = 5
+
 
 @dataclass(frozen=True)
 class AttentionPattern:
@@ -42,19 +46,41 @@ class AttentionPattern:
     ``kind="topk"`` is inference-time top-k block attention: keys are grouped in blocks of
     ``block_size``; each query attends to its ``top_k`` best-scoring complete blocks older than the
     local window (scored Quest- or MoBA-style) plus the local window and initial tokens.
+
+    ``kind="snapkv"`` is SnapKV KV eviction at inference (string ``snapkv-C<cache_size>-O<window>``):
+    the prompt is attended densely (a full forward is plain causal attention); after the prefill the
+    decoding cache keeps, per KV head, the ``cache_size`` prompt keys that the last ``window`` prompt
+    queries attend to most (weights summed over those queries, max-pooled over ``SNAPKV_KERNEL``
+    neighbours) plus those ``window`` keys; decoding continues over the kept keys and the new ones.
     """
 
     dilation_size: int | None = 1
     local_size: int = 0
     initial_size: int = 0
-    kind: Literal["dilated", "topk"] = "dilated"
+    kind: Literal["dilated", "topk", "snapkv"] = "dilated"
     block_size: int = 64
     top_k: int = 16
     scoring: TopKScoring = "quest"
+    cache_size: int = 1024
+    window: int = 64
 
     def __post_init__(self) -> None:
-        if self.kind not in ("dilated", "topk"):
-            raise ValueError(f"kind must be 'dilated' or 'topk', got {self.kind!r}")
+        if self.kind not in ("dilated", "topk", "snapkv"):
+            raise ValueError(f"kind must be 'dilated', 'topk' or 'snapkv', got {self.kind!r}")
+        if self.kind == "snapkv":
+            object.__setattr__(self, "dilation_size", None)
+            for name in ("cache_size", "window"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} of a SnapKV pattern must be an int >= 1, got {value!r}")
+            if self.cache_size < self.window:
+                raise ValueError(
+                    f"cache_size={self.cache_size} of a SnapKV pattern is below its observation window "
+                    f"window={self.window}; SnapKV keeps at least the window"
+                )
+            if self.local_size or self.initial_size:
+                raise ValueError("a SnapKV pattern takes no local_size / initial_size (its window is O<window>)")
+            return
         if self.kind == "dilated":
             if self.dilation_size is not None:
                 if isinstance(self.dilation_size, bool) or not isinstance(self.dilation_size, int):
@@ -88,19 +114,26 @@ class AttentionPattern:
     def is_topk(self) -> bool:
         return self.kind == "topk"
 
+    @property
+    def is_snapkv(self) -> bool:
+        return self.kind == "snapkv"
+
     def kv_slots(self, seq_len: int) -> int:
         """Cache slots needed to decode at context ``seq_len``: P + W + 1 + floor(T / D) (docs/DESIGN.md 4).
 
-        Dense needs T + 1; top-k keeps every key (it only skips work, not memory).
+        Dense needs T + 1; top-k keeps every key (it only skips work, not memory); SnapKV keeps
+        min(T, cache_size + window) prompt keys (a prompt of T tokens) + 1.
         """
+        if self.is_snapkv:
+            return min(seq_len, self.cache_size + self.window) + 1
         if self.is_dense or self.is_topk:
             return seq_len + 1
         dilated = 0 if self.dilation_size is None else seq_len // self.dilation_size
         return self.initial_size + self.local_size + 1 + dilated
 
     def keys_per_query(self, t: int) -> int:
-        """Exact |S(t)| for query position t (used for FLOP accounting)."""
-        if self.is_dense:
+        """Exact |S(t)| for query position t (used for FLOP accounting; SnapKV's prefill is dense)."""
+        if self.is_dense or self.is_snapkv:
             return t + 1
         W, P = self.local_size, self.initial_size
         n = min(W, t) + 1  # local
@@ -120,6 +153,8 @@ class AttentionPattern:
     # ---- string form --------------------------------------------------------------------------
     def __str__(self) -> str:
         W, P = self.local_size, self.initial_size
+        if self.is_snapkv:
+            return f"snapkv-C{self.cache_size}-O{self.window}"
         if self.is_topk:
             return f"topk-B{self.block_size}-K{self.top_k}-W{W}-P{P}-{self.scoring}"
         if self.dilation_size is None:
@@ -131,7 +166,7 @@ class AttentionPattern:
     @classmethod
     def parse(cls, text: str) -> AttentionPattern:
         """Parse one pattern: ``dense``, ``D16``, ``D16-W256-P4``, ``local-W64-P4``,
-        ``topk-B64-K16-W64-P4-quest`` (fields after the head may come in any order, missing ones
+        ``topk-B64-K16-W64-P4-quest``, ``snapkv-C1024-O64`` (fields after the head may come in any order, missing ones
         default to 0 / the dataclass default)."""
         if not isinstance(text, str):
             raise ValueError(f"pattern must be a string, got {type(text).__name__}")
@@ -148,16 +183,20 @@ class AttentionPattern:
         elif head.lower() == "topk":
             fields["kind"] = "topk"
             fields["dilation_size"] = None
+        elif head.lower() == "snapkv":
+            fields["kind"] = "snapkv"
         elif re.fullmatch(r"[Dd]\d+", head):
             fields["dilation_size"] = int(head[1:])
         else:
             raise ValueError(
                 f"unknown attention pattern {text!r}: expected 'dense', 'D<d>[-W<w>][-P<p>]', "
-                "'local-W<w>[-P<p>]' or 'topk-B<b>-K<k>[-W<w>][-P<p>][-quest|-moba]'"
+                "'local-W<w>[-P<p>]', 'topk-B<b>-K<k>[-W<w>][-P<p>][-quest|-moba]' or 'snapkv-C<c>-O<o>'"
             )
         letters = {"W": "local_size", "P": "initial_size"}
         if fields.get("kind") == "topk":
             letters.update({"B": "block_size", "K": "top_k"})
+        if fields.get("kind") == "snapkv":
+            letters = {"C": "cache_size", "O": "window"}
         for part in rest:
             if fields.get("kind") == "topk" and part.lower() in ("quest", "moba"):
                 fields["scoring"] = part.lower()

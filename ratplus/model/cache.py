@@ -23,6 +23,12 @@ dense / dilated / local-only groups (``SlotLayout``), slots laid out as
 top-k groups: every key at slot = position (max_len slots) plus per-block summaries (Quest: max
   and min, MoBA: mean) of the candidate blocks (see ``ratplus.ops.attention.topk``).
 
+SnapKV groups: nothing until the prefill, which attends densely and then keeps per KV head the
+  n_keep = min(T, cache_size + window) prompt keys ``ratplus.ops.attention.snapkv.snapkv_select``
+  picks (in position order; ``kept`` holds their positions) in slots [0, n_keep), with room for the
+  max_len - T tokens still to come: n_keep + max_len - T slots. Later tokens are appended after the
+  kept ones and attend to every filled slot (the kept keys are all older than them).
+
 Slots of a group = ``pattern.kv_slots(max_len - 1)`` (P + W + 1 + floor((max_len - 1) / D); the
 "+1" is the slot of the token being decoded), so the bytes are exactly
     sum over groups: B x h_kv x slots x 2 (k and v) x K x itemsize
@@ -47,9 +53,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ratplus.config import AttentionPattern, HeadGroups, ModelConfig, PatternSpec, pattern_to_str
+from ratplus.config import SNAPKV_KERNEL, AttentionPattern, HeadGroups, ModelConfig, PatternSpec, pattern_to_str
 from ratplus.ops.attention import attention, repeat_kv
 from ratplus.ops.attention.masks import mask_mod_values
+from ratplus.ops.attention.snapkv import snapkv_select
 from ratplus.ops.attention.topk import block_summaries, topk_attention, topk_decode_attention
 
 
@@ -169,6 +176,14 @@ class _GroupCache:
         self.kv_heads: slice = kv_heads
         self.group = (heads.stop - heads.start) // (kv_heads.stop - kv_heads.start)  # G
         h = kv_heads.stop - kv_heads.start
+        self.max_len, self.head_dim = max_len, head_dim
+        self.filled: list[int] = [0] * batch_size  # SnapKV: slots filled per row
+        self.kept: list[torch.Tensor] | None = None  # SnapKV: (h_kv, n_keep) positions kept per row
+        if pattern.is_snapkv:
+            self.layout, self.summaries = None, ()
+            self.k = torch.zeros(batch_size, h, 0, head_dim, device=device, dtype=dtype)  # sized by the prefill
+            self.v = torch.zeros_like(self.k)
+            return
         if pattern.is_topk:
             self.layout = None
             slots = max_len
@@ -191,6 +206,10 @@ class _GroupCache:
     def select(self, index: torch.Tensor) -> None:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
         self.summaries = tuple(s.index_select(0, index) for s in self.summaries)
+        rows = index.tolist()
+        self.filled = [self.filled[i] for i in rows]
+        if self.kept is not None:
+            self.kept = [self.kept[i] for i in rows]
 
     def num_valid(self, n: int) -> int:
         return n if self.layout is None else self.layout.num_valid(n)
@@ -240,6 +259,8 @@ class _GroupCache:
     def attend(self, q, k, v, step: CacheStep, backend: str) -> torch.Tensor:
         """q (B, h, T, K), k, v (B, h_kv, T, K) of the new tokens (after RoPE). Returns the attention
         output (B, h, T, K) over the cached tokens plus the new ones, and stores the new ones."""
+        if self.pattern.is_snapkv:
+            return self._snapkv_attend(q, k, v, step, backend)
         if step.fresh:
             out = self._prefill(q, k, v, step, backend)
             self.write(k, v, step)
@@ -250,6 +271,47 @@ class _GroupCache:
         out = self._extend(q, k, v, step)
         self.write(k, v, step)
         return out
+
+    # ---- SnapKV -------------------------------------------------------------------------------------
+    def _snapkv_attend(self, q, k, v, step: CacheStep, backend: str) -> torch.Tensor:
+        if step.fresh:
+            out = self._prefill(q, k, v, step, backend)  # dense over the prompt
+            self._snapkv_compress(q, k, v, step)
+            return out
+        G, T = self.group, step.T
+        rows = [(0, len(self.filled))] if len(set(self.filled)) == 1 else [(r, r + 1) for r in range(len(self.filled))]
+        outs = []
+        for r0, r1 in rows:
+            S = self.filled[r0]
+            keys = torch.cat([self.k[r0:r1, :, :S], k[r0:r1]], dim=2)  # (b, h_kv, S + T, K)
+            values = torch.cat([self.v[r0:r1, :, :S], v[r0:r1]], dim=2)
+            # every kept key is older than the new tokens; the new ones are causal among themselves
+            mask = torch.ones(T, S + T, dtype=torch.bool, device=q.device).tril(S)
+            outs.append(F.scaled_dot_product_attention(q[r0:r1], keys, values, attn_mask=mask, enable_gqa=G > 1))
+            self.k[r0:r1, :, S : S + T] = k[r0:r1]
+            self.v[r0:r1, :, S : S + T] = v[r0:r1]
+            for r in range(r0, r1):
+                self.filled[r] += T
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _snapkv_compress(self, q, k, v, step: CacheStep) -> None:
+        """After the prefill: keep the selected prompt keys of each row, with room for the rest."""
+        p = self.pattern
+        kept = []
+        for r, pad in enumerate(step.pads):
+            qr, kr = q[r : r + 1, :, pad:], k[r : r + 1, :, pad:]
+            kept.append(snapkv_select(qr[:, :, -p.window :], kr, p.cache_size, SNAPKV_KERNEL)[0])  # (h_kv, n_keep)
+        slots = max(idx.shape[-1] + self.max_len - (step.T - pad) for idx, pad in zip(kept, step.pads))
+        B, h = k.shape[:2]
+        self.k = torch.zeros(B, h, slots, self.head_dim, device=k.device, dtype=k.dtype)
+        self.v = torch.zeros_like(self.k)
+        for r, (idx, pad) in enumerate(zip(kept, step.pads)):
+            n = idx.shape[-1]
+            gather = (pad + idx).unsqueeze(-1).expand(h, n, self.head_dim)
+            self.k[r, :, :n] = k[r].gather(1, gather)
+            self.v[r, :, :n] = v[r].gather(1, gather)
+            self.filled[r] = n
+        self.kept = kept
 
     def _prefill(self, q, k, v, step, backend) -> torch.Tensor:
         """Empty cache: the new tokens are the whole sequence, so the full-sequence kernels apply."""

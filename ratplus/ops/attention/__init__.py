@@ -30,6 +30,8 @@ def _single(
     scale: float | None,
 ) -> torch.Tensor:
     T, S = q.shape[-2], k.shape[-2]
+    if pattern.is_snapkv:  # SnapKV only evicts from the decoding cache: over a whole sequence it is dense
+        pattern = AttentionPattern()
     if backend == "auto":
         backend = "sdpa" if _covers_all_keys(pattern, S) else choose_attention_backend(pattern, q.device)
         announce("attention", backend, q.device)
