@@ -3,6 +3,7 @@ exact bytes, recording the default pattern, and bad input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -32,7 +33,7 @@ def test_greedy_steps_are_the_best_gain_per_byte_within_budget(tokenizer):
     assert steps[0]["pattern"] == "D16-W0-P0"
     ppls = {u["pattern"]: u["ppl"] for u in res["uniform"]}
     assert set(ppls) == {"D16-W0-P0", "D4-W0-P0", "dense"}
-    for a, b in zip(steps, steps[1:]):
+    for a, b in itertools.pairwise(steps):
         assert b["ppl"] < a["ppl"] and a["kv_bytes"] < b["kv_bytes"] <= 0.5 * dense
     assert res["ppl"] == steps[-1]["ppl"] and len(steps) >= 3
     # the first upgrade, by brute force: every single-unit upgrade, gain = PPL drop per byte
