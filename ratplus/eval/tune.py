@@ -60,8 +60,9 @@ def tune_pattern(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Greedy budgeted search (module docstring). Returns {"pattern", "ppl", "kv_bytes", "kv_frac",
-    "kv_budget", "dense_kv_bytes", "steps": [...], "uniform": [...]} where ``uniform`` holds every
-    ladder pattern applied to all layers with its calibration perplexity and bytes (for comparison)."""
+    "kv_budget", "dense_kv_bytes", "steps": [...], "uniform": [...], "best_uniform_at_or_above"} where
+    ``uniform`` holds every ladder pattern applied to all layers with its calibration perplexity and
+    bytes, and the last is the cheapest of them with at least the chosen pattern's bytes."""
     if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)) or not 0 < kv_budget <= 1:
         raise ValueError(f"kv_budget must be in (0, 1] (a fraction of the dense KV cache), got {kv_budget!r}")
     config = em.config
@@ -122,9 +123,10 @@ def tune_pattern(
     for p in rungs:
         nbytes = kv_bytes(config, p, T)
         uniform.append({"pattern": str(p), "ppl": ppl(str(p)), "kv_bytes": nbytes, "kv_frac": nbytes / dense})
-    # the fair rival: the best uniform pattern holding at least as many bytes as the chosen one
+    # the fair rival: the cheapest uniform pattern holding at least as many bytes as the chosen one
+    # (the best of those at that size); dense, with every byte, would always be the "best" above it
     rivals = [u for u in uniform if u["kv_bytes"] >= cur_bytes]
-    rival = min(rivals, key=lambda u: u["ppl"]) if rivals else None
+    rival = min(rivals, key=lambda u: (u["kv_bytes"], u["ppl"])) if rivals else None
     return {
         "pattern": config.canonical_pattern(current),
         "ppl": cur_ppl,
