@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 TopKScoring = Literal["quest", "moba"]
+#: Bound on any pattern size (D, W, P, block size, top-k): larger values cannot describe a real context.
+MAX_PATTERN_SIZE = 2**31 - 1
 
 #: SnapKV's pooling kernel: each key's vote is max-pooled over this many neighbouring positions, so
 #: a selected key keeps the keys around it (SnapKV, Li et al. 2024, clusters its selection this way).
@@ -65,6 +68,14 @@ class AttentionPattern:
     window: int = 64
 
     def __post_init__(self) -> None:
+        for name in ("dilation_size", "local_size", "initial_size", "block_size", "top_k", "cache_size", "window"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PATTERN_SIZE:
+                raise ValueError(f"{name}={value} is beyond any context (at most {MAX_PATTERN_SIZE})")
+        for name in ("block_size", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.kind not in ("dilated", "topk", "snapkv"):
             raise ValueError(f"kind must be 'dilated', 'topk' or 'snapkv', got {self.kind!r}")
         if self.kind == "snapkv":
@@ -185,7 +196,7 @@ class AttentionPattern:
             fields["dilation_size"] = None
         elif head.lower() == "snapkv":
             fields["kind"] = "snapkv"
-        elif re.fullmatch(r"[Dd]\d+", head):
+        elif re.fullmatch(r"[Dd][0-9]+", head):
             fields["dilation_size"] = int(head[1:])
         else:
             raise ValueError(
@@ -199,9 +210,11 @@ class AttentionPattern:
             letters = {"C": "cache_size", "O": "window"}
         for part in rest:
             if fields.get("kind") == "topk" and part.lower() in ("quest", "moba"):
+                if "scoring" in fields:
+                    raise ValueError(f"conflicting scorings {fields['scoring']} and {part.lower()} in pattern {text!r}")
                 fields["scoring"] = part.lower()
                 continue
-            m = re.fullmatch(r"([A-Za-z])(\d+)", part)
+            m = re.fullmatch(r"([A-Za-z])([0-9]+)", part)
             if not m or m.group(1).upper() not in letters:
                 raise ValueError(f"unknown field {part!r} in attention pattern {text!r}")
             name = letters[m.group(1).upper()]
@@ -254,7 +267,7 @@ class HeadGroups:
         groups = []
         for item in items:
             name, sep, count = item.rpartition(":")
-            if not sep or not count.strip().isdigit():
+            if not sep or not re.fullmatch(r"[0-9]+", count.strip()):
                 raise ValueError(f"head group {item!r} in {text!r} must look like '<pattern>:<num_heads>'")
             groups.append((AttentionPattern.parse(name), int(count)))
         return cls(tuple(groups))
@@ -353,10 +366,18 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head dim d_model/num_heads={self.head_dim} must be even for RoPE")
-        if self.rope_base <= 0:
-            raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name, low in (("rope_base", "> 0"), ("norm_eps", "> 0"), ("init_std", ">= 0")):
+            value = getattr(self, name)
+            if not is_real(value) or not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
+                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+        for name in ("apply_re", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        eos = self.eos_token_id
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
+            raise ValueError(f"eos_token_id must be an int or null, got {self.eos_token_id!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}")
         if self.eos_token_id is not None and not (0 <= self.eos_token_id < self.vocab_size):
             raise ValueError(f"eos_token_id={self.eos_token_id} is outside [0, vocab_size={self.vocab_size})")
 
@@ -421,7 +442,7 @@ class ModelConfig:
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         values = dict(PRESETS[key])
-        values.update(overrides)
+        values.update(known_fields(cls, overrides))
         values.setdefault("name", key)
         return cls(**values)
 
@@ -443,8 +464,15 @@ class ModelConfig:
         return cls.from_dict(read_json(p, "model config"))
 
 
+def is_real(value: Any) -> bool:
+    """A real number (int or float), not a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` checked to hold only fields of the dataclass ``cls`` (ValueError naming the others)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object of fields, got {type(data).__name__}")
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
@@ -454,7 +482,9 @@ def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 def read_json(path: Path, what: str = "") -> Any:
     """The JSON value in a file; a file that is not JSON raises ValueError naming it (``what`` first)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what + ' ' if what else ''}{path} is not a text (UTF-8 JSON) file") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{what + ' ' if what else ''}{path} is not valid JSON: {e}") from e
 

@@ -6,8 +6,14 @@ Shapes: B batch, T prompt length, V vocab.
 the pattern chosen at call time, runs one forward over the prompt (the prefill), then one token per
 step. Prompts of different lengths: pass a list of token lists, or a left-padded (B, T) tensor
 with an ``attention_mask`` (1 = token, 0 = padding); each row then decodes exactly as it would alone.
-Rows that emit a stop token are dropped from the cache (``cache.select``) and padded in the output.
-Everything is validated before the first forward, so bad arguments never fail half-way through.
+Rows that emit a stop token stay in the batch and emit padding; whether all rows stopped is read
+on the host only every few steps. Everything is validated once, before the first forward, so bad
+arguments never fail half-way through and the decode loop reads nothing back per token.
+
+After the prefill each token goes through ``RATPlusLM.decode_step``, a fixed-shape step (token
+positions as a (B,) tensor, index-tensor cache writes, a mask over every slot: the gpt-fast
+pattern) that ``torch.compile`` can capture; top-k patterns use the reference step
+``model(token, cache=cache)``.
 """
 
 from __future__ import annotations
@@ -126,10 +132,17 @@ def generate_stream(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    stop_check_every: int = 8,
 ) -> Iterator[torch.Tensor]:
     """Like ``generate`` but yields the new tokens of each step, (B,) int64 (``pad_token_id`` for
-    rows that already stopped), as soon as they are sampled."""
+    rows that already stopped), as soon as they are sampled.
+
+    Whether every row has stopped is read back to the host only every ``stop_check_every`` steps
+    (no device sync per token), so up to ``stop_check_every - 1`` all-padding steps may follow the
+    last stop (``generate`` trims them; 1 = check every step)."""
     config = model.config
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be an int >= 1, got {stop_check_every!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
@@ -154,23 +167,30 @@ def generate_stream(
     # builds (and validates) the cache before any forward: a bad pattern fails here
     cache = RATPlusCache(config, pattern, B, prompt_len + new, device=device, dtype=dtype)
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
-    active = torch.arange(B, device=device)  # original row of each cache row
+    # finished rows stay in the batch (fixed shapes) and emit pad_token_id; whether all rows
+    # finished is read on the host only every ``stop_check_every`` steps
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
     with torch.no_grad():
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
         logits = model(ids, cache=cache, attention_mask=mask, backend=backend)[:, -1]  # (B, V)
+        fixed = cache.supports_fixed_step
+        held = torch.tensor(cache.lengths, dtype=torch.long, device=device)  # (B,) tokens per row
         for step in range(new):
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (b,)
-            out = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
-            out[active] = token
-            yield out
-            done = torch.isin(token, stop_t)
-            if step == new - 1 or bool(done.all()):
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = torch.where(finished, pad, token)
+            yield token
+            if step == new - 1:
                 return
-            if bool(done.any()):
-                keep = (~done).nonzero().flatten()
-                cache.select(keep)
-                active, token = active[keep], token[keep]
-            logits = model(token.unsqueeze(-1), cache=cache, backend=backend)[:, -1]
+            if stop:
+                finished = finished | torch.isin(token, stop_t)
+                if (step + 1) % stop_check_every == 0 and bool(finished.all()):
+                    return
+            if fixed:
+                logits = model.decode_step(token.unsqueeze(-1), cache, held)
+                held = held + 1
+            else:  # top-k groups: the reference step (data-dependent block choice)
+                logits = model(token.unsqueeze(-1), cache=cache, backend=backend)[:, -1]
 
 
 def generate(
@@ -202,7 +222,7 @@ def generate(
     attention_mask: (B, T), 0 on left padding, for a padded tensor prompt.
     streamer: called with the (B,) new tokens of every step as they come.
     """
-    _, pad = _stop_and_pad(model.config.vocab_size, model.config.eos_token_id, stop_tokens, pad_token_id)
+    stop, pad = _stop_and_pad(model.config.vocab_size, model.config.eos_token_id, stop_tokens, pad_token_id)
     ids, _ = _prompt_tensor(input_ids, attention_mask, pad)
     steps = []
     for tokens in generate_stream(
@@ -219,13 +239,22 @@ def generate(
         pad,
         generator,
         backend,
+        # a streamer reads every token on the host anyway; it must not see steps after the last stop
+        1 if streamer is not None else 8,
     ):
         if streamer is not None:
             streamer(tokens)
         steps.append(tokens)
     if not steps:
         return ids
-    return torch.cat([ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
+    out = torch.stack(steps, dim=1)  # (B, new)
+    if stop:
+        # drop the trailing steps in which every row had already stopped (a stop token earlier in the row)
+        hit = torch.isin(out, torch.tensor(stop, device=out.device)).long()
+        all_done = ((hit.cumsum(dim=1) - hit) > 0).all(dim=0)  # (new,)
+        if bool(all_done.any()):
+            out = out[:, : int(all_done.long().argmax())]
+    return torch.cat([ids.to(out.device), out], dim=1)
 
 
 __all__ = ["generate", "generate_stream", "sample_next"]

@@ -1,12 +1,22 @@
 """What every command that runs a model shares: device and dtype from a flag, the environment
 record (device, torch, git SHA, dtype), a plain-text table, and JSON / JSON-lines output.
 
+Also the one way every writer of the project writes: ``atomic_write_bytes`` / ``atomic_write_text``
+(temporary name, fsync, rename) and ``writing``, which turns an OSError during a write (disk full,
+permissions, a file where a folder should be) into a ``WriteError`` naming the path and the space
+needed, after removing the writer's own partial files.
+
 Used by bench, eval and train; it knows nothing of models."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import subprocess
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +59,43 @@ def emit_json(record: dict[str, Any], path: str | None = None) -> None:
     """The last line of every benchmark: one JSON object."""
     line = json.dumps(record, sort_keys=True)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(line + "\n")
+        make_dir(Path(path).parent)
+        atomic_write_text(path, line + "\n")
     print(line)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {name!r} (--device): expected auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device {name!r} (--device) is not supported: expected auto, cpu, cuda or cuda:N")
+    cuda = torch.cuda.is_available()
+    if dev.type == "cuda" and dev.index is not None and cuda and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name} (--device) requested but only {torch.cuda.device_count()} GPU(s) exist")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name} requested (--device) but CUDA is not available")
     return dev
+
+
+def check_fits_memory(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
+    """ValueError when ``nbytes`` exceed the total memory of ``device`` (RAM, or the GPU's memory):
+    such a request would end in an allocation failure or the OOM killer, not in a clear error."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device.index or 0).total_memory
+    elif device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+    else:
+        return
+    if nbytes > total:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB, more than the {total / 2**30:.1f} GiB of {device}")
 
 
 #: dtype names a ``--dtype`` flag accepts.
@@ -83,19 +118,109 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
+# ---- writing -----------------------------------------------------------------------------------------
+
+
+class WriteError(OSError):
+    """A write that failed; the message names the path, the reason and (disk full) the space needed."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or folder if it exists (partial output), ignoring errors."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            path.unlink()
+
+
+@contextmanager
+def writing(target: str | Path, partial: Iterable[str | Path] = (), needed: int | None = None) -> Iterator[None]:
+    """Run a write of ``target``: an OSError inside removes the ``partial`` paths (the writer's own
+    temporary files or folders, never earlier results) and becomes a ``WriteError`` naming
+    ``target``, the reason and, when the disk is full, the free space and ``needed`` bytes."""
+    target = Path(target)
+    try:
+        yield
+    except OSError as e:
+        for p in partial:
+            remove_path(Path(p))
+        if isinstance(e, WriteError):
+            raise
+        reason = e.strerror or str(e)
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(target) else ""
+        msg = f"cannot write {target}: {reason}{where}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = _free_bytes(target.parent)
+            msg += f"; {_size(free) if free is not None else 'no'} free on that disk"
+            if needed is not None:
+                msg += f", about {_size(needed)} needed"
+        msg += "; partial files were removed, earlier results are intact: fix this and run the command again"
+        error = WriteError(msg)
+        error.errno = e.errno
+        raise error from e
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` under a temporary name, fsync and rename: a crash or a full disk never leaves
+    a half-written ``path`` (an older one stays as it was)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path, partial=[tmp], needed=len(data)):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def check_dir(path: str | Path) -> Path:
+    """``path`` can be (or become) a folder: a file standing there raises ValueError naming it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{p} is a file; a folder is expected there")
+    return p
+
+
+def make_dir(path: str | Path) -> Path:
+    """``mkdir -p`` with a clear error when a file stands where the folder should be."""
+    p = check_dir(path)
+    with writing(p):
+        p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def write_json(path: str | Path, record: Any) -> Path:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    make_dir(p.parent)
+    atomic_write_text(p, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return p
 
 
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; give a .jsonl file path")
+    make_dir(p.parent)
+    atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return p
 
 

@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 from ratplus.demo import ADAPT_PATTERNS, NEEDLE_PATTERNS
 from ratplus.demo.pipeline import DemoConfig
 from ratplus.demo.report import check_targets, write_report
@@ -91,8 +89,8 @@ def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):
     assert base._key("data") == more_pretrain._key("data")
 
 
-def test_demo_cli_rejects_a_non_positive_budget(tmp_path):
+def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
     from ratplus.cli import main
 
-    with pytest.raises(SystemExit, match="--needle-steps must be positive"):
-        main(["demo", "--out", str(tmp_path), "--needle-steps", "0"])
+    assert main(["demo", "--out", str(tmp_path), "--needle-steps", "0"]) == 2
+    assert "ratplus demo: error: --needle-steps must be positive" in capsys.readouterr().err

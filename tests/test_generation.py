@@ -79,7 +79,7 @@ def test_stop_tokens_pad_finished_rows(model):
     torch.manual_seed(3)
     ids = torch.randint(0, 256, (2, 6))
     free = generate(model, ids, 16, pattern="D4")
-    # a token that row 0 emits and row 1 never does: row 0 stops, row 1 runs on from a smaller cache
+    # a token that row 0 emits and row 1 never does: row 0 stops (then pads), row 1 runs on
     stop = next(t for t in free[0, 6:].tolist() if t not in free[1, 6:].tolist())
     end = 6 + free[0, 6:].tolist().index(stop) + 1  # the stop token is kept, then padding
     out = generate(model, ids, 16, pattern="D4", stop_tokens=[stop], pad_token_id=255)
@@ -90,6 +90,18 @@ def test_stop_tokens_pad_finished_rows(model):
     stops = {stop, int(free[1, 9])}
     ends = [6 + next(i for i, t in enumerate(free[r, 6:].tolist()) if t in stops) + 1 for r in range(2)]
     assert generate(model, ids, 16, pattern="D4", stop_tokens=sorted(stops)).shape[1] == max(ends) < 22
+    # the stream reads "all stopped" back only every stop_check_every steps: padding steps may follow
+    for every in (1, 3, 100):
+        streamed = list(
+            generate_stream(model, ids, 16, pattern="D4", stop_tokens=sorted(stops), stop_check_every=every)
+        )
+        assert max(ends) - 6 <= len(streamed) < max(ends) - 6 + every
+        assert torch.equal(
+            torch.stack(streamed, dim=1)[:, : max(ends) - 6],
+            generate(model, ids, 16, pattern="D4", stop_tokens=sorted(stops))[:, 6:],
+        )
+    with pytest.raises(ValueError, match="stop_check_every"):
+        next(generate_stream(model, ids, 4, stop_check_every=0))
 
 
 def test_max_length_and_streaming(model):
@@ -166,3 +178,28 @@ def test_cli_generate(tmp_path, capsys):
     assert "prompt-ids" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(with_tok), "--prompt", "the", "--top-p", "2", "--temperature", "1"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_decode_loop_reads_nothing_back_per_token(model, monkeypatch):
+    """After the prefill, the loop reads device values on the host (``bool``, ``int``, ``item``,
+    ``tolist``) only for the stop check every ``stop_check_every`` steps: generating 40 tokens costs
+    at most 30 / 8 + 1 more reads than generating 10."""
+    torch.manual_seed(7)
+    ids = torch.randint(0, 256, (3, 9))
+    reads = {"n": 0}
+    for name in ("__bool__", "__int__", "__index__", "__float__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def count(new: int) -> int:
+        reads["n"] = 0
+        for _ in generate_stream(model, ids, new, pattern="D3-W2-P1", stop_tokens=[0], stop_check_every=8):
+            pass
+        return reads["n"]
+
+    assert count(40) - count(10) <= 30 // 8 + 1

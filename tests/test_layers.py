@@ -1,7 +1,8 @@
-"""Imports point one way: config -> ops -> model -> io/generation -> train/eval/hf -> bench/demo ->
-cli, with runtime (device, dtype, tables, JSON) a leaf that any layer may use. Every ``ratplus``
-import in the package (function-level ones included) is read with ``ast``; a module may import its
-own package, lower layers, and nothing beside or above it."""
+"""Imports point one way: config -> ops -> model -> io/generation -> train/hf -> eval -> bench/demo
+-> cli (eval above train: the recall probe trains small models), with runtime (device, dtype,
+tables, JSON) a leaf that any layer may use. Every ``ratplus`` import in the package (function-level
+ones included) is read with ``ast``; a module may import its own package, lower layers, and nothing
+beside or above it."""
 
 import ast
 from pathlib import Path
@@ -21,11 +22,11 @@ LAYERS = {
     "io": 3,
     "generation": 3,
     "train": 4,
-    "eval": 4,
     "hf": 4,
-    "bench": 5,
-    "demo": 5,
-    "cli": 6,
+    "eval": 5,  # the recall probe trains its models with ratplus.train.step
+    "bench": 6,
+    "demo": 6,
+    "cli": 7,
 }
 ENTRY_POINTS = {"__init__", "__main__"}  # the public API re-exports and `python -m ratplus`
 

@@ -34,6 +34,14 @@ def check_parity(patterns: list[AttentionPattern], device: torch.device, dtype: 
         err = (out.float() - ref).abs().max().item()
         if err > tol:
             raise RuntimeError(f"parity check failed for {pattern}: max |out - reference| = {err:.3g} > {tol}")
+        # gradients of one fixed random projection of the output, fast path vs reference
+        w = torch.randn_like(ref)
+        grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        for name, g, r in zip("qkv", grads, ref_grads):
+            gerr = (g.float() - r.float()).abs().max().item()
+            if gerr > 10 * tol:
+                raise RuntimeError(f"parity check failed for {pattern}: max |d{name} - reference| = {gerr:.3g}")
 
 
 def run(

@@ -8,8 +8,16 @@ Two measurements, each dense versus sparse side by side in one run:
    the memory growth while the cache was built and filled (CUDA allocator, or the process's
    resident set on Linux CPU; a hidden over-allocation would show up there).
 2. A whole model (default the ``125m`` preset) decoding at one context length: tokens per second
-   per pattern and batch size. The cache is filled with random keys, values and states instead of
-   running a long prefill (the per-token cost does not depend on the values); the output says so.
+   per pattern and batch size, with the step ``ratplus.generate`` uses (``RATPlusLM.decode_step``;
+   the reference step for top-k). The cache is filled with random keys, values and states instead
+   of running a long prefill (the per-token cost does not depend on the values); the output says so.
+   Peer rows (``transformers`` installed): the same-size ``LlamaForCausalLM`` (same width, depth,
+   heads, vocab, tied embeddings, SwiGLU of width 8C/3 rounded up to 256: 2048 at C = 768; random
+   weights), decoding at the same context and batch with transformers' default ``DynamicCache``
+   (what ``generate()`` uses unless told otherwise; it grows by concatenation) and ``StaticCache``,
+   its caches filled with random keys/values the same way. Also per pattern: the bandwidth limit,
+   tokens/s if every step read the weights once plus the cache's bytes at the read bandwidth
+   measured in the same run (a matrix-vector product over a weight-sized matrix).
 
 Before timing, each pattern's prefill + decode is checked against a full forward on a tiny model;
 a pattern that fails is not timed. Output: a table, a PNG plot, and one JSON line last.
@@ -119,6 +127,12 @@ def check_decode_parity(patterns: list[str], device: torch.device, n: int | None
             cache = RATPlusCache(config, pattern, 1, n + m, device=device)
             steps = [model(ids[:, :n], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(n, n + m)]
             err = (torch.cat(steps, dim=1) - full).abs().max().item()
+            if cache.supports_fixed_step:  # the step the whole-model line times
+                cache = RATPlusCache(config, pattern, 1, n + m, device=device)
+                model(ids[:, :n], cache=cache)
+                held = torch.tensor(cache.lengths, device=device)
+                fixed = [model.decode_step(ids[:, i : i + 1], cache, held + (i - n)) for i in range(n, n + m)]
+                err = max(err, (torch.stack(fixed, dim=1) - full[:, n:]).abs().max().item())
             if err > 1e-4:
                 raise RuntimeError(f"decode parity failed for {pattern}: max |decode - full forward| = {err:.3g}")
 
@@ -179,13 +193,94 @@ def _layer_point(config, names, batch, context, steps, device, dtype) -> dict[st
     return out
 
 
-def _model_point(model, patterns, batch, context, steps, device, dtype) -> dict[str, tuple[float, int]]:
-    """Whole model at one context and batch: tokens/s and cache bytes per pattern."""
+PEER_CACHES = ("dynamic", "static")
+
+
+def llama_peer(config: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype):
+    """The same-size ``LlamaForCausalLM`` (module docstring), random weights (seed 0), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    peer_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=256 * -(-8 * config.d_model // (3 * 256)),  # SwiGLU 8C/3, up to a multiple of 256
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=max_len,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(peer_config).to(device=device, dtype=dtype).eval()
+
+
+def _peer_cache(peer, kind: str, batch: int, context: int, steps: int, device, dtype):
+    """A transformers cache ("dynamic" or "static") holding ``context`` random keys/values per layer."""
+    from transformers import DynamicCache, StaticCache
+
+    c = peer.config
+    K = c.hidden_size // c.num_attention_heads
+    cache = StaticCache(config=c, max_cache_len=context + steps + 2) if kind == "static" else DynamicCache(config=c)
+    gen = torch.Generator().manual_seed(0)
+    tile = torch.randn(batch, c.num_key_value_heads, min(context, 1021), K, generator=gen).to(
+        device=device, dtype=dtype
+    )
+    kv = tile.repeat(1, 1, -(-context // tile.shape[2]), 1)[:, :, :context]
+    for layer in range(c.num_hidden_layers):
+        cache.update(kv.clone(), kv.clone(), layer)
+    return cache
+
+
+def _peer_cache_kwarg(peer) -> str:
+    """``cache`` from transformers 5.24 on, ``past_key_values`` before (the older name then warns)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(peer).forward).parameters else "past_key_values"
+
+
+def _ratplus_step(model: RATPlusLM, cache: RATPlusCache, token: torch.Tensor):
+    """The decode step ``ratplus.generate`` runs: the fixed-shape one, or the reference for top-k."""
+    if not cache.supports_fixed_step:
+        return lambda: model(token, cache=cache)
+    held = torch.tensor(cache.lengths, device=token.device)
+
+    def run():
+        nonlocal held
+        model.decode_step(token, cache, held)
+        held = held + 1
+
+    return run
+
+
+def _bandwidth_probe(device: torch.device, dtype: torch.dtype, nbytes: int = 2**28) -> tuple[Any, int]:
+    """A matrix-vector product over an ``nbytes`` matrix (768 wide), the access pattern of a decode
+    step's weights, and the bytes it reads: timed with the steps, it gives the read bandwidth."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    w = torch.randn(nbytes // (768 * item), 768, device=device, dtype=dtype)
+    x = torch.randn(768, device=device, dtype=dtype)
+    return (lambda: torch.mv(w, x)), w.numel() * item
+
+
+def _model_point(model, patterns, batch, context, steps, device, dtype, peer=None) -> tuple[dict, float]:
+    """Whole model at one context and batch: tokens/s and cache bytes per pattern (and per peer cache
+    kind, named ``llama-dynamic`` / ``llama-static``), and the read bandwidth (bytes/s) measured in
+    the same interleaved rounds."""
     caches = {p: _build(model.config, p, batch, context, steps, device, dtype)[0] for p in patterns}
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    fns = {p: _ratplus_step(model, c, token) for p, c in caches.items()}
+    nbytes = {p: c.nbytes() for p, c in caches.items()}
+    if peer is not None:
+        for kind in PEER_CACHES:
+            cache = _peer_cache(peer, kind, batch, context, steps, device, dtype)
+            fns[f"llama-{kind}"] = lambda cache=cache: peer(token, use_cache=True, **{_peer_cache_kwarg(peer): cache})
+            nbytes[f"llama-{kind}"] = sum(
+                t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+            )
+    probe, probe_bytes = _bandwidth_probe(device, dtype)
     with torch.no_grad():
-        seconds = _interleaved({p: (lambda c=c: model(token, cache=c)) for p, c in caches.items()}, steps, device)
-    return {p: (batch / seconds[p], caches[p].nbytes()) for p in patterns}
+        seconds = _interleaved({**fns, "_probe": probe}, steps, device)
+    return {p: (batch / seconds[p], nbytes[p]) for p in fns}, probe_bytes / seconds["_probe"]
 
 
 def _plot(path: str, contexts: list[int], names: list[str], results: dict, title: str) -> None:
@@ -223,6 +318,7 @@ def run(
     model_patterns: list[str] | None = None,
     model_batches: list[int] | None = None,
     model_steps: int = 8,
+    peer: bool = True,
     plot_path: str | None = "bench_decode.png",
     json_path: str | None = None,
 ) -> dict[str, Any]:
@@ -275,33 +371,69 @@ def run(
         torch.manual_seed(0)
         mconfig = ModelConfig.from_preset(model_preset, max_seq_len=model_context + model_steps + 2)
         model = RATPlusLM(mconfig).to(device=device, dtype=dtype).eval()
-        tps: dict[str, dict[int, float]] = {p: {} for p in model_patterns}
-        kv: dict[str, dict[int, int]] = {p: {} for p in model_patterns}
+        peer_model = None
+        if peer:
+            try:
+                peer_model = llama_peer(mconfig, model_context + model_steps + 2, device, dtype)
+            except ImportError:
+                print("(no peer rows: transformers is not installed)")
+        params = {p: model.num_params() for p in model_patterns}
+        if peer_model is not None:
+            params |= {f"llama-{k}": sum(t.numel() for t in peer_model.parameters()) for k in PEER_CACHES}
+        item = torch.empty(0, dtype=dtype).element_size()
+        weight_bytes = {name: n * item for name, n in params.items()}
+        rows_names = list(params)
+        tps: dict[str, dict[int, float]] = {p: {} for p in rows_names}
+        kv: dict[str, dict[int, int]] = {p: {} for p in rows_names}
+        bandwidth: dict[int, float] = {}
         for b in model_batches:
-            for p, (rate, nbytes) in _model_point(
-                model, model_patterns, b, model_context, model_steps, device, dtype
-            ).items():
+            point, bandwidth[b] = _model_point(
+                model, model_patterns, b, model_context, model_steps, device, dtype, peer_model
+            )
+            for p, (rate, nbytes) in point.items():
                 tps[p][b], kv[p][b] = rate, nbytes
-        del model
+        del model, peer_model
+        # tokens/s if a step only read the weights once and the whole cache once, at the measured bandwidth
+        limit = {p: {b: b * bandwidth[b] / (weight_bytes[p] + kv[p][b]) for b in model_batches} for p in rows_names}
         print(
             f"\nwhole-model decode, {model_preset} preset, context {model_context}, median of {model_steps} "
             "interleaved steps (cache filled with random keys/values/states, not a real prefill: per-token cost only)"
         )
         base = model_patterns[0]
         mrows = [
-            [p, b, tps[p][b], tps[p][b] / tps[base][b], kv[p][b] / 2**20] for b in model_batches for p in model_patterns
+            [
+                p,
+                f"{params[p] / 1e6:.4g}M",
+                b,
+                tps[p][b],
+                tps[p][b] / tps[base][b],
+                tps[p][b] * params[p] / (tps[base][b] * params[base]),
+                kv[p][b] / 2**20,
+                tps[p][b] / limit[p][b],
+            ]
+            for b in model_batches
+            for p in rows_names
         ]
-        print_table(["pattern", "batch", "tokens/s", f"vs {base}", "KV MiB"], mrows)
+        print_table(["model", "params", "batch", "tokens/s", f"vs {base}", "x params", "KV MiB", "of bw limit"], mrows)
+        print(
+            f"(x params: tokens/s x params relative to {base}; bw limit: weights + KV bytes per step at the "
+            "read bandwidth measured in the same rounds: "
+            + ", ".join(f"batch {b} {bw / 1e9:.2f} GB/s" for b, bw in bandwidth.items())
+            + ")"
+        )
         for b in model_batches:
-            line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in model_patterns)
+            line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in rows_names)
             print(f"{model_preset} @ {model_context} tokens, batch {b}: {line}")
         model_record = {
             "preset": model_preset,
             "context": model_context,
             "batches": model_batches,
             "synthetic_cache": True,
-            "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in model_patterns},
-            "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in model_patterns},
+            "params": params,
+            "read_bandwidth_bytes_per_s": {str(b): v for b, v in bandwidth.items()},
+            "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in rows_names},
+            "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in rows_names},
+            "bandwidth_limit_tokens_per_s": {p: {str(b): v for b, v in limit[p].items()} for p in rows_names},
         }
 
     if plot_path:
@@ -335,4 +467,4 @@ def run(
     return record
 
 
-__all__ = ["check_decode_parity", "formula_bytes", "memory_in_use", "run"]
+__all__ = ["check_decode_parity", "formula_bytes", "llama_peer", "memory_in_use", "run"]

@@ -8,6 +8,10 @@ input preparation). The tokens are compared first and nothing is timed when they
 is interleaved (native, HF, native, HF, ...) and the median of the repeats is reported, so the
 ratio is meaningful even on a noisy machine (``--threads 1`` by default, as in ``bench decode``).
 Stop tokens are disabled on both sides so every run generates exactly ``new_tokens`` tokens.
+
+Peer rows (``peer=True``): ``generate()`` of the same-size ``LlamaForCausalLM`` (random weights,
+see ``ratplus.bench.decode.llama_peer``) on the same prompts, with transformers' default
+``DynamicCache`` and with ``cache_implementation="static"``, timed in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def run(
     device: torch.device,
     dtype: torch.dtype,
     json_path: str | None = None,
+    peer: bool = True,
 ) -> dict[str, Any]:
     """Check token parity, time both generate() paths, print a table and the JSON record."""
     from ratplus.generation import generate
@@ -69,15 +74,32 @@ def run(
     ref, out = run_native(), run_hf()
     if not torch.equal(ref, out):
         raise ValueError("HF generate() and ratplus.generate() produced different tokens; refusing to time them")
-    times = time_interleaved({"ratplus.generate": run_native, "hf generate": run_hf}, device, repeats, warmup=1)
+    fns = {"ratplus.generate": run_native, "hf generate": run_hf}
+    params = {name: native.num_params() for name in fns}
+    if peer:
+        from ratplus.bench.decode import llama_peer
+
+        llama = llama_peer(config, prompt_len + new_tokens, device, dtype)
+        llama.generation_config.eos_token_id = None
+        for kind in ("dynamic", "static"):
+            extra = {"cache_implementation": "static"} if kind == "static" else {}
+            fns[f"llama generate ({kind})"] = lambda extra=extra: llama.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, pad_token_id=0, **extra
+            )
+            params[f"llama generate ({kind})"] = sum(t.numel() for t in llama.parameters())
+    times = time_interleaved(fns, device, repeats, warmup=1)
     tokens = batch * new_tokens
-    rows = [[name, s * 1e3, s * 1e3 / new_tokens, tokens / s] for name, s in times.items()]
+    base = times["ratplus.generate"]
+    rows = [
+        [name, f"{params[name] / 1e6:.4g}M", s * 1e3, s * 1e3 / new_tokens, tokens / s, base / s]
+        for name, s in times.items()
+    ]
     ratio = times["hf generate"] / times["ratplus.generate"]
     print(
         f"model {config.name} (C={config.d_model}, L={config.num_layers}, V={config.vocab_size}), pattern "
         f"{hf.config.attention_pattern}, batch {batch}, prompt {prompt_len}, new {new_tokens}, greedy"
     )
-    print_table(["impl", "total ms", "ms/step", "tokens/s"], rows)
+    print_table(["impl", "params", "total ms", "ms/step", "tokens/s", "vs ratplus"], rows)
     print(f"HF / native time ratio: {ratio:.3f} (tokens identical)")
     record = {
         "bench": "hf_generate",
@@ -93,6 +115,7 @@ def run(
         "repeats": repeats,
         "tokens_identical": True,
         "seconds": times,
+        "params": params,
         "ratio_hf_over_native": ratio,
     }
     emit_json(record, json_path)

@@ -36,14 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``eval ppl``, ``data prepare``, ``train``: the command as typed, for error lines."""
+    sub = next((getattr(args, k) for k in ("what", "data_command") if isinstance(getattr(args, k, None), str)), None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ratplus {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # Bad input (a value, a file, a folder, a full disk): one line naming it. Anything else is a
+        # bug and keeps its traceback. With --verbose the traceback of a bad input is logged too.
+        logging.getLogger("ratplus").debug("ratplus: traceback of the error below", exc_info=True)
+        print(f"ratplus {command_name(args)}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ratplus {args.command}: interrupted", file=sys.stderr)

@@ -49,6 +49,11 @@ def add_parser(sub) -> None:
     d.add_argument("--model-patterns", type=names, default="dense,D16", help="the first one is the baseline")
     d.add_argument("--model-batch", type=ints, default=[1, 4], help="batch sizes of the whole-model line")
     d.add_argument("--model-steps", type=int, default=8)
+    d.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the same-size LlamaForCausalLM rows (DynamicCache and StaticCache; need transformers)",
+    )
     d.add_argument("--plot", default="bench_decode.png", help="PNG path ('' to skip)")
     add_machine_flags(d, threads=True)
     d.set_defaults(func=_decode)
@@ -71,6 +76,7 @@ def add_parser(sub) -> None:
     h.add_argument("--prompt-len", type=int, default=256)
     h.add_argument("--new-tokens", type=int, default=64)
     h.add_argument("--repeats", type=int, default=3)
+    h.add_argument("--no-peer", action="store_true", help="skip the same-size LlamaForCausalLM generate() rows")
     add_machine_flags(h, threads=True)
     h.set_defaults(func=_hf)
 
@@ -78,6 +84,14 @@ def add_parser(sub) -> None:
 def _run(what: str, args: argparse.Namespace, **kwargs: Any) -> int:
     """``ratplus.bench.<what>.run(**kwargs)`` on the device, dtype and threads the flags name."""
     apply_threads(getattr(args, "threads", 0))
+    for flag in ("seq_lens", "context_lens", "model_batch"):
+        values = getattr(args, flag, None)
+        if values is not None and (not values or min(values) < 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive integers, got {values}")
+    for flag in ("heads", "head_dim", "batch", "repeats", "steps", "layer_len", "model_steps", "prompt_len"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     device = resolve_device(args.device)
     run = importlib.import_module(f"ratplus.bench.{what}").run
     run(device=device, dtype=resolve_dtype(args.dtype, device), json_path=args.json, **kwargs)
@@ -99,6 +113,7 @@ def _decode(args) -> int:
         model_preset=None if args.model_preset.lower() in ("", "none") else args.model_preset,
         model_batches=args.model_batch,
         model_steps=args.model_steps,
+        peer=not args.no_peer,
         plot_path=args.plot or None,
         **shape,
     )
@@ -111,4 +126,4 @@ def _train(args) -> int:
 
 def _hf(args) -> int:
     shape = picked(args, "preset", "pattern", "batch", "prompt_len", "new_tokens", "repeats")
-    return _run("hf", args, model_dir=args.model, **shape)
+    return _run("hf", args, model_dir=args.model, peer=not args.no_peer, **shape)

@@ -7,6 +7,8 @@ from typing import Any
 
 from ratplus.demo.pipeline import Demo, DemoConfig
 from ratplus.demo.report import print_summary
+from ratplus.io.lock import folder_lock
+from ratplus.runtime import resolve_device
 
 
 def add_parser(sub) -> None:
@@ -32,10 +34,12 @@ def _run(args) -> int:
         value = getattr(args, name)
         if value is not None:
             if value < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
             kw[name] = value
+    resolve_device(args.device)  # an unknown or unavailable --device fails before any work
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
-    results = Demo(cfg).run()
+    with folder_lock(cfg.out_dir, "demo"):  # one demo per output folder
+        results = Demo(cfg).run()
     print_summary(results)
     print(f"\nreport: {Path(cfg.out_dir) / 'report.md'}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from ratplus.cli.common import floats, ints, names
 from ratplus.eval.common import EvalModel, open_checkpoint
 from ratplus.eval.report import run_budget, run_longbench, run_niah, run_ppl
-from ratplus.runtime import emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
+from ratplus.runtime import check_dir, emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
 
 logger = logging.getLogger("ratplus")
 
@@ -107,6 +107,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="records per dataset")
     _common(p, "runs/eval/longbench")
     p.set_defaults(func=_cmd_longbench)
+    _add_recall(esub)
 
     # everything after `lm-eval` goes to lm-eval's own parser: "+" as the prefix keeps argparse from
     # reading its --options (and -h) as ours
@@ -123,6 +124,7 @@ def add_parser(sub) -> None:
 def _cmd_ppl(args) -> int:
     from ratplus.io.corpus import read_documents
 
+    check_dir(args.out)  # before any model is loaded
     texts = read_documents(args.data)
     models = [_open(c, args.device, args.dtype) for c in args.ckpt]
     rec = run_ppl(
@@ -174,6 +176,7 @@ def _cmd_budget(args) -> int:
 
 
 def _cmd_niah(args) -> int:
+    check_dir(args.out)
     em = _open(args.ckpt, args.device, args.dtype)
     samples = read_jsonl(args.data) if args.data else None
     rec = run_niah(
@@ -243,6 +246,7 @@ def _cmd_niah_data(args) -> int:
 
 
 def _cmd_longbench(args) -> int:
+    check_dir(args.out)
     em = _open(args.ckpt, args.device, args.dtype)
     rec = run_longbench(
         em, args.data, args.patterns, args.out, args.datasets, args.context_length, args.limit, not args.quiet
@@ -263,3 +267,60 @@ def _cmd_lm_eval(args) -> int:
     from ratplus.cli.lm_eval import main
 
     return main(args.lm_eval_args, prog="ratplus eval lm-eval")
+
+
+# ---- eval recall (self-contained: parse, call ratplus.eval.recall.run_recall_probe) ---------------
+
+
+def _add_recall(esub) -> None:
+    p = esub.add_parser(
+        "recall",
+        help="MQAR recall probe: train RAT+ and an attention baseline from scratch, accuracy per pattern",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke budget (tiny task and model, < 2 min on 2 cores)")
+    task = p.add_argument_group("task")
+    task.add_argument("--pairs", type=int, help="key-value pairs per sequence (default 6)")
+    task.add_argument("--spread", type=int, help="chunk size holding at most one pair (default 16)")
+    task.add_argument("--seq-len", type=int, help="context length T (default 128)")
+    task.add_argument("--filler-vocab", type=int)
+    task.add_argument("--key-vocab", type=int)
+    task.add_argument("--value-vocab", type=int)
+    task.add_argument("--packed", action="store_true", default=None, help="pairs adjacent in the body, no spread")
+    tr = p.add_argument_group("training")
+    tr.add_argument("--d-model", type=int)
+    tr.add_argument("--layers", dest="num_layers", type=int)
+    tr.add_argument("--heads", dest="num_heads", type=int)
+    tr.add_argument("--steps", type=int, help="pretraining batches (default 1500)")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--lr", type=float, help="peak LR (default 1e-3)")
+    tr.add_argument("--no-joint", dest="joint_train", action="store_false", default=None, help="dense-only pretraining")
+    tr.add_argument("--joint-pattern", help="RAT+ sparse branch (default D16-W0-P0)")
+    tr.add_argument("--baseline-joint-pattern", help="baseline sparse branch (default local-W16-P0)")
+    tr.add_argument("--dense-warmup-steps", type=int, help="dense-only batches before joint training starts")
+    tr.add_argument("--adapt-steps", type=int, help="resolution adaptation batches per sparse pattern (0 = none)")
+    tr.add_argument("--adapt-lr-mult", type=float, help="adaptation LR as a multiple of --lr (paper: 0.1)")
+    tr.add_argument("--adapt-patterns", type=names, help="patterns to adapt to (default: every dilated/local one)")
+    tr.add_argument("--load", default=None, help="reuse the pretrained weights of a previous probe's --out folder")
+    p.add_argument("--patterns", type=names, help="comma-separated patterns (default: scaled to the context)")
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--models", type=names, help="ratplus,baseline (default both)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="runs/eval/recall", help="output folder (default runs/eval/recall)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_recall)
+
+
+def _cmd_recall(args) -> int:
+    from ratplus.eval.recall import OPTION_NAMES, recall_config, run_recall_probe
+
+    given = {k: v for k, v in vars(args).items() if k in OPTION_NAMES}
+    cfg = recall_config(args.quick, progress=not args.quiet, **given)
+    rec = run_recall_probe(cfg, args.out, load_from=args.load, plot=not args.no_plot)
+    keep = ("model", "pattern", "acc", "acc_adapted")
+    emit_json(
+        {"eval": "recall", "json": rec["json"], "plot": rec.get("plot"), "adapt_budget": rec["adapt_budget"]}
+        | {"results": [{k: r[k] for k in keep} for r in rec["rows"]]}
+    )
+    return 0

@@ -45,8 +45,10 @@ def _run(args) -> int:
     from ratplus.generation import generate
     from ratplus.io.folder import load_pretrained, load_tokenizer
     from ratplus.io.metadata import read_metadata
+    from ratplus.runtime import resolve_device
 
-    model = load_pretrained(args.ckpt, device=args.device)
+    device = resolve_device(args.device)
+    model = load_pretrained(args.ckpt, device=device)
     tokenizer = load_tokenizer(args.ckpt)
     if args.prompt is not None:
         if tokenizer is None:
@@ -58,6 +60,11 @@ def _run(args) -> int:
         prompt = args.prompt_ids
         if not prompt:
             raise ValueError("--prompt-ids is empty")
+    vocab = model.config.vocab_size
+    for flag, ids in (("--prompt-ids", prompt), ("--stop", args.stop or [])):
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:  # checked before the tokenizer decodes the prompt for display
+            raise ValueError(f"{flag}: token id {bad[0]} is outside [0, vocab_size={vocab})")
     meta = read_metadata(args.ckpt)
     pattern = args.pattern or meta.default_pattern or meta.adapted_pattern or "dense"
     print(f"[pattern {pattern}, {len(prompt)} prompt tokens]", file=sys.stderr)
@@ -91,7 +98,7 @@ def _run(args) -> int:
         stop_tokens=args.stop,
         max_length=args.max_length,
         streamer=stream,
-        generator=torch.Generator(device=args.device).manual_seed(args.seed),
+        generator=torch.Generator(device=device).manual_seed(args.seed),
     )
     print(shown if not new_ids else "")
     return 0

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None, prog: str = "ratplus.cli.lm_eval") -> in
         harness.check_task_specs(_option_values(args, "--tasks"), includes)
         sys.argv = ["lm-eval", *args]  # lm-eval's CLI parses sys.argv itself
         cli_evaluate()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, as in ratplus.cli.main
         hint = " (a local task needs its YAML path or --include_path DIR)" if "Tasks not found" in str(e) else ""
         print(f"{prog}: error: {e}{hint}", file=sys.stderr)
         return 2

@@ -133,8 +133,16 @@ def _print_main(path: Path) -> None:
 def _data_prepare(args) -> int:
     from ratplus.io.corpus import read_documents, shakespeare_documents
     from ratplus.io.tokenizer import eos_id, get_tokenizer, vocab_size
+    from ratplus.runtime import remove_path
     from ratplus.train.data import prepare_shards
 
+    if not 0 <= args.val_fraction < 1:  # also refuses nan
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.shard_tokens < 1:
+        raise ValueError(f"--shard-tokens must be >= 1, got {args.shard_tokens}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
     if args.input is None:
         train_docs, val_docs = shakespeare_documents("train"), shakespeare_documents("val")
     else:
@@ -147,14 +155,23 @@ def _data_prepare(args) -> int:
         else:
             val_docs = []
     tok = get_tokenizer(args.tokenizer, train_docs, args.vocab_size)
-    out = Path(args.out)
+    written: list[Path] = []
     for split, docs in (("train", train_docs), ("val", val_docs)):
         if not docs:
             print(f"no validation documents (a single input document); only {out / 'train'} is written")
             continue
-        path = prepare_shards(
-            docs, tok, out / split, args.shard_tokens, args.dtype, overwrite=args.overwrite, desc=split
-        )
+        existed = (out / split).exists()
+        try:
+            path = prepare_shards(
+                docs, tok, out / split, args.shard_tokens, args.dtype, overwrite=args.overwrite, desc=split
+            )
+        except Exception:
+            # the splits this run wrote go too: a rerun (after freeing space) needs no --overwrite
+            for p in written:
+                remove_path(p)
+            raise
+        if not existed:
+            written.append(path)
         meta = json.loads((path / "meta.json").read_text())
         print(
             f"{path}: {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
@@ -165,6 +182,7 @@ def _data_prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from ratplus.config import read_json
     from ratplus.train.config import TrainConfig
     from ratplus.train.trainer import train
 
@@ -173,7 +191,7 @@ def _train(args) -> int:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"train config not found: {path}")
-        base = TrainConfig.from_dict(json.loads(path.read_text()))
+        base = TrainConfig.from_dict(read_json(path, "train config"))
     given = _given(args)
     if args.set:
         given["model_overrides"] = {**base.model_overrides, **dict(args.set)}

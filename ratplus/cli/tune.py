@@ -70,15 +70,17 @@ def _cmd_tune(args) -> int:
 
 
 def _record(folder: Path, res: dict) -> None:
-    from ratplus.io.folder import atomic_write_text
+    from ratplus.io.lock import folder_lock
+    from ratplus.io.manifest import MANIFEST_FILE, read_manifest, verify_folder, write_manifest
     from ratplus.io.metadata import METADATA_FILE, metadata_json, read_metadata
-    from ratplus.train import checkpoint as ckpt_io
+    from ratplus.runtime import atomic_write_text
 
-    manifest = (folder / ckpt_io.MANIFEST_FILE).is_file()
-    if manifest:
-        ckpt_io.verify_folder(folder)  # never re-sign a folder that was already damaged
-    tuned = {k: res[k] for k in ("ppl", "kv_frac", "kv_budget", "seq_len", "head_groups", "tokens")}
-    meta = dataclasses.replace(read_metadata(folder), default_pattern=res["pattern"], tuned=tuned)
-    atomic_write_text(folder / METADATA_FILE, metadata_json(meta))
-    if manifest:
-        ckpt_io._write_manifest(folder)
+    with folder_lock(folder, "tune-pattern --record"):
+        signed = (folder / MANIFEST_FILE).is_file()
+        if signed:
+            verify_folder(folder)  # never re-sign a folder that was already damaged
+        tuned = {k: res[k] for k in ("ppl", "kv_frac", "kv_budget", "seq_len", "head_groups", "tokens")}
+        meta = dataclasses.replace(read_metadata(folder), default_pattern=res["pattern"], tuned=tuned)
+        atomic_write_text(folder / METADATA_FILE, metadata_json(meta))
+        if signed:
+            write_manifest(folder, sorted({*read_manifest(folder), METADATA_FILE}))

@@ -39,6 +39,7 @@ from ratplus.demo.report import check_targets, write_report
 from ratplus.io.corpus import shakespeare_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
 from ratplus.io.tokenizer import train_bpe
+from ratplus.runtime import atomic_write_text
 from ratplus.train.data import prepare_shards
 
 logger = logging.getLogger("ratplus")
@@ -138,9 +139,7 @@ class Demo:
         seconds = time.perf_counter() - t
         self.timings[name] = seconds
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": key, "seconds": seconds, "result": result}, indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps({"config": key, "seconds": seconds, "result": result}, indent=2))
         print(f"[demo] {name}: done in {seconds:.0f} s", flush=True)
         return result
 

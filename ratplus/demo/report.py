@@ -9,7 +9,7 @@ from typing import Any
 
 from ratplus.config import AttentionPattern
 from ratplus.demo import ADAPT_PATTERNS, MODELS
-from ratplus.io.folder import atomic_write_text
+from ratplus.runtime import atomic_write_text
 
 
 def _ppl_of(results: dict[str, Any], model: str, pattern: str) -> float:

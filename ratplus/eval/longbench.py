@@ -360,6 +360,8 @@ def evaluate_longbench(
     tokenizer = em.require_tokenizer("LongBench evaluation")
     if context_length < 1:
         raise ValueError(f"context_length must be >= 1, got {context_length}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit (--limit, records per dataset) must be >= 1, got {limit}")
     ctx = min(context_length, em.config.max_seq_len)
     name = em.config.canonical_pattern(pattern)
     status = warn_if_not_adapted(em, pattern)

@@ -132,6 +132,17 @@ def stream_nll(
     return {"nll_sum": nll, "tokens": count, "bytes": nbytes}
 
 
+def check_ppl_args(patterns: Any, seq_len: int | None, batch_size: int, max_tokens: int | None) -> None:
+    """The sizes of a perplexity run, checked before any work (ValueError naming the flag)."""
+    if not patterns:
+        raise ValueError("no patterns to evaluate (--patterns is empty)")
+    for name, value, low in (("seq_len", seq_len, 2), ("max_tokens", max_tokens, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an int >= {low}, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be an int >= 1, got {batch_size!r}")
+
+
 def evaluate_ppl(
     em: EvalModel,
     texts: list[str],
@@ -147,6 +158,7 @@ def evaluate_ppl(
     nats per token), ppl, bpb, tokens, bytes, seq_len, attn_flop_frac, kv_frac (cost relative to
     dense at ``seq_len``).
     """
+    check_ppl_args(patterns, seq_len, batch_size, max_tokens)
     tokenizer = em.require_tokenizer("perplexity evaluation")
     seq_len = seq_len or em.config.max_seq_len
     if seq_len > em.config.max_seq_len:

@@ -26,7 +26,9 @@ def run_ppl(
 ) -> dict[str, Any]:
     """Perplexity of each model under each pattern: table, ``ppl.json`` (+ ``ppl.png``) in out_dir."""
     from ratplus.eval.plots import plot_ppl
-    from ratplus.eval.ppl import evaluate_ppl
+    from ratplus.eval.ppl import check_ppl_args, evaluate_ppl
+
+    check_ppl_args(patterns, seq_len, batch_size, max_tokens)
 
     if len({em.name for em in models}) < len(models):  # same folder name twice: label by full path
         for em in models:

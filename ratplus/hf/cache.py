@@ -22,13 +22,17 @@ from transformers.cache_utils import Cache
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 
+#: Tokens added per growth when a forward goes past the cache's size (see ``RATPlusHFCache.run``).
+GROW_CHUNK = 256
+
 
 class RATPlusHFCache(Cache):
     """Compact RAT+ cache for ``RATPlusForCausalLM`` (``cache``, ``past_key_values`` before transformers 5.24).
 
-    ``max_len``: the most tokens the cache will ever hold (prompt + generated); None = the model's
-    ``max_seq_len``. The attention pattern is the one of the first forward (``pattern`` holds its
-    canonical string from then on); a forward with another pattern is refused.
+    ``max_len``: the tokens to allocate for (prompt + generated); None = the first forward's input.
+    A later forward that goes past it grows the cache by at least ``GROW_CHUNK`` tokens, up to the
+    model's ``max_seq_len``, keeping everything cached. The attention pattern is the one of the
+    first forward (``pattern`` holds its canonical string from then on); another one is refused.
     """
 
     def __init__(self, max_len: int | None = None):
@@ -51,13 +55,20 @@ class RATPlusHFCache(Cache):
                 f"this cache was built for attention pattern {self.pattern!r} but the forward asks for "
                 f"{pattern!r}; start a new cache (or a new generate call) to switch patterns"
             )
+        limit = model.config.max_seq_len
         if self.inner is None:
-            max_len = self.max_len if self.max_len is not None else model.config.max_seq_len
+            # sized to the request: max_len when given (generate passes prompt + max_new_tokens), else
+            # this input; the inner cache checks the limit itself
+            max_len = self.max_len if self.max_len is not None else min(input_ids.shape[1], limit)
             weight = model.embedding.wte.weight
             self.inner = RATPlusCache(
                 model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=weight.dtype
             )
             self.pattern = pattern
+        needed = max(self.inner.lengths) + input_ids.shape[1]
+        if self.inner.max_len < needed <= limit:
+            # generation continues past the size asked for: grow in chunks (one copy per chunk)
+            self.inner.grow(min(limit, max(needed, self.inner.max_len + GROW_CHUNK)))
         # pattern=None: the inner cache runs the pattern it was built for (checked above), without
         # parsing the string again on every decode step.
         return model(input_ids, cache=self.inner, attention_mask=attention_mask)
@@ -69,7 +80,8 @@ class RATPlusHFCache(Cache):
         return 0 if self.inner is None else self.inner.seq_len
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1 if self.max_len is None else self.max_len
+        """-1: the cache grows as needed (up to the model's ``max_seq_len``)."""
+        return -1
 
     def __len__(self) -> int:
         return 0 if self.inner is None else len(self.inner.layers)

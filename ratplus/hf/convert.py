@@ -31,6 +31,7 @@ model folder is native (-> Hugging Face).
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -49,11 +50,13 @@ from ratplus.io.folder import (
     HEAD_KEY,
     TOKENIZER_FILE,
     load_tokenizer,
+    replace_dir,
     save_pretrained,
     state_dict_problems,
 )
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import writing
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +405,8 @@ def convert(
     if to not in ("native", "hf"):
         raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
     out = Path(dst)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the output (DST) must be a folder")
     if (out / CONFIG_FILE).exists() and not overwrite:
         raise ValueError(f"{out} already holds a model ({CONFIG_FILE}); pass --overwrite to replace it")
     tok = load_tokenizer_file(tokenizer) if tokenizer is not None else None
@@ -422,8 +427,13 @@ def convert(
         pattern = pattern if pattern is not None else hf.config.attention_pattern
         if tok is None and (Path(src) / TOKENIZER_FILE).is_file():
             tok = load_tokenizer_file(Path(src) / TOKENIZER_FILE)
-    if to == "native":
-        save_native(model, out, tok, pattern)
-    else:
-        save_hf(model, out, tok, pattern)
+    # A new (or replaced) folder is written under a temporary name and renamed into place, so a full
+    # disk leaves no half-written DST; files of an existing folder without a model are written in place.
+    whole = not out.exists() or (out / CONFIG_FILE).exists()
+    target = out.with_name(f".{out.name}.tmp-{os.getpid()}") if whole else out
+    with writing(out, partial=[target] if whole else []):
+        (save_native if to == "native" else save_hf)(model, target, tok, pattern)
+        if whole:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            replace_dir(target, out)
     return kind, to

@@ -115,7 +115,8 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         same argument under its pre-5.24 name) the tokens continue after the cached ones and only
         their logits (B, T, V) come back.
 
-        ``use_cache=True`` without a cache starts one (sized ``max_seq_len``) and returns it.
+        ``use_cache=True`` without a cache starts one (sized to this input; it grows in chunks when
+        later calls continue) and returns it.
         ``labels`` (B, T) follow the ``transformers`` convention: the same ids as ``input_ids``
         (-100 = ignore), shifted here; ``loss`` is the mean next-token cross-entropy in float32.
         ``attention_mask`` (B, T) or (B, cached + T): 0 marks left padding of the prompt (padding

@@ -6,9 +6,11 @@ A model folder holds:
   model.safetensors  the weights (tied head stored once, under ``embedding.wte.weight``)
   tokenizer.json     a Hugging Face ``tokenizers`` file, when the model was trained with one
   metadata.json      what training/conversion knows (``ratplus.io.metadata``), optional
+  manifest.json      size and SHA-256 of the files above, written last (``ratplus.io.manifest``)
 
 Files are written to a temporary name and renamed, so an interrupted save never leaves a file
-that loads wrong. Loading checks keys and shapes and refuses anything that does not match.
+that loads wrong. Loading first checks the files against the manifest (a folder without one, from
+another tool, loads with a note), then keys and shapes, and refuses anything that does not match.
 """
 
 from __future__ import annotations
@@ -22,29 +24,18 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig
+from ratplus.io.manifest import verify_folder, write_manifest
 from ratplus.io.metadata import METADATA_FILE, ModelMetadata, metadata_json
 from ratplus.io.metadata import load_metadata as load_metadata  # re-exported: folder readers import it from here
 from ratplus.io.tokenizer import TOKENIZER_FILE, folder_tokenizer
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import atomic_write_bytes, atomic_write_text, check_fits_memory, make_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 #: The tied pair: with ``tie_embeddings`` the head is the embedding, stored once under EMBED_KEY.
 EMBED_KEY = "embedding.wte.weight"
 HEAD_KEY = "head.lm_head.weight"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -73,17 +64,21 @@ def save_pretrained(
     tokenizer: Any = None,
     metadata: ModelMetadata | dict[str, Any] | None = None,
 ) -> Path:
-    """Write a model folder (see module docstring). ``tokenizer``: a ``tokenizers.Tokenizer`` or None."""
+    """Write a model folder (see module docstring). ``tokenizer``: a ``tokenizers.Tokenizer`` or None.
+    The manifest covers the files written here (other files already in the folder stay unlisted)."""
     from safetensors.torch import save
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(path)
     atomic_write_bytes(out / WEIGHTS_FILE, save(model_state_for_saving(model), metadata={"format": "pt"}))
     atomic_write_text(out / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2) + "\n")
+    written = [WEIGHTS_FILE, CONFIG_FILE]
     if tokenizer is not None:
         atomic_write_text(out / TOKENIZER_FILE, tokenizer.to_str())
+        written.append(TOKENIZER_FILE)
     if metadata is not None:
         atomic_write_text(out / METADATA_FILE, metadata_json(metadata))
+        written.append(METADATA_FILE)
+    write_manifest(out, written)
     return out
 
 
@@ -150,11 +145,17 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_pretrained(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: str | None = None
 ) -> RATPlusLM:
-    """Build the model from ``config.json`` and load ``model.safetensors``; returns it in eval mode."""
+    """Verify the folder against its manifest (``verify``: ``sha256`` | ``size``, default
+    ``$RATPLUS_VERIFY`` or ``sha256``; see ``ratplus.io.manifest``), build the model from
+    ``config.json`` and load ``model.safetensors``; returns it in eval mode."""
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; a model folder (config.json, model.safetensors) is expected")
+    verify_folder(folder, verify, require=False)
     config = load_config(folder)
+    check_fits_memory(4 * config.num_params(), f"the {config.num_params():,}-parameter model in {folder}")
     model = RATPlusLM(config)
     load_into(model, load_state_dict_file(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
     model.to(device=device)

@@ -47,6 +47,10 @@ def _byte_level(model: models.Model) -> Tokenizer:
     return tok
 
 
+#: Largest BPE vocabulary ``train_bpe`` accepts (the trainer allocates tables of this size up front).
+MAX_BPE_VOCAB = 2**20
+
+
 def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
@@ -60,8 +64,11 @@ def train_bpe(
     deterministic for the same texts. The result may hold fewer tokens than asked when the text has
     too few distinct merges (``tokenizer.get_vocab_size()`` is the truth).
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(f"vocab_size must be an int >= 257 (256 bytes + the EOS token), got {vocab_size!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= MAX_BPE_VOCAB:
+        raise ValueError(
+            f"vocab_size must be an int in [257, {MAX_BPE_VOCAB}] (256 bytes + the EOS token; larger tables do not "
+            f"fit memory), got {vocab_size!r}"
+        )
     tok = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

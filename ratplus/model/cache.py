@@ -74,6 +74,10 @@ class SlotLayout:
         if pattern.is_topk:
             raise ValueError("top-k patterns keep every key; they have no slot layout")
         P, W, D = (0, 0, 1) if pattern.is_dense else (pattern.initial_size, pattern.local_size, pattern.dilation_size)
+        # A prefix longer than the cache, or a window reaching below P from the last position, changes
+        # no key set (those positions are already in it): both are clamped, so P + W + 1 <= max_len + 1.
+        P = min(P, max_len)
+        W = min(W, max(0, max_len - 1 - P))
         dilated = 0 if D is None else (max_len - 1) // D
         return cls(P, W + 1, D, P + W + 1 + dilated)
 
@@ -115,6 +119,28 @@ class SlotLayout:
             return torch.zeros_like(p, dtype=torch.bool)
         return (p >= self.P) & ((p + 1) % self.D == 0)
 
+    def num_valid_t(self, n: torch.Tensor) -> torch.Tensor:
+        """``num_valid`` of an int64 tensor of token counts, elementwise (no host reads)."""
+        held = n.clamp(max=self.P) + (n - self.P).clamp(min=0, max=self.R)
+        if self.D is None:
+            return held
+        return held + ((n - self.R).div(self.D, rounding_mode="floor") - self.first_m + 1).clamp(min=0)
+
+    def step_t(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``step`` for an int64 tensor of positions n (B,), elementwise: (move_src, move_dst,
+        write_dst). A row that moves nothing gets move_src = move_dst = its write slot, a copy onto
+        itself before the write: no branch on the values."""
+        write = torch.where(n < self.P, n, self.P + (n - self.P).remainder(self.R))
+        if self.D is None:
+            return write, write, write
+        leaving = n - self.R
+        moves = (leaving >= self.P) & ((leaving + 1).remainder(self.D) == 0)
+        src = torch.where(moves, self.P + (leaving - self.P).remainder(self.R), write)
+        dst = torch.where(
+            moves, self.P + self.R + (leaving + 1).div(self.D, rounding_mode="floor") - self.first_m, write
+        )
+        return src, dst, write
+
     def plan(self, n: int, N: int, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
         """Index moves to go from n to N tokens (new tokens are positions n..N-1, column p - n).
 
@@ -151,6 +177,7 @@ class CacheStep:
     positions: torch.Tensor  # RoPE positions: (T,) when all rows agree, else (B, 1, T)
     real: torch.Tensor | None  # (B, 1, T, 1) bool, False on padding columns; None without padding
     _masks: dict = field(default_factory=dict)  # per-step memo of decode key masks
+    held: torch.Tensor | None = None  # (B,) int64 tokens per row before a fixed-shape step (else None)
 
     @property
     def fresh(self) -> bool:
@@ -163,6 +190,13 @@ class CacheStep:
 
     def ends(self) -> list[int]:
         return [n + self.T - pad for n, pad in zip(self.starts, self.pads)]
+
+
+def _grown(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t (B, h, S, K) copied into zeros (B, h, n, K), n >= S (zeros: see ``_GroupCache.__init__``)."""
+    out = t.new_zeros(*t.shape[:2], n, t.shape[-1])
+    out[:, :, : t.shape[2]] = t
+    return out
 
 
 class _GroupCache:
@@ -202,6 +236,32 @@ class _GroupCache:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v, *self.summaries]
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate for ``max_len`` tokens, keeping every slot and summary. Slots only ever get
+        appended at the end (the dilated area, or positions for top-k), so contents keep their index."""
+        if self.pattern.is_snapkv:  # after the prefill: room for max_len - old max_len more tokens
+            if self.k.shape[2]:
+                extra = max_len - self.max_len
+                self.k, self.v = _grown(self.k, self.k.shape[2] + extra), _grown(self.v, self.v.shape[2] + extra)
+            self.max_len = max_len
+            return
+        if self.pattern.is_topk:
+            old_slots, old_blocks = self.k.shape[2], self.summaries[0].shape[-2]
+            self.k, self.v = _grown(self.k, max_len), _grown(self.v, max_len)
+            P, W, Bs = self.pattern.initial_size, self.pattern.local_size, self.pattern.block_size
+            n_blocks = max(0, max_len - 1 - W - P) // Bs
+            self.summaries = tuple(_grown(s, n_blocks) for s in self.summaries)
+            # a small cache never summarises its last complete blocks (always inside the window of its
+            # last query): summarise them now. Blocks not complete yet are summarised again when they are.
+            b1 = min(n_blocks, max(0, old_slots - P) // Bs)
+            if b1 > old_blocks:
+                keys = self.k[:, :, P + old_blocks * Bs : P + b1 * Bs]
+                for dst, src in zip(self.summaries, block_summaries(keys, self.pattern)):
+                    dst[:, :, old_blocks:b1] = src
+            return
+        self.layout = SlotLayout.for_pattern(self.pattern, max_len)
+        self.k, self.v = _grown(self.k, self.layout.capacity), _grown(self.v, self.layout.capacity)
 
     def select(self, index: torch.Tensor) -> None:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
@@ -261,6 +321,8 @@ class _GroupCache:
         output (B, h, T, K) over the cached tokens plus the new ones, and stores the new ones."""
         if self.pattern.is_snapkv:
             return self._snapkv_attend(q, k, v, step, backend)
+        if step.held is not None:
+            return self._decode_fixed(q, k, v, step)
         if step.fresh:
             out = self._prefill(q, k, v, step, backend)
             self.write(k, v, step)
@@ -324,6 +386,22 @@ class _GroupCache:
                 q[r : r + 1, :, pad:], k[r : r + 1, :, pad:], v[r : r + 1, :, pad:], self.pattern, backend=backend
             )
         return out
+
+    def _decode_fixed(self, q, k, v, step: CacheStep) -> torch.Tensor:
+        """Fixed-shape decode step (reference: ``write`` + ``_decode``): one token per row at
+        positions ``held`` (B,) int64, written with index tensors, attention over every slot with a
+        (B, 1, 1, S) mask of the filled prefix. Shapes never depend on the values."""
+        key = (self.layout, self.k.shape[2])
+        if key not in step._masks:  # indices and mask shared by every layer with this layout
+            held = step.held
+            rows = torch.arange(q.shape[0], device=q.device)
+            mask = torch.arange(key[1], device=q.device) < self.layout.num_valid_t(held + 1).view(-1, 1, 1, 1)
+            step._masks[key] = (rows, *self.layout.step_t(held), mask)  # mask (B, 1, 1, S)
+        rows, src, dst, write, mask = step._masks[key]
+        for buf, new in ((self.k, k), (self.v, v)):
+            buf[rows, :, dst] = buf[rows, :, src]  # leaving ring token -> dilated area (or a no-op)
+            buf[rows, :, write] = new[:, :, 0]
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, enable_gqa=self.group > 1)
 
     def _decode(self, q, step) -> torch.Tensor:
         """One new token per row, already written: attend over each row's filled prefix."""
@@ -486,6 +564,22 @@ class RATPlusCache:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())
 
+    def grow(self, max_len: int) -> None:
+        """Make room for ``max_len`` tokens per row, keeping everything cached (a new allocation and
+        one copy of the held slots; decoding afterwards is exactly as with a cache built that big)."""
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < self.max_len:
+            raise ValueError(f"max_len must be an int >= the current max_len={self.max_len}, got {max_len!r}")
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        if self.current_step is not None:
+            raise ValueError("cannot grow the cache during a forward")
+        if max_len == self.max_len:
+            return
+        for layer in self.layers:
+            for g in layer.groups:
+                g.grow(max_len)
+        self.max_len = max_len
+
     def reset(self) -> None:
         """Empty the cache (buffers are kept; stale slots are never read)."""
         self.lengths = [0] * self.batch_size
@@ -533,6 +627,33 @@ class RATPlusCache:
                 layer.current_step = None
         self.lengths = step.ends()
         self.seq_len += step.T
+
+    @property
+    def supports_fixed_step(self) -> bool:
+        """Whether ``fixed_step`` works: every head group has a slot layout (top-k groups choose
+        their blocks with data-dependent shapes and decode through ``append`` only)."""
+        return all(g.layout is not None for layer in self.layers for g in layer.groups)
+
+    def begin_fixed_step(self, held: torch.Tensor) -> CacheStep:
+        """Start a fixed-shape decode step of one token per row; ``held`` (B,) int64 on the cache's
+        device = tokens each row holds (``torch.tensor(cache.lengths)``, advanced by 1 per step by
+        the caller). Nothing is checked here (no host reads): the caller checks once per call that
+        ``supports_fixed_step``, that the batch matches and that ``max(lengths) + steps <= max_len``.
+        ``end_fixed_step()`` commits the token; ``RATPlusLM.decode_step`` does both."""
+        step = CacheStep(1, [], [], held.view(-1, 1, 1), None, held=held)
+        for layer in (self, *self.layers):
+            layer.current_step = step
+        return step
+
+    def end_fixed_step(self, ok: bool = True) -> None:
+        """Finish a ``begin_fixed_step`` (host bookkeeping only: every row holds one more token)."""
+        for layer in (self, *self.layers):
+            layer.current_step = None
+        if not ok:
+            self._broken = True
+            return
+        self.lengths = [n + 1 for n in self.lengths]
+        self.seq_len += 1
 
     def _begin(self, input_ids, pattern, attention_mask) -> CacheStep:
         if self._broken:

@@ -243,6 +243,14 @@ class RATPlusLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if cache is None and input_ids.numel():
+            # full forwards (training, scoring) check the ids here; decoding checks them once in generation.py
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids hold token id {bad} outside [0, vocab_size={self.config.vocab_size})")
         if cache is not None:
             if labels is not None:
                 raise ValueError("labels are not supported together with a cache (inference only)")
@@ -265,6 +273,31 @@ class RATPlusLM(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LMOutput(loss, logits)
+
+    def decode_step(self, token: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
+        """One fixed-shape decode step: token (B, 1) int64 after ``held`` (B,) int64 cached tokens per
+        row (on the model's device). Returns the next-token logits (B, V).
+
+        Same result as ``self(token, cache=cache)[:, -1]`` (the reference), but with no host reads and
+        no branching on values, so ``torch.compile`` can capture ``decode_step_core`` as one graph.
+        Nothing is validated per token: ``ratplus.generation`` checks the inputs once per call. The
+        cache must ``supports_fixed_step`` and have room for the token."""
+        cache.begin_fixed_step(held)
+        try:
+            logits = self.decode_step_core(token, cache, held)
+        except BaseException:
+            cache.end_fixed_step(ok=False)
+            raise
+        cache.end_fixed_step()
+        return logits
+
+    def decode_step_core(self, token: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
+        """The tensor work of ``decode_step`` (between ``cache.begin_fixed_step`` and ``end_fixed_step``)."""
+        x = self.embedding.wte(token)  # (B, 1, C)
+        cos, sin = self.rope(held.view(-1, 1, 1), x.dtype)  # (B, 1, 1, K): each row at its own position
+        for block, layer_pattern, layer_cache in zip(self.backbone.layers, cache.pattern, cache.layers, strict=True):
+            x = block(x, layer_pattern, cos, sin, cache=layer_cache)
+        return self.logits(x)[:, -1]
 
     def _forward_cached(self, input_ids, pattern, cache, attention_mask, backend, scan_backend) -> torch.Tensor:
         with cache.append(input_ids, pattern, attention_mask) as step:  # checks pattern, room, padding

@@ -18,7 +18,6 @@ with ``CheckpointError`` naming the file. Final model folders are written the sa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,81 +35,27 @@ from ratplus.config import ModelConfig
 from ratplus.io.folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    atomic_write_bytes,
-    atomic_write_text,
     load_config,
     load_state_dict_file,
     replace_dir,
     save_pretrained,
     with_tied_keys,
 )
+from ratplus.io.lock import pid_alive
+from ratplus.io.manifest import FolderError, verify_folder, write_manifest
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import atomic_write_bytes, writing
 
 logger = logging.getLogger("ratplus")
 
-FORMAT = "ratplus-checkpoint"
-MANIFEST_FILE = "manifest.json"
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainer_state.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or model folder that is incomplete, truncated or modified."""
-
-
-# ---- manifest --------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_manifest(folder: Path) -> None:
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
-    atomic_write_text(folder / MANIFEST_FILE, json.dumps({"format": FORMAT, "version": 1, "files": files}, indent=2))
-
-
-def verify_folder(path: str | Path) -> None:
-    """Check every file of a checkpoint / model folder against its manifest.
-
-    Raises FileNotFoundError when the folder does not exist and ``CheckpointError`` (a ValueError)
-    when the manifest is missing or a file is missing, truncated or different."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {folder}")
-    mpath = folder / MANIFEST_FILE
-    if not mpath.is_file():
-        raise CheckpointError(f"{folder} has no {MANIFEST_FILE}: it is incomplete or not a ratplus checkpoint")
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath} is damaged ({e}); the checkpoint cannot be trusted") from e
-    for name, entry in files.items():
-        f = folder / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file missing: {f}")
-        size = f.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file {f} has {size} bytes but the manifest says {entry['bytes']}: it is truncated or was "
-                "overwritten; refusing to load it"
-            )
-        if _sha256(f) != entry["sha256"]:
-            raise CheckpointError(
-                f"checkpoint file {f} does not match its SHA-256 in {MANIFEST_FILE}: it was modified or is corrupt; "
-                "refusing to load it"
-            )
+#: A checkpoint or model folder that is incomplete, truncated or modified (``ratplus.io.manifest``).
+CheckpointError = FolderError
 
 
 # ---- atomic folders --------------------------------------------------------------------------------
@@ -130,7 +75,7 @@ def _tmp_name(final: Path) -> Path:
 
 def _publish(tmp: Path, final: Path) -> None:
     """Rename a finished folder into place (an older folder of the same name is swapped out)."""
-    _write_manifest(tmp)
+    write_manifest(tmp)
     _fsync_dir(tmp)
     replace_dir(tmp, final)
     _fsync_dir(final.parent)
@@ -148,19 +93,22 @@ def write_model_folder(
 
     ``model_state``: full CPU weights keyed by parameter name (e.g. ``distributed.full_model_state``)."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    # A weightless (meta) model adopts the given tensors, so the format is exactly save_pretrained's.
-    with torch.device("meta"):
-        shell = RATPlusLM(config)
-    shell.load_state_dict(with_tied_keys(config, model_state), strict=True, assign=True)
-    save_pretrained(shell, tmp, tokenizer=tokenizer, metadata=metadata)
-    for name, data in (extra_files or {}).items():
-        atomic_write_bytes(tmp / name, data)
-    _publish(tmp, final)
+    needed = sum(v.numel() * v.element_size() for v in model_state.values()) * 2  # weights + optimizer, roughly
+    # A full disk (or any write error) removes the temporary folder; the previous checkpoints stay.
+    with writing(final, partial=[tmp], needed=needed):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        # A weightless (meta) model adopts the given tensors, so the format is exactly save_pretrained's.
+        with torch.device("meta"):
+            shell = RATPlusLM(config)
+        shell.load_state_dict(with_tied_keys(config, model_state), strict=True, assign=True)
+        save_pretrained(shell, tmp, tokenizer=tokenizer, metadata=metadata)
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(tmp / name, data)
+        _publish(tmp, final)
     return final
 
 
@@ -292,31 +240,61 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _is_valid(path: Path) -> bool:
+    try:
+        verify_folder(path, "size")  # sizes only: pruning runs at every save and must stay cheap
+        return True
+    except FolderError:
+        return False
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies; damaged ones are skipped with a warning."""
-    for _, path in reversed(list_checkpoints(root)):
+    """The newest checkpoint under ``root`` that verifies; damaged ones are skipped with a warning.
+
+    None when there is no checkpoint at all. When there are checkpoints but every one is damaged,
+    raises ``CheckpointError`` listing them: resuming must never silently start from scratch."""
+    found = list_checkpoints(root)
+    problems = []
+    for _, path in reversed(found):
         try:
             verify_folder(path)
             return path
-        except CheckpointError as e:
+        except FolderError as e:
             logger.warning("ratplus: skipping damaged checkpoint: %s", e)
+            problems.append(str(e))
+    if found:
+        raise CheckpointError(
+            f"every checkpoint under {root} is damaged, refusing to start from scratch over them: "
+            + " | ".join(problems)
+            + " (move them away, or point --resume at a good checkpoint)"
+        )
     return None
 
 
+def _leftover_pid(name: str) -> int | None:
+    m = re.search(r"\.(?:tmp|old)-(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
 def remove_leftovers(root: str | Path) -> None:
-    """Delete the hidden temporary folders an interrupted write leaves under ``root``."""
+    """Delete the hidden temporary folders an interrupted write left under ``root``: this process's
+    own and those of dead processes, never a live writer's (``ratplus.io.lock.pid_alive``)."""
     root = Path(root)
     if root.is_dir():
         for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+            pid = _leftover_pid(p.name)
+            own_or_dead = pid is not None and (pid == os.getpid() or not pid_alive(pid))
+            if p.is_dir() and p.name.startswith(".") and own_or_dead:
                 shutil.rmtree(p, ignore_errors=True)
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` (>= 1) newest checkpoints under ``root``."""
+    """Delete all but the ``keep_last`` (>= 1) best checkpoints under ``root``: ordered by validity
+    (sizes match the manifest), then step, so a good checkpoint is never deleted to keep a damaged one."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    for _, path in list_checkpoints(root)[:-keep_last]:
+    ranked = sorted(list_checkpoints(root), key=lambda sp: (_is_valid(sp[1]), sp[0]))
+    for _, path in ranked[:-keep_last]:
         # Renamed out of sight first: a kill during the deletion leaves a hidden leftover (removed
         # on the next start), never a half-deleted folder that looks like a damaged checkpoint.
         trash = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -5,10 +5,11 @@ The recipe these defaults follow is docs/DESIGN.md section 5."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ratplus.config import known_fields
+from ratplus.config import is_real, known_fields
 from ratplus.train import distributed as D
 
 TASKS = ("pretrain", "adapt", "sft")
@@ -68,6 +69,32 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Cheap checks of the knobs themselves (ValueError naming the field)."""
+        for name in ("lr", "min_lr", "warmup", "weight_decay", "grad_clip", "epochs"):
+            v = getattr(self, name)
+            if v is not None and (not is_real(v) or not math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(self.betas, (tuple, list)) or not all(is_real(b) and math.isfinite(b) for b in self.betas):
+            raise ValueError(f"betas must be two finite numbers, got {self.betas!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.resume, (bool, str)) or self.resume == "":
+            raise ValueError(f"resume must be true, false or a checkpoint path, got {self.resume!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
+        for name in ("sparse_pattern", "train_pattern"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{name} must be a non-empty pattern string, got {v!r}")
+        if self.eval_patterns is not None and (
+            not isinstance(self.eval_patterns, list)
+            or not self.eval_patterns
+            or not all(isinstance(p, str) and p.strip() for p in self.eval_patterns)
+        ):
+            raise ValueError(f"eval_patterns must be a non-empty list of pattern strings, got {self.eval_patterns!r}")
+        for name in ("out_dir", "model", "device"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_interval"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

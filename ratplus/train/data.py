@@ -32,6 +32,7 @@ from ratplus.config import read_json
 from ratplus.io.corpus import jsonl_objects
 from ratplus.io.folder import replace_dir
 from ratplus.io.tokenizer import TOKENIZER_FILE, eos_id, folder_tokenizer, vocab_size
+from ratplus.runtime import writing
 
 IGNORE_INDEX = -100
 META_FILE = "meta.json"
@@ -86,54 +87,57 @@ def prepare_shards(
     dtype = token_dtype(vocab, dtype)
     np_dtype = TOKEN_DTYPES[dtype]
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shards: list[dict[str, Any]] = []
-    pending: list[np.ndarray] = []
-    pending_len = 0
+    # A full disk or another write error removes the temporary folder; an older ``out`` stays.
+    needed = sum(len(d) for d in documents) // 2 * np.dtype(np_dtype).itemsize  # rough: 2 chars per token
+    with writing(out, partial=[tmp], needed=needed):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        shards: list[dict[str, Any]] = []
+        pending: list[np.ndarray] = []
+        pending_len = 0
 
-    def flush(final: bool) -> None:
-        nonlocal pending, pending_len
-        while pending_len >= shard_tokens or (final and pending_len):
-            flat = np.concatenate(pending)
-            n = min(shard_tokens, len(flat))
-            name = f"shard_{len(shards):05d}.bin"
-            with open(tmp / name, "wb") as f:
-                flat[:n].tofile(f)
-                f.flush()
-                os.fsync(f.fileno())
-            shards.append({"file": name, "num_tokens": int(n)})
-            pending, pending_len = ([flat[n:]] if n < len(flat) else []), len(flat) - n
+        def flush(final: bool) -> None:
+            nonlocal pending, pending_len
+            while pending_len >= shard_tokens or (final and pending_len):
+                flat = np.concatenate(pending)
+                n = min(shard_tokens, len(flat))
+                name = f"shard_{len(shards):05d}.bin"
+                with open(tmp / name, "wb") as f:
+                    flat[:n].tofile(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                shards.append({"file": name, "num_tokens": int(n)})
+                pending, pending_len = ([flat[n:]] if n < len(flat) else []), len(flat) - n
 
-    batch = 256  # documents per encode_batch call (the Rust side parallelises within a call)
-    num_docs = 0
-    with tqdm(total=len(documents), desc=desc, unit="doc", disable=not show_progress) as bar:
-        for i in range(0, len(documents), batch):
-            chunk = [d for d in documents[i : i + batch] if d.strip()]
-            for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-                ids = np.asarray([*enc.ids, eos], dtype=np.int64)
-                if ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
-                    raise ValueError(f"token id {int(ids.max())} >= the tokenizer's vocab size {vocab}")
-                pending.append(ids.astype(np_dtype))
-                pending_len += len(ids)
-                num_docs += 1
-            flush(final=False)
-            bar.update(min(batch, len(documents) - i))
-    flush(final=True)
-    meta = {
-        "format": FORMAT,
-        "version": 1,
-        "dtype": dtype,
-        "vocab_size": vocab,
-        "eos_id": eos,
-        "num_tokens": sum(s["num_tokens"] for s in shards),
-        "num_documents": num_docs,
-        "shards": shards,
-    }
-    (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    replace_dir(tmp, out)
+        batch = 256  # documents per encode_batch call (the Rust side parallelises within a call)
+        num_docs = 0
+        with tqdm(total=len(documents), desc=desc, unit="doc", disable=not show_progress) as bar:
+            for i in range(0, len(documents), batch):
+                chunk = [d for d in documents[i : i + batch] if d.strip()]
+                for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+                    ids = np.asarray([*enc.ids, eos], dtype=np.int64)
+                    if ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
+                        raise ValueError(f"token id {int(ids.max())} >= the tokenizer's vocab size {vocab}")
+                    pending.append(ids.astype(np_dtype))
+                    pending_len += len(ids)
+                    num_docs += 1
+                flush(final=False)
+                bar.update(min(batch, len(documents) - i))
+        flush(final=True)
+        meta = {
+            "format": FORMAT,
+            "version": 1,
+            "dtype": dtype,
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "num_tokens": sum(s["num_tokens"] for s in shards),
+            "num_documents": num_docs,
+            "shards": shards,
+        }
+        (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        replace_dir(tmp, out)
     return out
 
 

@@ -39,11 +39,13 @@ from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig
 from ratplus.io.corpus import shakespeare_documents
-from ratplus.io.folder import atomic_write_text, load_config, load_into, load_state_dict_file
+from ratplus.io.folder import load_config, load_into, load_state_dict_file
+from ratplus.io.lock import folder_lock
+from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import resolve_device
+from ratplus.runtime import atomic_write_text, check_fits_memory, resolve_device, writing
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
@@ -71,6 +73,7 @@ def _base_model_config(cfg: TrainConfig) -> ModelConfig:
     source = cfg.init_from or cfg.model
     p = Path(source)
     if p.is_dir():
+        verify_folder(p, require=False)  # before anything is read; a folder of another tool loads with a note
         config = load_config(p)
         if cfg.model_overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **cfg.model_overrides})
@@ -115,7 +118,7 @@ class _Log:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:  # a line cut short is dropped by trim() on resume
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
@@ -150,6 +153,8 @@ class _Run:
         # 1. architecture, patterns and lengths: all checked before any data is read
         config = _base_model_config(cfg)
         self.apply_re = config.apply_re
+        # weights, gradients and two AdamW moments in float32
+        check_fits_memory(16 * config.num_params(), f"training a {config.num_params():,}-parameter model", device)
 
         canonical = config.canonical_pattern  # "D4" and "D4-W0-P0" name the same pattern in logs
         self.sparse_pattern = canonical(cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE))
@@ -172,8 +177,6 @@ class _Run:
         # 2. data (the bundled corpus is tokenized on first use, by rank 0)
         self.init_tokenizer = None
         if cfg.init_from is not None:
-            if (Path(cfg.init_from) / ckpt_io.MANIFEST_FILE).exists():  # written by us: check it is intact
-                ckpt_io.verify_folder(cfg.init_from)
             p = Path(cfg.init_from) / "tokenizer.json"
             self.init_tokenizer = load_tokenizer_file(p) if p.is_file() else None
         self.val: TokenDataset | None = None
@@ -335,8 +338,16 @@ class _Run:
         if cfg.resume is False:
             return
         if cfg.resume is True:
-            path = ckpt_io.latest_checkpoint(self.ckpt_root) if self.info.is_main else None
-            path = D.broadcast_object(path, self.info)
+            found: Path | str | None = None
+            if self.info.is_main:
+                try:
+                    found = ckpt_io.latest_checkpoint(self.ckpt_root)
+                except ckpt_io.CheckpointError as e:  # every checkpoint damaged: all ranks stop together
+                    found = f"error: {e}"
+            found = D.broadcast_object(found, self.info)
+            if isinstance(found, str):
+                raise ckpt_io.CheckpointError(found.removeprefix("error: "))
+            path = found
             if path is None:
                 logger.info("ratplus: no checkpoint in %s, starting from scratch", self.ckpt_root)
                 return
@@ -492,7 +503,9 @@ def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     info, device = D.init_distributed(cfg.distributed, resolve_device(cfg.device))
     try:
-        return _Run(cfg, info, device).run()
+        # one writer per output folder (rank 0 holds the lock for the whole job)
+        with folder_lock(cfg.out_dir, cfg.task) if info.is_main else contextlib.nullcontext():
+            return _Run(cfg, info, device).run()
     finally:
         D.shutdown(info)
 

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -25,7 +26,16 @@ def test_bench_decode_cli_prints_table_plot_and_json(capsys, tmp_path):
             assert r["nbytes"] == r["formula_bytes"] and r["s"] > 0
     # D4 keeps about a quarter of dense's slots
     assert record["layer"]["D4"]["96"]["nbytes"] < record["layer"]["dense"]["96"]["nbytes"] / 3
-    assert set(record["model"]["tokens_per_s"]["D16"]) == {"1", "2"}
+    model = record["model"]
+    assert set(model["tokens_per_s"]["D16"]) == {"1", "2"}
+    if importlib.util.find_spec("transformers") is not None:  # the same-size Llama rows
+        assert {"llama-dynamic", "llama-static"} <= set(model["tokens_per_s"])
+        # same width, depth and context as dense: the same cache bytes (static: + its room for the steps)
+        assert model["kv_bytes"]["llama-dynamic"]["1"] == 64 * 2 * 2 * 32 * 4
+    bw = model["read_bandwidth_bytes_per_s"]
+    for name, per_batch in model["bandwidth_limit_tokens_per_s"].items():
+        for b, v in per_batch.items():  # b tokens per step; weights once + the whole cache (float32)
+            assert v == pytest.approx(int(b) * bw[b] / (model["params"][name] * 4 + model["kv_bytes"][name][b]))
     assert plot.stat().st_size > 1000
 
 

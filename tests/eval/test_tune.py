@@ -14,6 +14,7 @@ from conftest import make_model
 from ratplus import cli
 from ratplus.eval.common import EvalModel
 from ratplus.eval.tune import assemble, kv_bytes, tune_pattern
+from ratplus.io.folder import load_pretrained
 from ratplus.io.metadata import read_metadata
 
 DOCS = [
@@ -98,3 +99,4 @@ def test_cli_records_the_default_pattern(ckpt, tmp_path, capsys):
     assert meta.default_pattern == record["pattern"] and meta.tuned["kv_budget"] == 0.5
     assert meta.adapted_pattern == "D4-W16-P2"  # the rest of the metadata is kept
     assert json.loads((tmp_path / "out" / "tune.json").read_text())["pattern"] == record["pattern"]
+    load_pretrained(folder)  # the folder's manifest was re-signed: it still verifies

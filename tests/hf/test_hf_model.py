@@ -301,3 +301,25 @@ def test_generate_logs_no_deprecation(loaded, ids, caplog):
             out = loaded(ids, use_cache=True)
             loaded(ids[:, :1], cache=getattr(out, CACHE_KWARG))
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_caches_are_sized_to_the_request_and_grow(native, loaded, ids):
+    """forward(use_cache=True) allocates for its input only (not max_seq_len), generate() for prompt +
+    max_new_tokens - 1; feeding past that grows the cache in chunks, with the same logits."""
+    from ratplus.bench.decode import formula_bytes
+    from ratplus.hf.cache import GROW_CHUNK
+
+    pattern = "D4-W8-P2"
+    loaded.set_attention_pattern(pattern)
+    config = native.config
+    with torch.no_grad():
+        out = loaded(ids[:, :20], use_cache=True)
+        cache = getattr(out, CACHE_KWARG)
+        assert cache.nbytes() == formula_bytes(config, pattern, ids.shape[0], 20, torch.float32)
+        steps = [out.logits] + [loaded(ids[:, t : t + 1], cache=cache).logits for t in range(20, ids.shape[1])]
+        grown = min(config.max_seq_len, 20 + GROW_CHUNK)
+        assert cache.inner.max_len == grown
+        assert cache.nbytes() == formula_bytes(config, pattern, ids.shape[0], grown, torch.float32)
+        torch.testing.assert_close(torch.cat(steps, dim=1), native(ids, pattern=pattern), rtol=1e-5, atol=1e-5)
+    gen = loaded.generate(ids[:, :20], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert getattr(gen, CACHE_KWARG).nbytes() == formula_bytes(config, pattern, ids.shape[0], 24, torch.float32)

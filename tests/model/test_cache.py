@@ -150,6 +150,95 @@ def test_left_padded_rows_match_running_alone(model):
         assert cache.lengths == [L + m for L in lens] and cache.seq_len == T + m
 
 
+# ---- growth and the fixed-shape step -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_grown_cache_decodes_like_one_built_big(model, pattern):
+    """A cache grown mid-decode (twice) holds the same slots, summaries and state as one built for
+    the whole length from the start, so it gives the same logits; and its bytes are the big one's."""
+    torch.manual_seed(4)
+    ids = torch.randint(0, 256, (2, 60))
+    big = RATPlusCache(model.config, pattern, 2, 60)
+    small = RATPlusCache(model.config, pattern, 2, 21)
+    with torch.no_grad():
+        ref = [model(ids[:, :20], cache=big)] + [model(ids[:, t : t + 1], cache=big) for t in range(20, 60)]
+        out = [model(ids[:, :20], cache=small)]
+        for t in range(20, 60):
+            if t == small.max_len:
+                small.grow(t + 17 if t < 40 else 60)
+            out.append(model(ids[:, t : t + 1], cache=small))
+    assert small.max_len == 60 and small.nbytes() == big.nbytes()
+    torch.testing.assert_close(torch.cat(out, dim=1), torch.cat(ref, dim=1), rtol=0, atol=0)
+    for a, b in zip(small.layers, big.layers):
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y)
+
+
+def test_grow_refuses_bad_sizes(model):
+    cache = RATPlusCache(model.config, "D4", 1, 30)
+    for bad in (29, 2.5, model.config.max_seq_len + 1):
+        with pytest.raises(ValueError, match="max_len"):
+            cache.grow(bad)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "D3-W2-P1", "D8-W2-P11", "local-W4-P2", "D4:2+local-W3-P1:2", "D4/dense"])
+def test_fixed_step_matches_the_reference_step_on_ragged_rows(model, pattern):
+    """``decode_step`` (index-tensor writes, positions as a tensor, a mask over every slot) gives the
+    logits of the reference step ``model(token, cache=cache)`` for left-padded rows of different
+    lengths, and leaves the cache holding the same slots."""
+    assert RATPlusCache(model.config, pattern, 1, 8).supports_fixed_step
+    torch.manual_seed(5)
+    lens, T, m = [9, 4, 13], 13, 25
+    ids = torch.randint(0, 256, (3, T))
+    mask = (torch.arange(T) >= torch.tensor([T - n for n in lens]).unsqueeze(1)).long()
+    steps = torch.randint(0, 256, (3, m))
+    ref_cache, cache = (RATPlusCache(model.config, pattern, 3, T + m) for _ in range(2))
+    with torch.no_grad():
+        model(ids, cache=ref_cache, attention_mask=mask)
+        model(ids, cache=cache, attention_mask=mask)
+        held = torch.tensor(cache.lengths)
+        for t in range(m):
+            ref = model(steps[:, t : t + 1], cache=ref_cache)[:, -1]
+            out = model.decode_step(steps[:, t : t + 1], cache, held)
+            held = held + 1
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert cache.lengths == ref_cache.lengths == [n + m for n in lens]
+    for a, b in zip(cache.layers, ref_cache.layers):
+        for g, h in zip(a.groups, b.groups):
+            valid = g.layout.num_valid(max(lens) + m)
+            torch.testing.assert_close(g.k[:, :, :valid], h.k[:, :, :valid], rtol=1e-5, atol=1e-5)
+
+
+def test_topk_has_no_fixed_step(model):
+    assert not RATPlusCache(model.config, "D2:1+topk-B4-K1-W2-P1:3", 1, 8).supports_fixed_step
+
+
+@pytest.mark.slow
+def test_compiled_fixed_step_gives_the_same_tokens(model):
+    """``torch.compile(fullgraph=True)`` captures ``decode_step_core`` as one graph (no host reads, no
+    branches on values) and greedy decoding with it picks the same tokens as the reference step."""
+    pattern = "D4-W3-P2"
+    torch.manual_seed(6)
+    ids = torch.randint(0, 256, (2, 12))
+    core = torch.compile(model.decode_step_core, fullgraph=True, dynamic=False)
+    ref_cache, cache = (RATPlusCache(model.config, pattern, 2, 40) for _ in range(2))
+    with torch.no_grad():
+        ref_tok = tok = model(ids, cache=ref_cache)[:, -1].argmax(-1, keepdim=True)
+        model(ids, cache=cache)
+        held = torch.tensor(cache.lengths)
+        ref, out = [], []
+        for _ in range(20):
+            ref_tok = model(ref_tok, cache=ref_cache)[:, -1].argmax(-1, keepdim=True)
+            cache.begin_fixed_step(held)
+            tok = core(tok, cache, held).argmax(-1, keepdim=True)
+            cache.end_fixed_step()
+            held = held + 1
+            ref.append(ref_tok)
+            out.append(tok)
+    assert torch.equal(torch.cat(out, dim=1), torch.cat(ref, dim=1))
+
+
 # ---- memory --------------------------------------------------------------------------------------------
 
 

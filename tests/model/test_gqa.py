@@ -128,3 +128,26 @@ def test_gqa_trains_jointly():
         model(ids, pattern=pattern, labels=ids.roll(-1, 1)).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("apply_re", [True, False])
+def test_fixed_shape_decode_step_with_gqa(apply_re):
+    """``RATPlusLM.decode_step`` (the fixed-shape path ``generate`` uses) == the full forward, rows at
+    different lengths (left-padded prompts)."""
+    model = _model(2, apply_re)
+    ids = torch.randint(0, 256, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :4] = 0
+    for pattern in ("dense", "D4-W3-P2", "D4:2+local-W3:2"):
+        cache = RATPlusCache(model.config, pattern, batch_size=2, max_len=40, dtype=torch.float64)
+        assert cache.supports_fixed_step
+        with torch.no_grad():
+            model(ids[:, :20], cache=cache, attention_mask=mask[:, :20])
+            held = torch.tensor(cache.lengths)
+            steps = []
+            for t in range(20, 30):
+                steps.append(model.decode_step(ids[:, t : t + 1], cache, held))
+                held = held + 1
+        got = torch.stack(steps, dim=1)
+        torch.testing.assert_close(got[0], model(ids[:1], pattern=pattern)[0, 20:])
+        torch.testing.assert_close(got[1], model(ids[1:, 4:], pattern=pattern)[0, 16:])

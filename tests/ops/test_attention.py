@@ -64,6 +64,51 @@ def test_fast_path_matches_reference_outputs_and_grads(T, D, W, P):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def _assert_parity_with_grads(out, ref, inputs, seed=1):
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype)
+    g_ref = torch.autograd.grad(ref, inputs, up)
+    g_out = torch.autograd.grad(out, inputs, up)
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# group sizes that make the dilated part take each route at D = 3: one chunk per group (far keys
+# only), a few near keys per row (matmuls), many near keys per row (a second, masked flash call)
+NEAR_ROUTES = {"far only": 5, "near by matmul": 30, "near by flash": 60}
+
+
+@pytest.mark.parametrize("route", list(NEAR_ROUTES))
+@pytest.mark.parametrize("W, P", [(0, 0), (4, 0), (0, 7), (5, 2)])
+def test_fast_path_near_key_routes(route, W, P):
+    from ratplus.ops.attention.sparse import _Plan
+
+    T, D, group = 157, 3, NEAR_ROUTES[route]
+    pattern = AttentionPattern(D, W, P)
+    plan = _Plan(T, pattern, 16, group, torch.float64, torch.device("cpu"))
+    near = [g for g in plan.groups if g.near_mask is not None]
+    assert len(plan.groups) > 2  # several groups, the last one ending in a partial chunk or not
+    if route == "far only":
+        assert not near
+    else:
+        assert near and all(g.near_flash == (route == "near by flash") for g in near)
+    q, k, v = _qkv(1, 2, T, 8, seed=W * 7 + P)
+    out = dilated_attention_cpu(q, k, v, pattern, block_size=16, group_size=group)
+    _assert_parity_with_grads(out, attention_reference(q, k, v, pattern), (q, k, v))
+
+
+def test_per_head_groups_grads_default_sizes():
+    # one head per pattern kind, long enough that the default group sizes make several groups
+    groups = "D4:1+D16-W9-P3:1+local-W7-P2:1+D3:1"
+    q, k, v = _qkv(2, 4, 301, 8, seed=5)
+    out = attention(q, k, v, groups)
+    parts = [
+        attention_reference(q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], AttentionPattern.parse(name))
+        for h, name in enumerate(("D4", "D16-W9-P3", "local-W7-P2", "D3"))
+    ]
+    _assert_parity_with_grads(out, torch.cat(parts, dim=1), (q, k, v))
+
+
 @pytest.mark.parametrize("D, W, P", [(4, 0, 0), (3, 5, 2), (None, 6, 1), (1, 0, 0)])
 @pytest.mark.parametrize("q_offset", [0, 13])
 def test_blocked_path_with_offset_matches_reference(D, W, P, q_offset):

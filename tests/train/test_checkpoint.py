@@ -7,6 +7,7 @@ import torch
 
 from ratplus import ModelConfig, RATPlusLM
 from ratplus.io.folder import load_metadata, load_pretrained
+from ratplus.io.manifest import MANIFEST_FILE
 from ratplus.train import checkpoint as C
 from ratplus.train.distributed import full_model_state, full_optimizer_state, load_full_state
 
@@ -88,13 +89,15 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage):
         match = "does not match its SHA-256"
     elif damage == "delete":
         target.unlink()
-        match = "checkpoint file missing"
+        match = "file missing"
     else:
-        (path / C.MANIFEST_FILE).unlink()
+        (path / MANIFEST_FILE).unlink()
         match = "incomplete or not a ratplus checkpoint"
     with pytest.raises(C.CheckpointError, match=match):
         C.load_checkpoint(path)
-    assert C.latest_checkpoint(tmp_path) is None
+    # the only checkpoint is damaged: resuming refuses instead of starting from scratch
+    with pytest.raises(C.CheckpointError, match=r"every checkpoint .* is damaged.*step_0000001"):
+        C.latest_checkpoint(tmp_path)
 
 
 def test_latest_skips_damaged_and_prune_keeps_last(tmp_path):
@@ -104,7 +107,8 @@ def test_latest_skips_damaged_and_prune_keeps_last(tmp_path):
     (tmp_path / "step_0000004" / "model.safetensors").write_bytes(b"oops")
     assert C.latest_checkpoint(tmp_path).name == "step_0000003"
     C.prune_checkpoints(tmp_path, keep_last=2)
-    assert [s for s, _ in C.list_checkpoints(tmp_path)] == [3, 4]
+    # by validity, then step: the damaged newest goes first, the two newest good ones stay
+    assert [s for s, _ in C.list_checkpoints(tmp_path)] == [2, 3]
 
 
 def test_crash_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):
@@ -116,7 +120,7 @@ def test_crash_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     def die(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(C, "_write_manifest", die)
+    monkeypatch.setattr(C, "write_manifest", die)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path, 2, model, opt)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -134,5 +138,22 @@ def test_overwriting_a_step_replaces_it_whole(tmp_path):
     path = _save(tmp_path, 1, other, other_opt)
     C.verify_folder(path)
     assert torch.equal(load_pretrained(path).embedding.wte.weight, other.embedding.wte.weight)
-    manifest = json.loads((path / C.MANIFEST_FILE).read_text())
-    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {C.MANIFEST_FILE}
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {MANIFEST_FILE}
+
+
+def test_resume_over_only_damaged_checkpoints_stops_with_the_list(tmp_path, data_dir, capsys):
+    from ratplus.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--eval-batches", "1"]
+    argv += ["--data", str(data_dir), "--out", str(out), "--ckpt-interval", "1"]
+    assert main([*argv, "--steps", "2"]) == 0
+    for _, path in C.list_checkpoints(out / "checkpoints"):
+        w = path / "model.safetensors"
+        data = w.read_bytes()
+        w.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert main([*argv, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "every checkpoint" in err and "step_0000001" in err and "step_0000002" in err
+    assert [s for s, _ in C.list_checkpoints(out / "checkpoints")] == [1, 2]  # nothing overwritten

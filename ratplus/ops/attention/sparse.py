@@ -6,20 +6,25 @@ initial tokens. Reference: ``ratplus.ops.attention.reference.attention_reference
 Two implementations:
 
 ``dilated_attention_cpu`` (the fast path, queries over a whole sequence, q_offset = 0).
-  The key set splits into two disjoint parts that are computed separately and merged exactly with
+  The key set splits into disjoint parts that are computed separately and merged exactly with
   their log-sum-exp:
 
   * dilated keys p = (j + 1) D - 1 with P <= p < t - W. Writing t = W + m D + r (0 <= r < D), query t
-    sees exactly the strided keys j < m. So if queries are regrouped by r (a (D, M) grid, M query
-    chunks) every row r is *plain causal attention* over the strided keys, shifted by one chunk.
-    PyTorch's CPU flash kernel skips the masked half of causal attention, so this costs about
-    T * (T / 2D) key visits: the FLOP saving of the pattern is realised, not masked away.
+    sees exactly the strided keys j_lo <= j < m: a prefix of the strided keys that depends on the
+    query's chunk m only. Queries are taken c chunks at a time (about 1024 rows): the keys every
+    row of the group sees ("far", j < first chunk) go through one unmasked call of PyTorch's CPU
+    flash kernel; the < c "near" keys that only later chunks see go through batched matmuls (few)
+    or one masked flash call (many). Each row thus pays the kernel's fixed per-row cost about once,
+    which at D = 64 is as large as the work on its ~T / 2D keys.
   * local + initial keys: the query itself when W = P = 0 (a dot product per position), otherwise a
     blocked flash call over [initial | band of W + block keys] with an additive mask.
 
+  The parts of a row group are merged in one step (the weights from the log-sum-exps, then two
+  passes over the group's fresh flash output and one write of the final rows).
   The backward is written by hand: with the *merged* output O and log-sum-exp L, the flash backward
   of each part recomputes P_j = exp(s_j - L) (the probability under the joint softmax) and
-  rowsum(dO * O), so each part returns the exact gradient of the joint softmax for its own keys.
+  rowsum(dO * O), so each part returns the exact gradient of the joint softmax for its own keys; the
+  matmul part does the same in the open.
 
 ``sparse_attention_blocked`` (general: any q_offset; simpler, slower).
   For each query block, one SDPA call over [fully visible prefix | band] with a boolean mask.
@@ -97,30 +102,46 @@ def sparse_attention_blocked(
     return torch.cat(outs, dim=2)
 
 
-# ---- fast path: dilated keys by query group + local part, merged by log-sum-exp -----------------
+# ---- fast path: local part by query block, dilated part by chunk group, merged by log-sum-exp ----
 
 Ranges = tuple[tuple[int, int, int], ...]  # key positions as (start, stop, step) slices
 
 
 class _Segment:
-    """One flash call: query rows [qs, qe) against the keys at ``ranges``, with an optional
-    additive mask (None = every key visible to every row)."""
+    """One flash call of the local part: query rows [qs, qe) against the keys at ``ranges``, with
+    an additive mask."""
 
     __slots__ = ("mask", "qe", "qs", "ranges")
 
-    def __init__(self, qs: int, qe: int, ranges: Ranges, mask: torch.Tensor | None):
+    def __init__(self, qs: int, qe: int, ranges: Ranges, mask: torch.Tensor):
         self.qs, self.qe, self.ranges, self.mask = qs, qe, ranges, mask
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [x[:, :, a:b:c] for a, b, c in self.ranges]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        """x: (N, T, K) -> (N, 1, S_seg, K)."""
+        parts = [x[:, a:b:c] for a, b, c in self.ranges]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(1)
 
     def scatter_add(self, dx: torch.Tensor, g: torch.Tensor) -> None:
+        """dx: (N, T, K) += g: (N, 1, S_seg, K) at the segment's key positions."""
         off = 0
         for a, b, c in self.ranges:
             n = len(range(a, b, c))
-            dx[:, :, a:b:c] += g[:, :, off : off + n]
+            dx[:, a:b:c] += g[:, 0, off : off + n]
             off += n
+
+
+class _Group:
+    """The dilated keys of the query chunks m in [a, b) (rows ``rows``, see ``_Plan``):
+    * far keys j in [j_lo, a), seen by every row: one unmasked flash call;
+    * near keys j in [a, b - 1), each seen by the rows of the later chunks only (None when the
+      group is a single chunk). A few are done with batched matmuls (``near_mask``: (n, R)
+      additive, n = b - 1 - a); many with a masked flash call over the rows from chunk a + 1 on
+      (``near_flash``, ``near_mask``: (R - D, n))."""
+
+    __slots__ = ("a", "b", "near_flash", "near_mask", "rows")
+
+    def __init__(self, a: int, b: int, rows: slice, near_mask: torch.Tensor | None, near_flash: bool):
+        self.a, self.b, self.rows, self.near_mask, self.near_flash = a, b, rows, near_mask, near_flash
 
 
 def _positions(ranges: Ranges, device) -> torch.Tensor:
@@ -136,118 +157,202 @@ def _additive(keep: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
 
 
-def _plan_segments(
-    T: int, pattern: AttentionPattern, local_block: int, group: int, dtype, device
-) -> tuple[bool, list[_Segment]]:
-    """Split S(t) for all t into disjoint segments. Returns (self_only, segments); when self_only the
-    local part is just the query's own key and is handled without a flash call."""
-    W, P, D = pattern.local_size, pattern.initial_size, pattern.dilation_size
-    segs: list[_Segment] = []
-    self_only = W == 0 and P == 0
-    if not self_only:
-        # local window + initial keys, by query block: keys [0, min(P, lo)) and the band [lo, qe)
-        for qs in range(0, T, local_block):
-            qe = min(T, qs + local_block)
-            lo = max(0, qs - W)
-            ranges = (((0, min(P, lo), 1),) if min(P, lo) else ()) + ((lo, qe, 1),)
-            t = torch.arange(qs, qe, device=device).unsqueeze(1)
-            p = _positions(ranges, device).unsqueeze(0)
-            keep = (p <= t) & ((p >= t - W) | (p < P))
-            segs.append(_Segment(qs, qe, ranges, _additive(keep, dtype)))
-    if D is None:
-        return self_only, segs
-    j_lo = (P + D) // D - 1  # first strided key (position (j + 1) D - 1) at position >= P
-    for qs in range(0, T, group):
-        qe = min(T, qs + group)
-        # every query of the block sees strided keys j < j_a; the last one sees j < j_b
-        j_a = max(j_lo, (qs - W) // D) if qs - W > 0 else j_lo
-        j_b = max(j_lo, (qe - 1 - W) // D) if qe - 1 - W > 0 else j_lo
-        if j_a > j_lo:
-            segs.append(_Segment(qs, qe, ((j_lo * D + D - 1, j_a * D + D - 1, D),), None))
-        if j_b > j_a:
-            first_q = max(qs, (j_a + 1) * D + W)  # earliest query that sees strided key j_a
-            ranges = ((j_a * D + D - 1, j_b * D + D - 1, D),)
-            t = torch.arange(first_q, qe, device=device).unsqueeze(1)
-            p = _positions(ranges, device).unsqueeze(0)
-            segs.append(_Segment(first_q, qe, ranges, _additive(p < t - W, dtype)))
-    return self_only, segs
+class _Plan:
+    """Which calls cover S(t) for t in [0, T), split into disjoint key sets.
+
+    Local part (window + initial keys): ``self_only`` when W = P = 0 (the query's own key, a dot
+    product, no flash call); otherwise ``local`` segments by query block over [initial | band],
+    which cover every row exactly once, in order.
+
+    Dilated part: write u = t - W = m D + r with 0 <= r < D (chunk m, residue r). Query t sees
+    exactly the strided keys j (position (j + 1) D - 1) with j_lo <= j < m, where j_lo is the first
+    one at position >= P: a prefix of the strided keys that depends on the chunk only. Chunks
+    m <= j_lo see no dilated key (rows below ``first_row``); ``groups`` cover the others, c chunks
+    each (the last chunk may be partial): every row gets one unmasked flash call for the far keys
+    of its group, plus its near keys (by matmuls, or by one masked flash call when there are many).
+    """
+
+    def __init__(self, T: int, pattern: AttentionPattern, local_block: int, group: int, dtype, device):
+        W, P, D = pattern.local_size, pattern.initial_size, pattern.dilation_size
+        self.D = D
+        self.self_only = W == 0 and P == 0
+        self.local: list[_Segment] = []
+        if not self.self_only:
+            # local window + initial keys, by query block: keys [0, min(P, lo)) and the band [lo, qe)
+            for qs in range(0, T, local_block):
+                qe = min(T, qs + local_block)
+                lo = max(0, qs - W)
+                ranges = (((0, min(P, lo), 1),) if min(P, lo) else ()) + ((lo, qe, 1),)
+                t = torch.arange(qs, qe, device=device).unsqueeze(1)
+                p = _positions(ranges, device).unsqueeze(0)
+                keep = (p <= t) & ((p >= t - W) | (p < P))
+                self.local.append(_Segment(qs, qe, ranges, _additive(keep, dtype)))
+        self.groups: list[_Group] = []
+        self.first_row = T
+        if D is None or T <= W:
+            return
+        self.j_lo = j_lo = (P + D) // D - 1
+        n_chunks = -(-(T - W) // D)  # the last one may be partial
+        self.first_row = min(T, W + (j_lo + 1) * D)
+        # c chunks per group: c * D rows share one flash call for their far keys (the kernel runs
+        # faster per row on larger calls), and each row has up to c - 1 near keys.
+        c = max(1, group // D)
+        near_flash = c - 1 > _MAX_MATMUL_NEAR
+        for a in range(j_lo + 1, n_chunks, c):
+            b = min(n_chunks, a + c)
+            rows = slice(W + a * D, min(T, W + b * D))
+            near_mask = None
+            if b - a > 1:
+                m = (torch.arange(rows.start, rows.stop, device=device) - W).div(D, rounding_mode="floor")
+                j = torch.arange(a, b - 1, device=device)
+                if near_flash:  # (R - D, n): chunk a has no near key and stays out of the call
+                    near_mask = _additive(j.unsqueeze(0) < m[D:].unsqueeze(1), dtype)
+                else:
+                    near_mask = _additive(j.unsqueeze(1) < m.unsqueeze(0), dtype)  # (n, R)
+            self.groups.append(_Group(a, b, rows, near_mask, near_flash))
+
+    def far(self, x: torch.Tensor, g: _Group) -> torch.Tensor:
+        """(N, T, K) -> (N, a - j_lo, K) strided view: the far keys of the group, positions (j + 1) D - 1."""
+        return x[:, self.D - 1 :: self.D][:, self.j_lo : g.a]
+
+    def near(self, x: torch.Tensor, g: _Group) -> torch.Tensor:
+        """(N, T, K) -> (N, b - 1 - a, K) strided view: the near keys of the group."""
+        return x[:, self.D - 1 :: self.D][:, g.a : g.b - 1]
+
+
+# Near keys per row up to which matmuls beat a second (masked) flash call; measured at T = 16K,
+# K = 64: 15 near keys (D = 64) run faster as matmuls, 63 (D = 16) as a flash call.
+_MAX_MATMUL_NEAR = 16
 
 
 class _SegmentedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, self_only: bool, segments: list[_Segment], scale: float):
-        out = torch.empty_like(q)
-        # Segments come ordered so that the first one to touch a row covers a contiguous range
-        # starting at `filled`; later ones only revisit rows below it. The first touch writes the
-        # row (no zero-init pass over the whole output), later ones merge by log-sum-exp.
-        filled = 0
-        if self_only:
-            lse = _rowdot(q, k) * scale  # (B, H, T): the own key is the only local key
-            self_rows = segments[0].qs if segments else q.shape[2]  # rows with no dilated key at all
-            out[:, :, :self_rows] = v[:, :, :self_rows]
-            filled = self_rows
+    def forward(ctx, q, k, v, plan: _Plan, scale: float):
+        B, H, T, K = q.shape
+        q3, k3, v3 = (x.view(B * H, T, K) for x in (q, k, v))  # (N, T, K), N = B * H
+        out = torch.empty_like(q3)
+        if plan.self_only:
+            lse = _rowdot(q3, k3).mul_(scale)  # (N, T): the own key is the only local key
+            first = slice(0, plan.first_row)
+            out[:, first] = v3[:, first]  # rows with no dilated key
         else:
-            lse = q.new_empty(q.shape[:3])
-        for seg in segments:
-            if seg.qs > filled or (seg.qs < filled < seg.qe):
-                raise AssertionError("segment order broke the first-touch invariant")  # a planner bug
+            lse = q3.new_empty(B * H, T)
+            for seg in plan.local:  # disjoint, covering every row: the first touch writes
+                rows = slice(seg.qs, seg.qe)
+                qr, mask = q3[:, rows].unsqueeze(1), seg.mask
+                o, l = _flash_fwd(qr, seg.gather(k3), seg.gather(v3), 0.0, False, attn_mask=mask, scale=scale)
+                out[:, rows] = o.squeeze(1)
+                lse[:, rows] = l.squeeze(1)
+        base = v3 if plan.self_only else out  # the local part's output; its log-sum-exp is lse
+        for g in plan.groups:
+            rows = g.rows
+            qr = q3[:, rows]  # (N, R, K)
             o, l = _flash_fwd(
-                q[:, :, seg.qs : seg.qe], seg.gather(k), seg.gather(v), 0.0, False, attn_mask=seg.mask, scale=scale
+                qr.unsqueeze(1), plan.far(k3, g).unsqueeze(1), plan.far(v3, g).unsqueeze(1), 0.0, False, scale=scale
             )
-            rows = slice(seg.qs, seg.qe)
-            l_old, out_rows = lse[:, :, rows], out[:, :, rows]
-            if seg.qs >= filled and not self_only:
-                out_rows.copy_(o)
-                l_old.copy_(l)
+            o, l = o.squeeze(1), l.squeeze(1)  # (N, R, K), (N, R): fresh buffers, reused as scratch
+            l_loc, b = lse[:, rows], base[:, rows]
+            if g.near_mask is None:
+                # two parts: out = base + w (o - base), w = exp(l - L), one pass
+                new = torch.logaddexp(l_loc, l)
+                torch.lerp(b, o, l.sub_(new).exp_().unsqueeze(-1), out=out[:, rows])
+            elif not g.near_flash:
+                # three parts: far (o, l), local (b, l_loc) and the near keys, whose logits are
+                # kept as (N, n, R) so that reductions run over rows, the contiguous dim
+                s = torch.baddbmm(g.near_mask, plan.near(k3, g), qr.transpose(1, 2), alpha=scale)
+                mx = torch.maximum(torch.maximum(l, l_loc), s.amax(1))  # (N, R), finite as l is
+                p = s.sub_(mx.unsqueeze(1)).exp_()
+                w_far, w_loc = l.sub_(mx).exp_(), (l_loc - mx).exp_()
+                z = p.sum(1).add_(w_far).add_(w_loc)  # softmax denominator / exp(mx)
+                new = z.log().add_(mx)
+                z.reciprocal_()
+                # out = w_far o + P_near V_near + w_loc b: two passes on o (fresh, in cache), one on out
+                o.mul_(w_far.mul_(z).unsqueeze(-1)).baddbmm_(p.mul_(z.unsqueeze(1)).transpose(1, 2), plan.near(v3, g))
+                torch.addcmul(o, b, w_loc.mul_(z).unsqueeze(-1), out=out[:, rows])
             else:
-                l_new = torch.logaddexp(l_old, l)
-                w_new = l.sub(l_new).exp_().unsqueeze(-1)
-                w_old = l_old.sub_(l_new).exp_().unsqueeze(-1)
-                # out <- out * exp(l_old - l_new) + o * exp(l - l_new); fresh rows start from v (own key)
-                torch.mul(v[:, :, rows] if seg.qs >= filled else out_rows, w_old, out=out_rows)
-                out_rows.addcmul_(o, w_new)
-                l_old.copy_(l_new)
-            if seg.qs >= filled:
-                filled = seg.qe
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.self_only, ctx.segments, ctx.scale = self_only, segments, scale
-        return out
+                # three parts again, the near one from a masked flash call over the rows after chunk a
+                D = plan.D
+                o2, l2 = _flash_fwd(
+                    qr[:, D:].unsqueeze(1), plan.near(k3, g).unsqueeze(1), plan.near(v3, g).unsqueeze(1), 0.0, False,
+                    attn_mask=g.near_mask, scale=scale,
+                )  # fmt: skip
+                o2, l2 = o2.squeeze(1), l2.squeeze(1)  # (N, R - D, K), (N, R - D)
+                mx = torch.maximum(l, l_loc)
+                mx[:, D:] = torch.maximum(mx[:, D:], l2)
+                w_far, w_loc, w_near = l.sub_(mx).exp_(), (l_loc - mx).exp_(), l2.sub_(mx[:, D:]).exp_()
+                z = w_far + w_loc
+                z[:, D:] += w_near
+                new = z.log().add_(mx)
+                z.reciprocal_()
+                o.mul_(w_far.mul_(z).unsqueeze(-1))
+                o[:, D:].addcmul_(o2, w_near.mul_(z[:, D:]).unsqueeze(-1))
+                torch.addcmul(o, b, w_loc.mul_(z).unsqueeze(-1), out=out[:, rows])
+            lse[:, rows] = new
+        ctx.save_for_backward(q3, k3, v3, out, lse)
+        ctx.plan, ctx.scale, ctx.shape = plan, scale, (B, H, T, K)
+        return out.view(B, H, T, K)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        dout = dout.contiguous()
-        if ctx.self_only:
-            p_self = (_rowdot(q, k) * scale - lse).exp()  # (B, H, T): joint-softmax weight of own key
-            ds = p_self * (_rowdot(dout, v) - _rowdot(dout, out))
-            dq = (ds * scale).unsqueeze(-1) * k
-            dk = (ds * scale).unsqueeze(-1) * q
+        q3, k3, v3, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        dout = dout.contiguous().view(q3.shape)
+        delta = _rowdot(dout, out)  # (N, T): rowsum(dO * O) of the joint softmax
+        if plan.self_only:
+            p_self = (_rowdot(q3, k3) * scale - lse).exp()  # (N, T): joint-softmax weight of own key
+            ds = p_self * (_rowdot(dout, v3) - delta)
+            dq = (ds * scale).unsqueeze(-1) * k3
+            dk = (ds * scale).unsqueeze(-1) * q3
             dv = p_self.unsqueeze(-1) * dout
         else:
-            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for seg in ctx.segments:
+            dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
+        for seg in plan.local:
             rows = slice(seg.qs, seg.qe)
             gq, gk, gv = _flash_bwd(
-                dout[:, :, rows],
-                q[:, :, rows],
-                seg.gather(k),
-                seg.gather(v),
-                out[:, :, rows].contiguous(),
-                lse[:, :, rows].contiguous(),
-                0.0,
-                False,
-                attn_mask=seg.mask,
-                scale=scale,
-            )
-            dq[:, :, rows] += gq
+                dout[:, rows].unsqueeze(1), q3[:, rows].unsqueeze(1), seg.gather(k3), seg.gather(v3),
+                out[:, rows].unsqueeze(1), lse[:, rows].unsqueeze(1), 0.0, False, attn_mask=seg.mask, scale=scale,
+            )  # fmt: skip
+            dq[:, rows] += gq.squeeze(1)
             seg.scatter_add(dk, gk)
             seg.scatter_add(dv, gv)
-        return dq, dk, dv, None, None, None
+        for g in plan.groups:
+            rows = g.rows
+            qr, dor = q3[:, rows], dout[:, rows]
+            # far keys: the flash backward with the merged O and L gives the joint-softmax gradient
+            gq, gk, gv = _flash_bwd(
+                dor.unsqueeze(1), qr.unsqueeze(1), plan.far(k3, g).unsqueeze(1), plan.far(v3, g).unsqueeze(1),
+                out[:, rows].unsqueeze(1), lse[:, rows].unsqueeze(1), 0.0, False, scale=scale,
+            )  # fmt: skip
+            dq[:, rows] += gq.squeeze(1)
+            plan.far(dk, g).add_(gk.squeeze(1))
+            plan.far(dv, g).add_(gv.squeeze(1))
+            if g.near_mask is None:
+                continue
+            if g.near_flash:
+                sub = slice(rows.start + plan.D, rows.stop)
+                gq, gk, gv = _flash_bwd(
+                    dout[:, sub].unsqueeze(1), q3[:, sub].unsqueeze(1), plan.near(k3, g).unsqueeze(1),
+                    plan.near(v3, g).unsqueeze(1), out[:, sub].unsqueeze(1), lse[:, sub].unsqueeze(1), 0.0, False,
+                    attn_mask=g.near_mask, scale=scale,
+                )  # fmt: skip
+                dq[:, sub] += gq.squeeze(1)
+                plan.near(dk, g).add_(gk.squeeze(1))
+                plan.near(dv, g).add_(gv.squeeze(1))
+                continue
+            # near keys by matmuls, logits as (N, n, R): P = exp(s - L), dS = P (V dO^T - delta)
+            kn, vn = plan.near(k3, g), plan.near(v3, g)
+            p = torch.baddbmm(g.near_mask, kn, qr.transpose(1, 2), alpha=scale).sub_(lse[:, rows].unsqueeze(1)).exp_()
+            ds = torch.bmm(vn, dor.transpose(1, 2)).sub_(delta[:, rows].unsqueeze(1)).mul_(p)
+            dq[:, rows].baddbmm_(ds.transpose(1, 2), kn, alpha=scale)
+            plan.near(dk, g).baddbmm_(ds, qr, alpha=scale)
+            plan.near(dv, g).baddbmm_(p, dor)
+        B, H, T, K = ctx.shape
+        return dq.view(B, H, T, K), dk.view(B, H, T, K), dv.view(B, H, T, K), None, None
 
 
 def default_group_size(T: int) -> int:
-    # Large groups keep the unmasked prefix calls efficient; the masked diagonal part grows with them.
+    # Query rows per group of the dilated part: the flash kernel runs fastest per row from 768 rows
+    # on (its query block grows from 64 to 256), while the near keys per row grow with the group.
     return max(128, min(1024, T // 8))
 
 
@@ -264,17 +369,7 @@ def dilated_attention_cpu(
 
     float32/float64 on CPU. Returns (B, H, T, K) with exact gradients for q, k, v. Must match
     ``attention_reference``. ``block_size``: query block of the local part; ``group_size``: query
-    group of the dilated part.
-
-    The key set splits into disjoint segments, each one call of PyTorch's CPU flash kernel that
-    also returns its log-sum-exp; the results are merged exactly. Per query group [s, e):
-      * dilated keys every query of the group sees (position < s - W): one unmasked call;
-      * the few dilated keys only later queries of the group see: one small masked call;
-      * local window and initial keys: masked calls by small query blocks (or, when W = P = 0, the
-        query's own key as a plain dot product).
-    The backward calls the flash backward of each segment with the *merged* output and
-    log-sum-exp, so P_j = exp(s_j - L) is the joint-softmax probability and rowsum(dO * O) the joint
-    one: each segment gets the exact gradient of the joint softmax for its own keys.
+    rows per call of the dilated part.
     """
     if pattern.is_topk:
         raise ValueError("dilated_attention_cpu handles dilated/local patterns, not top-k")
@@ -282,10 +377,10 @@ def dilated_attention_cpu(
         raise ValueError("dilated_attention_cpu needs q, k, v of one shape (B, H, T, K)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     T = q.shape[-2]
-    self_only, segments = _plan_segments(
+    plan = _Plan(
         T, pattern, block_size or default_block_size(pattern), group_size or default_group_size(T), q.dtype, q.device
     )
-    return _SegmentedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), self_only, segments, float(scale))
+    return _SegmentedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, float(scale))
 
 
 __all__ = ["default_block_size", "dilated_attention_cpu", "sparse_attention_blocked"]

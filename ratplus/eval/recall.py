@@ -1,0 +1,627 @@
+"""Multi-query associative recall (MQAR): does sparse inference keep in-context retrieval?
+
+Shapes: B batch (sequences), T sequence length, V vocab (filler + key + value tokens).
+
+The task (the Zoology study's MQAR, arranged so dilation cannot cheat): a body of filler tokens holds
+``pairs`` key-value pairs written as two adjacent tokens ``k v``; the body is cut into chunks of
+``spread`` tokens and each chunk holds at most one pair, at a random offset inside its chunk, so a
+pair lands on a chunk end (a dilated key when ``spread`` = D) only as often as chance allows. After
+the body every key is queried once, in random order, each followed by its value; only those answers
+are targets. Filler, key and value tokens come from separate vocabularies, so the answer can only be
+found by looking the key up in the context. ``packed=True`` writes the pairs next to each other at a
+random place in the body instead (for comparison).
+
+The probe trains a RAT+ model and an attention baseline of the same size from scratch on this task
+with the project's training semantics (``ratplus.train.trainer.optimizer_steps``: joint training is a
+sparse optimizer step then a dense one on the same batch; the baseline's sparse branch is a local
+window), optionally adapts each to every sparse pattern (DESIGN.md section 5, resolution adaptation),
+and reports answer accuracy per pattern: a table, ``recall.json`` and ``recall.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ratplus.config import AttentionPattern, ModelConfig
+from ratplus.model.rat import RATPlusLM
+from ratplus.train.data import IGNORE_INDEX
+from ratplus.train.step import build_optimizer, lr_factor, optimizer_steps
+
+SPLITS = {"train": 0, "test": 1}  # separate seed streams: a test sequence is never a training one
+
+
+# ---- the task ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """One MQAR setting. Token ids: filler [0, F), keys [F, F + K), values [F + K, F + K + V)."""
+
+    pairs: int = 6
+    spread: int = 16
+    seq_len: int = 128
+    filler_vocab: int = 16
+    key_vocab: int = 64
+    value_vocab: int = 64
+    packed: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "spread", "seq_len", "filler_vocab", "key_vocab", "value_vocab"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.spread < 2:
+            raise ValueError(f"spread must be >= 2 (a pair takes two tokens of its chunk), got {self.spread}")
+        if self.key_vocab < self.pairs:
+            raise ValueError(f"key_vocab={self.key_vocab} is too small for {self.pairs} distinct keys (pairs)")
+        if self.value_vocab < self.pairs:
+            raise ValueError(f"value_vocab={self.value_vocab} is too small for {self.pairs} distinct values (pairs)")
+        if self.body_len < 2 * self.pairs:
+            raise ValueError(
+                f"seq_len={self.seq_len} is too short: {self.pairs} pairs need {2 * self.pairs} body tokens plus "
+                f"{2 * self.pairs} query tokens"
+            )
+        if not self.packed and self.num_chunks < self.pairs:
+            raise ValueError(
+                f"pairs={self.pairs} is more than the {self.num_chunks} chunks of spread={self.spread} tokens "
+                f"in the {self.body_len}-token body (seq_len={self.seq_len}); at most one pair per chunk"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.filler_vocab + self.key_vocab + self.value_vocab
+
+    @property
+    def body_len(self) -> int:
+        """Tokens before the queries; the queries take the last 2 * pairs tokens."""
+        return self.seq_len - 2 * self.pairs
+
+    @property
+    def num_chunks(self) -> int:
+        return self.body_len // self.spread
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RecallBatch:
+    """input_ids (B, T) int64; labels (B, T) int64, -100 except where the next token is a queried value;
+    ``pair_pos`` (B, pairs) body position of each pair's key (its value follows); ``query_pos`` (B, pairs)
+    position of each queried key (its value, the answer, follows)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pair_pos: torch.Tensor
+    query_pos: torch.Tensor
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def make_batch(task: RecallTask, batch_size: int, seed: int = 0, split: str = "train", index: int = 0) -> RecallBatch:
+    """Batch ``index`` of the ``split`` stream of ``seed``: the same arguments give the same batch."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rng = _rng(seed, split, index)
+    n, T, F = task.pairs, task.seq_len, task.filler_vocab
+    tokens = rng.integers(0, F, size=(batch_size, T))
+    pair_pos = np.zeros((batch_size, n), dtype=np.int64)
+    query_pos = np.zeros((batch_size, n), dtype=np.int64)
+    labels = np.full((batch_size, T), IGNORE_INDEX, dtype=np.int64)
+    for b in range(batch_size):
+        keys = F + rng.choice(task.key_vocab, size=n, replace=False)
+        values = F + task.key_vocab + rng.choice(task.value_vocab, size=n, replace=False)
+        if task.packed:
+            start = rng.integers(0, task.body_len - 2 * n + 1)
+            pos = start + 2 * np.arange(n)
+        else:
+            chunks = np.sort(rng.choice(task.num_chunks, size=n, replace=False))
+            # any offset that keeps both tokens inside the chunk: a value lands on the chunk end 1/(spread-1)
+            pos = chunks * task.spread + rng.integers(0, task.spread - 1, size=n)
+        tokens[b, pos], tokens[b, pos + 1] = keys, values
+        order = rng.permutation(n)
+        q = task.body_len + 2 * np.arange(n)
+        tokens[b, q], tokens[b, q + 1] = keys[order], values[order]
+        labels[b, q] = values[order]  # labels[t] is the token after input t: the answer follows its key
+        pair_pos[b], query_pos[b] = pos, q
+    return RecallBatch(
+        torch.from_numpy(tokens).long(),
+        torch.from_numpy(labels),
+        torch.from_numpy(pair_pos),
+        torch.from_numpy(query_pos),
+    )
+
+
+def batches(task: RecallTask, batch_size: int, seed: int, split: str, start: int = 0) -> Iterator[RecallBatch]:
+    """The endless ``split`` stream of ``seed`` from batch ``start``."""
+    i = start
+    while True:
+        yield make_batch(task, batch_size, seed, split, i)
+        i += 1
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, total) greedy answers: argmax of logits (B, T, V) against labels (B, T) where labels != -100."""
+    mask = labels != IGNORE_INDEX
+    total = int(mask.sum())
+    correct = int((logits.argmax(-1)[mask] == labels[mask]).sum())
+    return correct, total
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: RATPlusLM, test: list[RecallBatch], pattern: str) -> float:
+    """Fraction of query answers right under ``pattern`` over the test batches."""
+    model.eval()
+    correct = total = 0
+    device = next(model.parameters()).device
+    for b in test:
+        c, t = answer_accuracy(model(b.input_ids.to(device), pattern=pattern), b.labels.to(device))
+        correct, total = correct + c, total + t
+    return correct / max(1, total)
+
+
+# ---- the probe -------------------------------------------------------------------------------------
+
+
+def default_patterns(seq_len: int, local: int = 16) -> list[str]:
+    """dense, D4..D32 (and D64 from T=512), D16 with a small window and initial tokens, a local-only
+    control, top-k Quest and MoBA with about as many keys as D16 sees."""
+    dils = [4, 8, 16, 32] + ([64] if seq_len >= 512 else [])
+    block = max(4, seq_len // 32)
+    top_k = max(1, seq_len // (16 * block))
+    topk = f"topk-B{block}-K{top_k}-W{block}-P0"
+    return ["dense", *(f"D{d}" for d in dils), "D16-W8-P4", f"local-W{local}-P0", f"{topk}-quest", f"{topk}-moba"]
+
+
+@dataclass
+class RecallConfig:
+    """Every knob of ``run_recall_probe``."""
+
+    task: RecallTask = field(default_factory=RecallTask)
+    # model: both share this size; the baseline drops the recurrence (apply_re=False)
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    # pretraining: AdamW + cosine (trainer semantics); joint = a sparse then a dense optimizer step per batch
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: float = 0.05
+    weight_decay: float = 0.1
+    joint_train: bool = True
+    joint_pattern: str = "D16-W0-P0"  # the RAT+ sparse branch
+    baseline_joint_pattern: str = "local-W16-P0"  # the baseline's: a local window, no dilation
+    dense_warmup_steps: int = 0  # dense-only steps before joint training starts (counted in steps)
+    # resolution adaptation per sparse pattern (0 steps = none); paper: ~1% of pretraining at 0.1x LR
+    adapt_steps: int = 0
+    adapt_lr_mult: float = 0.1
+    adapt_patterns: list[str] | None = None  # None: every sparse dilated/local pattern evaluated
+    # evaluation
+    patterns: list[str] | None = None  # None: default_patterns(seq_len)
+    eval_batches: int = 8
+    models: tuple[str, ...] = ("ratplus", "baseline")
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("d_model", "num_layers", "num_heads", "steps", "batch_size", "eval_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("adapt_steps", "dense_warmup_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.dense_warmup_steps > self.steps:
+            raise ValueError(f"dense_warmup_steps={self.dense_warmup_steps} is more than steps={self.steps}")
+        if not self.lr > 0 or not self.adapt_lr_mult > 0:
+            raise ValueError("lr and adapt_lr_mult must be > 0")
+        bad = [m for m in self.models if m not in ("ratplus", "baseline")]
+        if bad or not self.models:
+            raise ValueError(f"models must be a non-empty subset of ratplus, baseline, got {list(self.models)}")
+        named = [("joint_pattern", self.joint_pattern), ("baseline_joint_pattern", self.baseline_joint_pattern)]
+        named += [("patterns", p) for p in self.all_patterns()] + [
+            ("adapt_patterns", p) for p in self.adapt_patterns or []
+        ]
+        for option, p in named:
+            try:
+                AttentionPattern.parse(p)
+            except ValueError as e:
+                raise ValueError(f"{option}: {e}") from e
+
+    def all_patterns(self) -> list[str]:
+        return list(self.patterns) if self.patterns is not None else default_patterns(self.task.seq_len)
+
+    def sparse_adapt_patterns(self) -> list[str]:
+        if self.adapt_patterns is not None:
+            return list(self.adapt_patterns)
+        # top-k is an inference-time pattern (no training path): it is evaluated without adaptation
+        return [p for p in self.all_patterns() if not _pattern(p).is_dense and not _pattern(p).is_topk]
+
+    def model_config(self, baseline: bool) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=self.task.vocab_size,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            max_seq_len=self.task.seq_len,
+            apply_re=not baseline,
+            name="recall-baseline" if baseline else "recall-ratplus",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["models"] = list(self.models)
+        return d
+
+
+def _pattern(text: str) -> AttentionPattern:
+    return AttentionPattern.parse(text)
+
+
+def quick_config(**overrides: Any) -> RecallConfig:
+    """A smoke budget (well under 2 minutes on 2 cores): tiny task and model, few steps."""
+    base = dict(
+        task=RecallTask(pairs=2, spread=8, seq_len=48, filler_vocab=8, key_vocab=16, value_vocab=16),
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        steps=60,
+        batch_size=16,
+        joint_pattern="D8-W0-P0",
+        baseline_joint_pattern="local-W8-P0",
+        adapt_steps=10,
+        adapt_lr_mult=1.0,
+        patterns=["dense", "D4", "D8", "D8-W4-P2", "local-W8-P0", "topk-B8-K1-W8-P0-quest", "topk-B8-K1-W8-P0-moba"],
+        adapt_patterns=["D8", "local-W8-P0"],
+        eval_batches=2,
+    )
+    base.update(overrides)
+    return RecallConfig(**base)
+
+
+def demo_config(quick: bool = False, **overrides: Any) -> RecallConfig:
+    """The budget for the demo's recall stage (about 4 minutes at one idle thread; ``quick``: the smoke
+    budget). RAT+ only: in a few minutes the attention baseline does not learn the task densely, so its
+    sparse rows would mean nothing. Dense pretraining (the issue's run: 98% dense at 1,000 steps), then
+    adaptation at the full LR to D16 and to the local-only control (the recipe that worked here; the
+    paper's 0.1x LR did not move D16 at this scale)."""
+    if quick:
+        return quick_config(models=("ratplus",), **overrides)
+    base = dict(
+        steps=1000,
+        joint_train=False,
+        adapt_steps=100,
+        adapt_lr_mult=1.0,
+        patterns=["dense", "D4", "D16", "D32", "local-W16-P0", "topk-B8-K2-W8-P0-quest", "topk-B8-K2-W8-P0-moba"],
+        adapt_patterns=["D16", "local-W16-P0"],
+        models=("ratplus",),
+    )
+    base.update(overrides)
+    return RecallConfig(**base)
+
+
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(RecallTask))
+OPTION_NAMES = frozenset(TASK_FIELDS) | {f.name for f in dataclasses.fields(RecallConfig)} - {"task", "progress"}
+
+
+def recall_config(quick: bool = False, **given: Any) -> RecallConfig:
+    """A ``RecallConfig`` from the defaults (or ``quick_config()``) with the ``given`` knobs replaced;
+    knobs named like ``RecallTask`` fields (pairs, spread, seq_len, ...) go to the task. ``None`` values
+    are ignored; when the context changes and no patterns are given, the default patterns follow it."""
+    given = {k: v for k, v in given.items() if v is not None}
+    base = quick_config() if quick else RecallConfig()
+    task_over = {k: given.pop(k) for k in list(given) if k in TASK_FIELDS}
+    known = {f.name for f in dataclasses.fields(RecallConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown recall option(s): {', '.join(unknown)}")
+    if "models" in given:
+        given["models"] = tuple(given["models"])
+    cfg = dataclasses.replace(base, task=dataclasses.replace(base.task, **task_over), **given)
+    if quick and "seq_len" in task_over and "patterns" not in given:
+        cfg.patterns, cfg.adapt_patterns = None, given.get("adapt_patterns")
+    cfg.validate()
+    return cfg
+
+
+def _train(
+    model: RATPlusLM,
+    cfg: RecallConfig,
+    steps: int,
+    lr: float,
+    warmup: float,
+    patterns_at: Any,
+    desc: str,
+    split_seed: int,
+) -> list[dict[str, float]]:
+    """``steps`` batches of the train stream; ``patterns_at(i)`` gives the optimizer-step patterns of
+    batch i (``[sparse, "dense"]`` for a joint step). Returns a short loss log."""
+    model.train()
+    opt = build_optimizer(model, lr, cfg.weight_decay)
+    warmup_steps = int(warmup * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps, lr, cfg.min_lr))
+    log: list[dict[str, float]] = []
+    stream = batches(cfg.task, cfg.batch_size, split_seed, "train")
+    bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False)
+    for i in bar:
+        b = next(stream)
+        losses, _ = optimizer_steps(model, opt, [(b.input_ids, b.labels)], patterns_at(i))
+        sched.step()
+        if i % 50 == 0 or i == steps - 1:
+            log.append({"step": i + 1, **losses})
+            bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in losses.items()})
+    model.eval()
+    return log
+
+
+def pretrain(model: RATPlusLM, cfg: RecallConfig, baseline: bool) -> list[dict[str, float]]:
+    """Training from scratch: dense for ``dense_warmup_steps`` batches, then joint (sparse + dense) or dense."""
+    sparse = cfg.baseline_joint_pattern if baseline else cfg.joint_pattern
+
+    def patterns_at(i: int) -> list[str]:
+        return [sparse, "dense"] if cfg.joint_train and i >= cfg.dense_warmup_steps else ["dense"]
+
+    name = "baseline" if baseline else "ratplus"
+    return _train(model, cfg, cfg.steps, cfg.lr, cfg.warmup, patterns_at, f"pretrain {name}", cfg.seed)
+
+
+def adapt(model: RATPlusLM, cfg: RecallConfig, pattern: str, steps: int | None = None) -> RATPlusLM:
+    """Resolution adaptation (DESIGN.md section 5): a copy of ``model`` trained only in ``pattern`` for
+    ``steps`` batches at ``adapt_lr_mult`` x the peak LR, no warmup, cosine down; its own data seed."""
+    adapted = copy.deepcopy(model)
+    n = cfg.adapt_steps if steps is None else steps
+    _train(adapted, cfg, n, cfg.lr * cfg.adapt_lr_mult, 0.0, lambda i: [pattern], f"adapt {pattern}", cfg.seed + 1)
+    return adapted
+
+
+def gate_profile(model: RATPlusLM, b: RecallBatch, task: RecallTask) -> list[dict[str, float]]:
+    """Mean forget gate g per layer over key, value, filler and query-key positions (RAT+ only): a gate
+    near 1 keeps the state (the token is let through weakly), near 0 writes the token in."""
+    if not model.config.apply_re:
+        return []
+    out: list[dict[str, float]] = []
+    device = next(model.parameters()).device
+    ids = b.input_ids.to(device)
+    F_, K_ = task.filler_vocab, task.key_vocab
+    kinds = {
+        "filler": ids < F_,
+        "key": (ids >= F_) & (ids < F_ + K_),
+        "value": ids >= F_ + K_,
+    }
+    query = torch.zeros_like(ids, dtype=torch.bool)
+    query.scatter_(1, b.query_pos.to(device), True)
+    kinds["key"] &= ~query
+    kinds["query_key"] = query
+    with torch.no_grad():
+        x = model.embedding.wte(ids)  # (B, T, C)
+        cos, sin = model.rope(torch.arange(ids.shape[1], device=device), x.dtype)
+        for block in model.backbone.layers:
+            _, _, _, _, g = block.seq_layer.project(x)  # g (B, H, T, K)
+            gm = g.mean(dim=(1, 3))  # (B, T)
+            out.append({k: float(gm[m].mean()) for k, m in kinds.items() if m.any()})
+            x = block(x, model.resolve_pattern(None)[0], cos, sin)
+    return out
+
+
+@torch.no_grad()
+def carrier_attention(model: RATPlusLM, b: RecallBatch, task: RecallTask, pattern: str) -> list[dict[str, float]]:
+    """Where each answer's query looks, per layer, under a dilated ``pattern`` (D > 1).
+
+    The *carrier* of a pair is the first dilated key at or after its value token (the first position
+    p >= value with (p + 1) % D == 0): the only dilated key whose recurrent state can hold both key
+    and value. For each queried key (the position that predicts the answer) this returns, per layer,
+    the attention mass on the carrier (best head) and the fraction of queries whose most-attended key
+    (best head) is the carrier; mean over the batch. Uses the exact masks (reference semantics)."""
+    from ratplus.ops.attention.masks import dilated_mask
+    from ratplus.ops.rope import apply_rope
+
+    p = _pattern(pattern)
+    if p.is_topk or p.is_dense or p.dilation_size is None:
+        raise ValueError(f"pattern must be dilated with D > 1, got {pattern!r}")
+    D = p.dilation_size
+    device = next(model.parameters()).device
+    ids = b.input_ids.to(device)
+    B, T = ids.shape
+    cos, sin = model.rope(torch.arange(T, device=device), torch.float32)
+    mask = dilated_mask(p, T, T, device=device)  # (T, S)
+    layers = model.resolve_pattern(pattern)
+    # carrier of the pair each query asks for: match the query key to its pair in the body
+    body_keys = ids.gather(1, b.pair_pos.to(device))  # (B, n)
+    asked = ids.gather(1, b.query_pos.to(device))  # (B, n)
+    which = (asked.unsqueeze(2) == body_keys.unsqueeze(1)).float().argmax(2)  # (B, n) pair index
+    value_pos = b.pair_pos.to(device).gather(1, which) + 1  # (B, n)
+    carrier = (value_pos + 1 + D - 1) // D * D - 1  # first p >= value_pos with (p + 1) % D == 0
+    visible = carrier < b.query_pos.to(device) - p.local_size  # carrier is a dilated key of the query
+    out: list[dict[str, float]] = []
+    x = model.embedding.wte(ids)  # (B, T, C)
+    for block, lp in zip(model.backbone.layers, layers, strict=True):
+        layer = block.seq_layer
+        _, q, k, v, g = layer.project(x)  # (B, H, T, K)
+        if g is not None:
+            k, v = layer.recur(g, k, v)
+        q, k = apply_rope(q, cos, sin), apply_rope(k.to(q.dtype), cos, sin)
+        scores = (q @ k.transpose(-1, -2)) * layer.head_dim**-0.5  # (B, H, T, S)
+        w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        qp = b.query_pos.to(device)  # (B, n)
+        rows = w.gather(2, qp[:, None, :, None].expand(B, w.shape[1], qp.shape[1], T))  # (B, H, n, S)
+        mass = rows.gather(3, carrier[:, None, :, None].expand(B, w.shape[1], -1, 1)).squeeze(3)  # (B, H, n)
+        top = rows.argmax(3) == carrier[:, None, :]  # (B, H, n)
+        sel = visible
+        out.append(
+            {
+                "carrier_mass": float(mass.amax(1)[sel].mean()) if sel.any() else float("nan"),
+                "carrier_top": float(top.any(1)[sel].float().mean()) if sel.any() else float("nan"),
+                "queries": int(sel.sum()),
+            }
+        )
+        x = block(x, lp, cos, sin)
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _print_table(rows: list[dict[str, Any]], models: list[str]) -> None:
+    from ratplus.runtime import print_table
+
+    head = ["pattern"]
+    for m in models:
+        head += [f"{m} zero-shot", f"{m} adapted"]
+    table = []
+    for pattern in dict.fromkeys(r["pattern"] for r in rows):
+        line: list[Any] = [pattern]
+        for m in models:
+            r = next(r for r in rows if r["model"] == m and r["pattern"] == pattern)
+            line += [_fmt(r["acc"]), _fmt(r.get("acc_adapted"))]
+        table.append(line)
+    print("recall accuracy x100 (answers right)")
+    print_table(head, table)
+
+
+def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:
+    """Accuracy against D (dense = 1) for each model, zero-shot dashed and adapted solid; the local-only
+    ``control`` pattern drawn as a horizontal line per model. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == name and r["kind"] == "dilated"]
+        rs.sort(key=lambda r: r["dilation"])
+        xs = [r["dilation"] for r in rs]
+        (line,) = ax.plot(xs, [100 * r["acc"] for r in rs], ls="--", marker="o", label=f"{name} zero-shot")
+        if any(r.get("acc_adapted") is not None for r in rs):
+            ys = [r["acc"] if r["dilation"] == 1 else r.get("acc_adapted") for r in rs]
+            pts = [(r["dilation"], 100 * y) for r, y in zip(rs, ys) if y is not None]
+            ax.plot(*zip(*pts), ls="-", marker="s", color=line.get_color(), label=f"{name} adapted")
+        ctrl = next((r for r in rows if r["model"] == name and r["pattern"] == control), None)
+        if ctrl is not None:
+            y = ctrl["acc_adapted"] if ctrl.get("acc_adapted") is not None else ctrl["acc"]
+            ax.axhline(100 * y, color=line.get_color(), ls=":", label=f"{name} {control}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("dilation D (1 = dense)")
+    ax.set_ylabel("answers right (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "MQAR recall vs dilation", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_recall_probe(
+    cfg: RecallConfig, out_dir: str | Path, load_from: str | Path | None = None, plot: bool = True
+) -> dict[str, Any]:
+    """Train (or load from ``load_from``, a previous probe's folder), adapt, evaluate, report.
+
+    Writes ``<model>.pt`` (weights after pretraining), ``recall.json`` and ``recall.png`` into
+    ``out_dir``, prints the table and returns the record (``rows``: one per model and pattern with
+    ``acc`` (zero-shot) and ``acc_adapted``)."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    patterns = cfg.all_patterns()
+    adapt_set = set(cfg.sparse_adapt_patterns()) if cfg.adapt_steps else set()
+    test = [make_batch(cfg.task, cfg.batch_size, cfg.seed, "test", i) for i in range(cfg.eval_batches)]
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {"eval": "recall", "config": cfg.to_dict(), "models": {}}
+    for name in cfg.models:
+        baseline = name == "baseline"
+        torch.manual_seed(cfg.seed)
+        model = RATPlusLM(cfg.model_config(baseline))
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"params": model.num_params()}
+        if load_from is not None:
+            model.load_state_dict(torch.load(Path(load_from) / f"{name}.pt", weights_only=True))
+            info["loaded_from"] = str(load_from)
+        else:
+            info["train_log"] = pretrain(model, cfg, baseline)
+            torch.save(model.state_dict(), out / f"{name}.pt")
+        info["pretrain_s"] = round(time.perf_counter() - t0, 1)
+        info["gates"] = gate_profile(model, test[0], cfg.task)
+        t0 = time.perf_counter()
+        for pattern in tqdm(patterns, desc=f"eval {name}", disable=not cfg.progress, leave=False):
+            p = _pattern(pattern)
+            row: dict[str, Any] = {
+                "model": name,
+                "pattern": pattern,
+                "kind": "topk" if p.is_topk else ("local" if p.dilation_size is None else "dilated"),
+                "dilation": p.dilation_size,
+                "acc": evaluate_accuracy(model, test, pattern),
+                "acc_adapted": None,
+            }
+            if row["kind"] == "dilated" and (p.local_size or p.initial_size) and not p.is_dense:
+                row["kind"] = "dilated+window"
+            traced = row["kind"] == "dilated" and not p.is_dense
+            if traced:
+                row["carrier"] = carrier_attention(model, test[0], cfg.task, pattern)
+            if pattern in adapt_set:
+                adapted = adapt(model, cfg, pattern)
+                row["acc_adapted"] = evaluate_accuracy(adapted, test, pattern)
+                row["acc_adapted_dense"] = evaluate_accuracy(adapted, test, "dense")
+                if traced:
+                    row["carrier_adapted"] = carrier_attention(adapted, test[0], cfg.task, pattern)
+                if adapted.config.apply_re:
+                    row["gates_adapted"] = gate_profile(adapted, test[0], cfg.task)
+            rows.append(row)
+        info["eval_adapt_s"] = round(time.perf_counter() - t0, 1)
+        record["models"][name] = info
+    dense = {r["model"]: r["acc"] for r in rows if r["pattern"] == "dense"}
+    for r in rows:
+        best = r["acc_adapted"] if r["acc_adapted"] is not None else r["acc"]
+        r["frac_of_dense"] = best / dense[r["model"]] if dense.get(r["model"]) else None
+    record["rows"] = rows
+    record["adapt_budget"] = {
+        "steps": cfg.adapt_steps,
+        "lr": cfg.lr * cfg.adapt_lr_mult,
+        "lr_mult": cfg.adapt_lr_mult,
+        "fraction_of_pretraining": cfg.adapt_steps / cfg.steps,
+    }
+    _print_table(rows, list(cfg.models))
+    control = next((p for p in patterns if _pattern(p).dilation_size is None and not _pattern(p).is_topk), None)
+    record["control"] = control
+    (out / "recall.json").write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
+    record["json"] = str(out / "recall.json")
+    if plot:
+        t = cfg.task
+        how = f"joint {cfg.joint_pattern} after {cfg.dense_warmup_steps} dense" if cfg.joint_train else "dense"
+        title = (
+            f"MQAR {t.pairs} pairs, T={t.seq_len}, spread {t.spread}; {cfg.steps} steps ({how});\n"
+            f"adapt {cfg.adapt_steps} steps at {cfg.adapt_lr_mult}x LR per pattern"
+        )
+        record["plot"] = str(plot_recall(rows, out / "recall.png", control, title))
+    return record
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

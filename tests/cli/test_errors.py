@@ -1,0 +1,117 @@
+"""Every bad input on the command line ends as one line `ratplus <command>: error: ...` naming the
+input (flag, field or file), exit code 2, no traceback, and before any work starts."""
+
+import json
+
+import pytest
+import torch
+
+from ratplus import ModelConfig, RATPlusLM
+from ratplus.cli import main
+from ratplus.io.folder import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    torch.manual_seed(0)
+    save_pretrained(RATPlusLM(ModelConfig.from_preset("tiny")), root / "model")
+    (root / "afile").write_text("x")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "bad.json").write_text("{oops")
+    (root / "list.json").write_text("[1, 2]")
+    (root / "text.txt").write_text("To be, or not to be, that is the question. " * 20)
+    (root / "sft.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    return root
+
+
+T = ["train", "--model", "tiny", "--data", "{root}/nodata", "--out", "{root}/run", "--steps", "1", "--no-progress"]
+G = ["generate", "--ckpt", "{root}/model", "--max-new-tokens", "2"]
+P = ["eval", "ppl", "--ckpt", "{root}/model", "--data", "{root}/text.txt", "--out", "{root}/ev", "--no-plot", "--quiet"]
+D = ["data", "prepare", "--input", "{root}/text.txt", "--out", "{root}/d", "--vocab-size", "300"]
+
+CASES = [
+    # numbers: NaN / inf / out of range, checked before any data is read
+    ([*T, "--lr", "nan"], "train", "lr must be a finite number"),
+    ([*T, "--lr", "inf"], "train", "lr must be a finite number"),
+    ([*T, "--weight-decay", "nan"], "train", "weight_decay must be a finite number"),
+    ([*T, "--grad-clip", "inf"], "train", "grad_clip must be a finite number"),
+    ([*T, "--warmup", "nan"], "train", "warmup must be a finite number"),
+    ([*T, "--keep-last", "0"], "train", "keep_last must be a positive int"),
+    ([*T, "--set", "rope_base=nan"], "train", "rope_base must be a finite number"),
+    ([*T, "--set", "norm_eps=0"], "train", "norm_eps must be a finite number > 0"),
+    ([*T, "--set", "init_std=-1"], "train", "init_std must be a finite number >= 0"),
+    ([*T, "--set", 'd_model="abc"'], "train", "d_model must be a positive int"),
+    ([*T, "--set", "tie_embeddings=3"], "train", "tie_embeddings must be true or false"),
+    ([*T, "--set", "bogus=1"], "train", "unknown ModelConfig field(s): bogus"),
+    ([*T, "--set", "vocab_size=10000000000"], "train", "GiB, more than the"),  # cannot fit memory
+    # patterns: non-ASCII digits, conflicting suffixes, empty, beyond any context
+    ([*T, "--sparse-pattern", "D١٦"], "train", "unknown attention pattern 'D١٦'"),
+    ([*T, "--sparse-pattern", "topk-B4-K2-quest-moba"], "train", "conflicting scorings quest and moba"),
+    ([*T, "--sparse-pattern", ""], "train", "sparse_pattern must be a non-empty pattern string"),
+    ([*T, "--sparse-pattern", "D" + "9" * 30], "train", "is beyond any context"),
+    ([*T, "--eval-patterns", ",,"], "train", "eval_patterns must be a non-empty list"),
+    # files and folders
+    (["train", "--model", "tiny", "--out", "{root}/afile", "--steps", "1"], "train", "afile is a file"),
+    (["train", "--config", "{root}/bad.json", "--out", "{root}/r"], "train", "bad.json is not valid JSON"),
+    (["train", "--config", "{root}/binary.bin", "--out", "{root}/r"], "train", "binary.bin is not a text"),
+    (["train", "--config", "{root}/list.json", "--out", "{root}/r"], "train", "must be a JSON object"),
+    ([*T, "--device", "bogus"], "train", "unknown device 'bogus' (--device)"),
+    ([*D, "--vocab-size", "10000000000"], "data prepare", "vocab_size must be an int in [257, 1048576]"),
+    ([*D, "--val-fraction", "nan"], "data prepare", "--val-fraction must be in [0, 1)"),
+    ([*D, "--val-fraction", "-0.5"], "data prepare", "--val-fraction must be in [0, 1)"),
+    ([*D, "--shard-tokens", "0"], "data prepare", "--shard-tokens must be >= 1"),
+    (["data", "prepare", "--input", "{root}/text.txt", "--out", "{root}/afile"], "data prepare", "afile is a file"),
+    ([*D[:2], "--input", "{root}/binary.bin", "--out", "{root}/d2"], "data prepare", "binary.bin"),
+    # generate: ids, sampling numbers, device
+    ([*G, "--prompt-ids", "1,999"], "generate", "--prompt-ids: token id 999 is outside [0, vocab_size=256)"),
+    ([*G, "--prompt-ids", "-1"], "generate", "token id -1 is outside"),
+    ([*G, "--prompt-ids", "1", "--stop", "300"], "generate", "--stop: token id 300"),
+    ([*G, "--prompt-ids", "1", "--temperature", "nan"], "generate", "temperature must be a finite number"),
+    ([*G, "--prompt-ids", "1", "--top-p", "2"], "generate", "top_p must be None or in (0, 1]"),
+    ([*G, "--prompt-ids", "1", "--device", "bogus"], "generate", "unknown device 'bogus'"),
+    ([*G, "--prompt-ids", "1", "--pattern", "D4-W1-quest"], "generate", "unknown field 'quest'"),
+    (["generate", "--ckpt", "{root}/afile", "--prompt-ids", "1"], "generate", "afile is a file"),
+    # eval: budgets and limits
+    ([*P, "--max-tokens", "-5"], "eval ppl", "max_tokens (--max-tokens) must be an int >= 1"),
+    ([*P, "--seq-len", "0"], "eval ppl", "seq_len (--seq-len) must be an int >= 2"),
+    ([*P, "--batch-size", "0"], "eval ppl", "batch_size (--batch-size) must be an int >= 1"),
+    ([*P, "--patterns", ","], "eval ppl", "--patterns is empty"),
+    (
+        ["eval", "ppl", "--ckpt", "{root}/model", "--data", "{root}/text.txt", "--out", "{root}/afile"],
+        "eval ppl",
+        "afile is a file",
+    ),
+    # convert, sft, demo, bench
+    (["convert", "{root}/model", "{root}/afile", "--to", "hf"], "convert", "afile is a file"),
+    (
+        ["sft", "--ckpt", "{root}/model", "--data", "{root}/sft.jsonl", "--epochs", "inf"],
+        "sft",
+        "epochs must be a finite",
+    ),
+    (["demo", "--out", "{root}/dm", "--device", "bogus"], "demo", "unknown device 'bogus'"),
+    (["demo", "--out", "{root}/afile", "--quick"], "demo", "afile is a file"),
+    (["bench", "attention", "--seq-lens", "0", "--no-layer"], "bench attention", "--seq-lens must be positive"),
+    (["bench", "decode", "--steps", "0", "--model-preset", "none"], "bench decode", "--steps must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "command", "match"), CASES, ids=[" ".join(c[0][:2] + c[0][-2:]) for c in CASES])
+def test_bad_input_is_one_clear_line(files, capsys, argv, command, match):
+    argv = [a.replace("{root}", str(files)) for a in argv]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"ratplus {command}: error: ") and match in lines[-1], lines
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_a_bug_still_shows_its_traceback(files, monkeypatch):
+    """Only bad input is turned into an error line; a programming error keeps its traceback."""
+    import ratplus.generation
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(ratplus.generation, "generate", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["generate", "--ckpt", str(files / "model"), "--prompt-ids", "1"])

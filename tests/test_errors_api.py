@@ -1,0 +1,141 @@
+"""The Python API checks numbers, types and pattern strings before any work, with a ValueError
+naming the field (the CLI shares these checks)."""
+
+import math
+
+import pytest
+import torch
+
+from ratplus import AttentionPattern, ModelConfig, RATPlusLM
+from ratplus.config import MAX_PATTERN_SIZE, HeadGroups
+from ratplus.io.tokenizer import MAX_BPE_VOCAB, train_bpe
+from ratplus.model.cache import RATPlusCache
+from ratplus.train.config import TrainConfig
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"rope_base": NAN}, "rope_base must be a finite number > 0"),
+        ({"rope_base": INF}, "rope_base must be a finite number > 0"),
+        ({"rope_base": "big"}, "rope_base must be a finite number > 0"),
+        ({"norm_eps": NAN}, "norm_eps must be a finite number > 0"),
+        ({"norm_eps": 0.0}, "norm_eps must be a finite number > 0"),
+        ({"init_std": -1.0}, "init_std must be a finite number >= 0"),
+        ({"init_std": INF}, "init_std must be a finite number >= 0"),
+        ({"apply_re": "no"}, "apply_re must be true or false"),
+        ({"tie_embeddings": 2}, "tie_embeddings must be true or false"),
+        ({"eos_token_id": "1"}, "eos_token_id must be an int or null"),
+        ({"d_model": 32.0}, "d_model must be a positive int"),
+        ({"bogus": 1}, r"unknown ModelConfig field\(s\): bogus"),
+    ],
+)
+def test_model_config_numbers(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_preset("tiny", **overrides)
+
+
+def test_model_config_from_a_non_object():
+    with pytest.raises(ValueError, match="must be a JSON object of fields, got list"):
+        ModelConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"lr": NAN}, "lr must be a finite number"),
+        ({"lr": INF}, "lr must be a finite number"),
+        ({"lr": "1e-3"}, "lr must be a finite number"),
+        ({"min_lr": NAN}, "min_lr must be a finite number"),
+        ({"warmup": NAN}, "warmup must be a finite number"),
+        ({"weight_decay": INF}, "weight_decay must be a finite number"),
+        ({"grad_clip": NAN}, "grad_clip must be a finite number"),
+        ({"betas": (NAN, 0.9)}, "betas must be two finite numbers"),
+        ({"seed": "x"}, "seed must be an int"),
+        ({"resume": 3}, "resume must be true, false or a checkpoint path"),
+        ({"sparse_pattern": " "}, "sparse_pattern must be a non-empty pattern string"),
+        ({"eval_patterns": []}, "eval_patterns must be a non-empty list"),
+        ({"eval_patterns": [""]}, "eval_patterns must be a non-empty list"),
+        ({"out_dir": ""}, "out_dir must be a non-empty string"),
+    ],
+)
+def test_train_config_numbers(fields, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{"steps": 1, **fields}).validate()
+
+
+def test_train_config_epochs_must_be_finite():
+    cfg = TrainConfig(task="sft", epochs=INF, sft_data="x.jsonl", init_from="m", joint_train=False)
+    with pytest.raises(ValueError, match="epochs must be a finite number"):
+        cfg.validate()
+    with pytest.raises(ValueError, match="must be a JSON object of fields"):
+        TrainConfig.from_dict(["steps"])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("D١٦", "unknown attention pattern"),  # Arabic-Indic digits: int() would accept them
+        ("D²", "unknown attention pattern"),
+        ("D4-W١", "unknown field 'W١'"),
+        ("topk-B4-K2-quest-moba", "conflicting scorings quest and moba"),
+        ("topk-B4-K2-moba-moba", "conflicting scorings"),
+        ("", "unknown attention pattern ''"),
+        ("   ", "unknown attention pattern"),
+        ("D4-", "unknown field ''"),
+        ("D" + "9" * 40, "dilation_size=9+ is beyond any context"),
+        (f"local-W{MAX_PATTERN_SIZE + 1}", "local_size=.* is beyond any context"),
+    ],
+)
+def test_bad_pattern_strings(text, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionPattern.parse(text)
+
+
+def test_pattern_fields_and_head_groups():
+    with pytest.raises(ValueError, match="block_size must be an int"):
+        AttentionPattern(kind="topk", block_size="4")
+    with pytest.raises(ValueError, match="must look like '<pattern>:<num_heads>'"):
+        HeadGroups.parse("D4:٢+D4:2")
+    cfg = ModelConfig.from_preset("tiny")
+    for spec in ("", "D4/"):
+        with pytest.raises(ValueError, match=r"unknown attention pattern|num_layers"):
+            cfg.resolve_pattern(spec)
+    assert (
+        AttentionPattern.parse(f"local-W{MAX_PATTERN_SIZE}").local_size == MAX_PATTERN_SIZE
+    )  # the bound itself is fine
+
+
+def test_cache_clamps_windows_to_its_length():
+    """A window or prefix far beyond the cache changes no key set: the cache clamps it instead of
+    allocating slots for it, and decoding matches the full forward."""
+    torch.manual_seed(0)
+    model = RATPlusLM(ModelConfig.from_preset("tiny")).eval()
+    huge = f"D4-W{MAX_PATTERN_SIZE}-P{MAX_PATTERN_SIZE}"
+    cache = RATPlusCache(model.config, batch_size=1, max_len=16, pattern=huge)
+    dense = RATPlusCache(model.config, batch_size=1, max_len=16, pattern="dense")
+    assert cache.nbytes() <= dense.nbytes() * 1.5  # P + W + 1 <= max_len + 1 slots, plus the few dilated ones
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        full = model(ids, pattern=huge)
+        step = torch.cat(
+            [model(ids[:, :8], cache=cache), *(model(ids[:, t : t + 1], cache=cache) for t in range(8, 12))], 1
+        )
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_model_forward_checks_token_ids():
+    model = RATPlusLM(ModelConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match=r"token id 256 outside \[0, vocab_size=256\)"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="token id -1 outside"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids, got torch\.float32"):
+        model(torch.tensor([[1.0, 2.0]]))
+
+
+def test_bpe_vocabulary_that_cannot_fit_memory_is_refused():
+    with pytest.raises(ValueError, match=rf"vocab_size must be an int in \[257, {MAX_BPE_VOCAB}\]"):
+        train_bpe(["some text"], 10**10)
