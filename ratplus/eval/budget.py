@@ -42,9 +42,13 @@ SNAPKV_WINDOW = 4  # observation window of the default SnapKV sweep (small: the 
 
 
 def method_of(config: ModelConfig, pattern: PatternSpec) -> str:
-    """The method a (uniform or mixed) pattern belongs to: dense / dilated / streaming / snapkv / topk / hybrid."""
+    """The method a pattern belongs to: dense / dilated / streaming / snapkv / topk, or hybrid when
+    its layers or head groups do not all run the same pattern (``tune-pattern``'s choices)."""
+    layers = config.resolve_pattern(pattern)
+    if len({p for layer in layers for p, _ in layer.groups}) > 1:
+        return "hybrid"
     kinds = set()
-    for layer in config.resolve_pattern(pattern):
+    for layer in layers:
         for p, _ in layer.groups:
             if p.is_dense:
                 kinds.add("dense")

@@ -68,6 +68,7 @@ def test_default_sweep_meets_at_matched_bytes():
     assert d16 == config.resolve_pattern("local-W12-P4")[0].groups[0][0].kv_slots(255) == 17
     assert {method_of(config, p) for p in sweep} == {"dense", "dilated", "streaming", "snapkv", "topk"}
     assert method_of(config, "D4/dense/D4/dense") == "hybrid"
+    assert method_of(config, "D64/D8/D8/D64") == "hybrid" and method_of(config, "D8:2+D8:2") == "dilated"
 
 
 def test_compare_at_bytes_uses_equal_or_larger_budgets():
