@@ -29,6 +29,10 @@ TopKScoring = Literal["quest", "moba"]
 #: Bound on any pattern size (D, W, P, block size, top-k): larger values cannot describe a real context.
 MAX_PATTERN_SIZE = 2**31 - 1
 
+#: SnapKV's pooling kernel: each key's vote is max-pooled over this many neighbouring positions, so
+#: a selected key keeps the keys around it (SnapKV, Li et al. 2024, clusters its selection this way).
+SNAPKV_KERNEL = 5
+
 
 @dataclass(frozen=True)
 class AttentionPattern:
@@ -45,18 +49,26 @@ class AttentionPattern:
     ``kind="topk"`` is inference-time top-k block attention: keys are grouped in blocks of
     ``block_size``; each query attends to its ``top_k`` best-scoring complete blocks older than the
     local window (scored Quest- or MoBA-style) plus the local window and initial tokens.
+
+    ``kind="snapkv"`` is SnapKV KV eviction at inference (string ``snapkv-C<cache_size>-O<window>``):
+    the prompt is attended densely (a full forward is plain causal attention); after the prefill the
+    decoding cache keeps, per KV head, the ``cache_size`` prompt keys that the last ``window`` prompt
+    queries attend to most (weights summed over those queries, max-pooled over ``SNAPKV_KERNEL``
+    neighbours) plus those ``window`` keys; decoding continues over the kept keys and the new ones.
     """
 
     dilation_size: int | None = 1
     local_size: int = 0
     initial_size: int = 0
-    kind: Literal["dilated", "topk"] = "dilated"
+    kind: Literal["dilated", "topk", "snapkv"] = "dilated"
     block_size: int = 64
     top_k: int = 16
     scoring: TopKScoring = "quest"
+    cache_size: int = 1024
+    window: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("dilation_size", "local_size", "initial_size", "block_size", "top_k"):
+        for name in ("dilation_size", "local_size", "initial_size", "block_size", "top_k", "cache_size", "window"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PATTERN_SIZE:
                 raise ValueError(f"{name}={value} is beyond any context (at most {MAX_PATTERN_SIZE})")
@@ -64,8 +76,22 @@ class AttentionPattern:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
-        if self.kind not in ("dilated", "topk"):
-            raise ValueError(f"kind must be 'dilated' or 'topk', got {self.kind!r}")
+        if self.kind not in ("dilated", "topk", "snapkv"):
+            raise ValueError(f"kind must be 'dilated', 'topk' or 'snapkv', got {self.kind!r}")
+        if self.kind == "snapkv":
+            object.__setattr__(self, "dilation_size", None)
+            for name in ("cache_size", "window"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} of a SnapKV pattern must be an int >= 1, got {value!r}")
+            if self.cache_size < self.window:
+                raise ValueError(
+                    f"cache_size={self.cache_size} of a SnapKV pattern is below its observation window "
+                    f"window={self.window}; SnapKV keeps at least the window"
+                )
+            if self.local_size or self.initial_size:
+                raise ValueError("a SnapKV pattern takes no local_size / initial_size (its window is O<window>)")
+            return
         if self.kind == "dilated":
             if self.dilation_size is not None:
                 if isinstance(self.dilation_size, bool) or not isinstance(self.dilation_size, int):
@@ -99,19 +125,26 @@ class AttentionPattern:
     def is_topk(self) -> bool:
         return self.kind == "topk"
 
+    @property
+    def is_snapkv(self) -> bool:
+        return self.kind == "snapkv"
+
     def kv_slots(self, seq_len: int) -> int:
         """Cache slots needed to decode at context ``seq_len``: P + W + 1 + floor(T / D) (docs/DESIGN.md 4).
 
-        Dense needs T + 1; top-k keeps every key (it only skips work, not memory).
+        Dense needs T + 1; top-k keeps every key (it only skips work, not memory); SnapKV keeps
+        min(T, cache_size + window) prompt keys (a prompt of T tokens) + 1.
         """
+        if self.is_snapkv:
+            return min(seq_len, self.cache_size + self.window) + 1
         if self.is_dense or self.is_topk:
             return seq_len + 1
         dilated = 0 if self.dilation_size is None else seq_len // self.dilation_size
         return self.initial_size + self.local_size + 1 + dilated
 
     def keys_per_query(self, t: int) -> int:
-        """Exact |S(t)| for query position t (used for FLOP accounting)."""
-        if self.is_dense:
+        """Exact |S(t)| for query position t (used for FLOP accounting; SnapKV's prefill is dense)."""
+        if self.is_dense or self.is_snapkv:
             return t + 1
         W, P = self.local_size, self.initial_size
         n = min(W, t) + 1  # local
@@ -131,6 +164,8 @@ class AttentionPattern:
     # ---- string form --------------------------------------------------------------------------
     def __str__(self) -> str:
         W, P = self.local_size, self.initial_size
+        if self.is_snapkv:
+            return f"snapkv-C{self.cache_size}-O{self.window}"
         if self.is_topk:
             return f"topk-B{self.block_size}-K{self.top_k}-W{W}-P{P}-{self.scoring}"
         if self.dilation_size is None:
@@ -142,7 +177,7 @@ class AttentionPattern:
     @classmethod
     def parse(cls, text: str) -> AttentionPattern:
         """Parse one pattern: ``dense``, ``D16``, ``D16-W256-P4``, ``local-W64-P4``,
-        ``topk-B64-K16-W64-P4-quest`` (fields after the head may come in any order, missing ones
+        ``topk-B64-K16-W64-P4-quest``, ``snapkv-C1024-O64`` (fields after the head may come in any order, missing ones
         default to 0 / the dataclass default)."""
         if not isinstance(text, str):
             raise ValueError(f"pattern must be a string, got {type(text).__name__}")
@@ -159,16 +194,20 @@ class AttentionPattern:
         elif head.lower() == "topk":
             fields["kind"] = "topk"
             fields["dilation_size"] = None
+        elif head.lower() == "snapkv":
+            fields["kind"] = "snapkv"
         elif re.fullmatch(r"[Dd][0-9]+", head):
             fields["dilation_size"] = int(head[1:])
         else:
             raise ValueError(
                 f"unknown attention pattern {text!r}: expected 'dense', 'D<d>[-W<w>][-P<p>]', "
-                "'local-W<w>[-P<p>]' or 'topk-B<b>-K<k>[-W<w>][-P<p>][-quest|-moba]'"
+                "'local-W<w>[-P<p>]', 'topk-B<b>-K<k>[-W<w>][-P<p>][-quest|-moba]' or 'snapkv-C<c>-O<o>'"
             )
         letters = {"W": "local_size", "P": "initial_size"}
         if fields.get("kind") == "topk":
             letters.update({"B": "block_size", "K": "top_k"})
+        if fields.get("kind") == "snapkv":
+            letters = {"C": "cache_size", "O": "window"}
         for part in rest:
             if fields.get("kind") == "topk" and part.lower() in ("quest", "moba"):
                 if "scoring" in fields:
@@ -290,6 +329,9 @@ class ModelConfig:
     """Architecture of a RAT+ language model (docs/DESIGN.md section 2).
 
     ``apply_re=False`` gives the gated-attention baseline (no recurrence, in_proj packs o,q,k,v).
+    ``num_kv_heads`` (None = ``num_heads``) < ``num_heads`` gives grouped-query attention (1 = multi-query):
+    k, v (and the forget gate f) are projected for the KV heads only, the recurrence runs on them, and
+    the queries of a group of ``num_heads / num_kv_heads`` consecutive heads share one KV head.
     ``max_seq_len`` bounds training/prefill length and RoPE positions; longer input raises.
     """
 
@@ -298,6 +340,7 @@ class ModelConfig:
     num_layers: int = 24
     num_heads: int = 16
     max_seq_len: int = 4096
+    num_kv_heads: int | None = None
     rope_base: float = 10000.0
     apply_re: bool = True
     tie_embeddings: bool = True
@@ -312,6 +355,13 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        kv = self.num_kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.num_heads % kv != 0:
+            raise ValueError(
+                f"num_kv_heads must be a positive int dividing num_heads={self.num_heads}, got {self.num_kv_heads!r}"
+            )
         if self.d_model % self.num_heads != 0:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2 != 0:
@@ -336,21 +386,44 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
+    def kv_group(self) -> int:
+        """Query heads per KV head (1 = plain multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k, v (and f) projections: num_kv_heads x K (= d_model without GQA)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
     def d_ffn(self) -> int:
         return self.ffn_mult * self.d_model
 
     def num_params(self) -> int:
         """Closed-form parameter count (tied head): V*C + L*(c*C^2 + 2C) + C (+ V*C if untied),
-        with c = 5 + 1 + 2*ffn_mult for RAT+ (14 at ffn_mult 4) and one C^2 less for the baseline."""
+        with c = 5 + 1 + 2*ffn_mult for RAT+ (14 at ffn_mult 4) and one C^2 less for the baseline.
+        With GQA the k, v (and f) rows of in_proj shrink from C to num_kv_heads x K each."""
         C, V, L = self.d_model, self.vocab_size, self.num_layers
-        per_layer = (5 if self.apply_re else 4) * C * C + C * C + 2 * self.d_ffn * C + 2 * C
+        in_rows = 2 * C + (3 if self.apply_re else 2) * self.kv_dim
+        per_layer = in_rows * C + C * C + 2 * self.d_ffn * C + 2 * C
         total = V * C + L * per_layer + C
         if not self.tie_embeddings:
             total += V * C
         return total
 
     def resolve_pattern(self, spec: PatternSpec) -> tuple[HeadGroups, ...]:
-        return resolve_pattern(spec, self.num_layers, self.num_heads)
+        """One ``HeadGroups`` per layer; with GQA every head group must hold whole KV groups (its
+        queries share KV heads, and the cache keeps one pattern per KV head)."""
+        layers = resolve_pattern(spec, self.num_layers, self.num_heads)
+        G = self.kv_group
+        if G > 1:
+            for layer in layers:
+                if any(n % G for _, n in layer.groups):
+                    raise ValueError(
+                        f"pattern {layer} splits a KV group: with num_heads={self.num_heads} and "
+                        f"num_kv_heads={self.num_kv_heads} every head group must be a multiple of {G} heads"
+                    )
+        return layers
 
     def canonical_pattern(self, spec: PatternSpec) -> str:
         """One printable form per distinct pattern of this architecture (``D16`` and ``D16-W0-P0``
@@ -417,10 +490,12 @@ def read_json(path: Path, what: str = "") -> Any:
 
 
 #: Named presets. ``tiny`` is for tests, ``demo`` trains on 2 CPU cores (docs/DESIGN.md section 2: C=256, 4 layers,
-#: T=512, about 4.7M parameters with a 4096-token vocabulary), the last three are the paper's sizes.
+#: T=512, about 4.7M parameters with a 4096-token vocabulary; ``demo-gqa``: the same with 2 KV heads), the last
+#: three are the paper's sizes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, max_seq_len=256),
     "demo": dict(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, max_seq_len=512),
+    "demo-gqa": dict(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=512),
     "125m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, max_seq_len=4096),
     "350m": dict(vocab_size=32000, d_model=1024, num_layers=24, num_heads=16, max_seq_len=4096),
     "1.5b": dict(vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, max_seq_len=4096),

@@ -115,8 +115,10 @@ def test_preset_param_count_closed_form(name, apply_re):
     cfg = ModelConfig.from_preset(name, apply_re=apply_re)
     C, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
     per_layer_c2 = 14 if apply_re else 13  # docs/DESIGN.md section 2
-    assert cfg.num_params() == V * C + L * (per_layer_c2 * C * C + 2 * C) + C
-    if name in ("tiny", "demo", "125m"):  # cheap enough to instantiate
+    # GQA: the k, v (and f) blocks of in_proj shrink from C x C to (C / G) x C each
+    per_layer_c2 -= (3 if apply_re else 2) * (1 - 1 / cfg.kv_group)
+    assert cfg.num_params() == V * C + L * round(per_layer_c2 * C * C + 2 * C) + C
+    if name in ("tiny", "demo", "demo-gqa", "125m"):  # cheap enough to instantiate
         assert RATPlusLM(cfg).num_params() == cfg.num_params()
 
 

@@ -65,7 +65,12 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert kv["D64-W0-P0"] < kv["D16-W0-P0"] < kv["dense"]
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # every stage reused
-    assert capsys.readouterr().out.count("reusing the finished stage") == 2 + 2 * len(ADAPT_PATTERNS) + 4
+    assert capsys.readouterr().out.count("reusing the finished stage") == 2 + 2 * len(ADAPT_PATTERNS) + 5
+    methods = {(r["model"], r["method"]) for r in results["budget"]["rows"]}
+    assert ("baseline", "streaming") in methods and ("ratplus", "snapkv") in methods
+    assert (out / "budget.png").read_bytes()[:4] == b"\x89PNG" and "Quality vs KV-cache bytes" in (
+        out / "report.md"
+    ).read_text()
 
 
 def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):

@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ratplus.cli.train",
     "ratplus.cli.generate",
     "ratplus.cli.eval",
+    "ratplus.cli.tune",
     "ratplus.cli.convert",
     "ratplus.cli.bench",
 )

@@ -1,4 +1,4 @@
-"""``ratplus eval ...``: perplexity, NIAH (data and evaluation) and LongBench.
+"""``ratplus eval ...``: perplexity, quality vs KV budget, NIAH (data and evaluation) and LongBench.
 
 Each command prints a table, writes its files under ``--out`` (never into the checkpoint) and
 prints one JSON summary line last. lm-evaluation-harness runs through ``ratplus eval lm-eval`` (or
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ratplus.cli.common import floats, ints, names
 from ratplus.eval.common import EvalModel, open_checkpoint
-from ratplus.eval.report import run_longbench, run_niah, run_ppl
+from ratplus.eval.report import run_budget, run_longbench, run_niah, run_ppl
 from ratplus.runtime import check_dir, emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
 
 logger = logging.getLogger("ratplus")
@@ -53,6 +53,20 @@ def add_parser(sub) -> None:
     p.add_argument("--no-plot", action="store_true")
     _common(p, "runs/eval/ppl")
     p.set_defaults(func=_cmd_ppl)
+
+    p = esub.add_parser("budget", help="held-out perplexity vs KV-cache bytes per method and budget (table, JSON, PNG)")
+    p.add_argument("--ckpt", action="append", required=True, help="model folder (repeat for several models)")
+    p.add_argument("--data", nargs="+", required=True, help=".txt/.md/.jsonl files or folders of held-out text")
+    p.add_argument(
+        "--patterns", type=names, default=None, help="comma-separated patterns (default: the matched-budget sweep)"
+    )
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--score-tokens", type=int, default=8, help="tokens scored after each window's prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="read about this many tokens (default: all)")
+    p.add_argument("--no-plot", action="store_true")
+    _common(p, "runs/eval/budget")
+    p.set_defaults(func=_cmd_budget)
 
     depths = ",".join(str(d) for d in DEFAULT_DEPTHS)
     p = esub.add_parser("niah", help="RULER needle-in-a-haystack tasks, greedy decoding, string-match-all")
@@ -132,6 +146,31 @@ def _cmd_ppl(args) -> int:
                 for r in rec["results"]
             ]
         }
+    )
+    return 0
+
+
+def _cmd_budget(args) -> int:
+    from ratplus.io.corpus import read_documents
+
+    texts = read_documents(args.data)
+    models = [_open(c, args.device, args.dtype) for c in args.ckpt]
+    rec = run_budget(
+        models,
+        texts,
+        args.out,
+        args.patterns,
+        args.seq_len,
+        args.score_tokens,
+        args.batch_size,
+        args.max_tokens,
+        not args.no_plot,
+        not args.quiet,
+    )
+    keep = ("model", "method", "pattern", "ppl", "kv_bytes", "kv_frac", "status")
+    emit_json(
+        {k: v for k, v in rec.items() if k != "results"}
+        | {"results": [{k: r[k] for k in keep} for r in rec["results"]]}
     )
     return 0
 

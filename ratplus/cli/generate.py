@@ -3,7 +3,8 @@
     ratplus generate --ckpt PATH --pattern D16-W256-P4 --prompt "Once upon a time"
     ratplus generate --ckpt PATH --prompt-ids 1,2,3        # folders without tokenizer.json
 
-The pattern defaults to the folder's ``metadata.json`` ``adapted_pattern`` (the pattern it was
+The pattern defaults to the folder's ``metadata.json`` ``default_pattern`` (recorded by
+``ratplus tune-pattern --record``), else its ``adapted_pattern`` (the pattern it was
 adapted to), else dense.
 """
 
@@ -24,7 +25,11 @@ def add_parser(sub) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the folder's tokenizer.json)")
     prompt.add_argument("--prompt-ids", type=token_ids, help="prompt as comma-separated token ids")
-    p.add_argument("--pattern", default=None, help="attention pattern, e.g. D16-W256-P4 (default: adapted or dense)")
+    p.add_argument(
+        "--pattern",
+        default=None,
+        help="attention pattern, e.g. D16-W256-P4 (default: recorded default, adapted or dense)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -60,7 +65,8 @@ def _run(args) -> int:
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:  # checked before the tokenizer decodes the prompt for display
             raise ValueError(f"{flag}: token id {bad[0]} is outside [0, vocab_size={vocab})")
-    pattern = args.pattern or read_metadata(args.ckpt).adapted_pattern or "dense"
+    meta = read_metadata(args.ckpt)
+    pattern = args.pattern or meta.default_pattern or meta.adapted_pattern or "dense"
     print(f"[pattern {pattern}, {len(prompt)} prompt tokens]", file=sys.stderr)
 
     new_ids: list[int] = []

@@ -11,7 +11,9 @@ Stages (each writes into the output folder and is skipped when its result is alr
 5. needle    single-needle SFT of the pretrained RAT+ on generated samples (train split), needle
              score on the test split for dense, D16, D64 and a local-window-only control
 6. serve     KV-cache bytes and decode tokens/s per pattern, and a sample text generated with D16
-7. report    report.md, results.json, PNG plots, and the table printed
+7. budget    held-out perplexity vs KV-cache bytes of both pretrained models (``ratplus.eval.budget``):
+             RAT+ patterns, sinks + window (StreamingLLM on the baseline) and SnapKV at matched bytes
+8. report    report.md, results.json, PNG plots, and the table printed
 
 The default budget took 14 minutes on an idle 2-core CPU (limit: 20); ``--quick`` is a smoke run
 (67 s there) whose numbers mean nothing. Perplexity alone cannot show that the dilated keys carry
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig
-from ratplus.demo import ADAPT_PATTERNS, MODELS, NEEDLE_PATTERNS
+from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, MODELS, NEEDLE_PATTERNS
 from ratplus.demo.report import check_targets, write_report
 from ratplus.io.corpus import shakespeare_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
@@ -60,6 +62,7 @@ STAGE_FIELDS = {
         "needle_new_tokens",
     ),
     "serve": (*_ADAPT_FIELDS, "decode_tokens"),
+    "budget": (*_PRETRAIN_FIELDS, "budget_tokens", "budget_score_tokens"),
 }
 
 
@@ -80,6 +83,8 @@ class DemoConfig:
     needle_lr: float = 2e-3
     needle_new_tokens: int = 12
     decode_tokens: int = 48
+    budget_tokens: int = 20_000
+    budget_score_tokens: int = 8
     seed: int = 1337
     device: str = "cpu"
     progress: bool = True
@@ -94,6 +99,7 @@ class DemoConfig:
             needle_test_samples=4,
             needle_steps=4,
             decode_tokens=8,
+            budget_tokens=2_000,
             batch_size=8,
         )
         small.update(overrides)
@@ -309,6 +315,27 @@ class Demo:
         )
         return {"rows": rows, "sample_pattern": "D16-W0-P0", "sample": tok.decode(out[0].tolist())}
 
+    # ---- 7. quality vs KV bytes ----------------------------------------------------------------------
+    def budget(self, ckpts: dict[str, dict[str, str]]) -> dict[str, Any]:
+        from ratplus.eval.budget import evaluate_budget
+        from ratplus.eval.common import open_checkpoint
+
+        models = []
+        for which in MODELS:
+            em = open_checkpoint(ckpts[which]["dense"], device=self.cfg.device)
+            em.label = which
+            models.append(em)
+        rows = evaluate_budget(
+            models,
+            shakespeare_documents("val"),
+            list(BUDGET_PATTERNS),
+            seq_len=self.cfg.seq_len,
+            score_tokens=self.cfg.budget_score_tokens,
+            max_tokens=self.cfg.budget_tokens,
+            progress=self.cfg.progress,
+        )
+        return {"rows": rows}
+
     # ---- orchestration ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -326,6 +353,7 @@ class Demo:
         self.results["ppl"] = self._stage("ppl", lambda: self.ppl(ckpts))
         self.results["needle"] = self._stage("needle", lambda: self.needle(ckpts["ratplus"]["dense"]))
         self.results["serve"] = self._stage("serve", lambda: self.serve(ckpts))
+        self.results["budget"] = self._stage("budget", lambda: self.budget(ckpts))
         self.results["timings_s"] = dict(self.timings)
         self.results["wall_s"] = time.perf_counter() - t0
         self.results["targets"] = check_targets(self.results)

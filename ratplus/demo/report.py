@@ -122,9 +122,32 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
         "|---|---|---|",
     ]
     lines += [f"| {t['target']} | {t['value']:.3f} | {'yes' if t['ok'] else 'NO'} |" for t in results["targets"]]
+    lines += _budget_section(results)
     lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in results["timings_s"].items()]
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _budget_section(results: dict[str, Any]) -> list[str]:
+    if "budget" not in results:
+        return []
+    rows = results["budget"]["rows"]
+    lines = [
+        "",
+        f"## Quality vs KV-cache bytes (pretrained models, no adaptation; last {rows[0]['score_tokens']} tokens "
+        f"of each {rows[0]['seq_len']}-token window scored after the method's cache)",
+        "",
+        "`local-W<w>-P4` on the baseline is StreamingLLM (sinks + window); `snapkv-C<c>-O<o>` is SnapKV eviction.",
+        "",
+        "| model | method | pattern | PPL | KV bytes / token | KV vs dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['kv_bytes_per_token']:,.0f} | "
+        f"{r['kv_frac']:.3f} |"
+        for r in rows
+    ]
+    return lines
 
 
 def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
@@ -161,6 +184,10 @@ def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     paths.append(out / "needle_by_pattern.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+    if "budget" in results:
+        from ratplus.eval.plots import plot_budget
+
+        paths.append(plot_budget(results["budget"]["rows"], out / "budget.png"))
     return paths
 
 

@@ -59,3 +59,40 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
+    """``metric`` against KV-cache bytes per token (log x), one line per model and method (rows of
+    ``ratplus.eval.budget``), each point labelled with its pattern. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no results to plot")
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        lines.setdefault(f"{r['model']}: {r['method']}", []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, rs in lines.items():
+        rs = sorted(rs, key=lambda r: r["kv_bytes_per_token"])
+        xs, ys = [r["kv_bytes_per_token"] for r in rs], [r[metric] for r in rs]
+        (line,) = ax.plot(xs, ys, marker="o", label=name, linestyle="-" if len(rs) > 1 else "none")
+        for r, x, y in zip(rs, xs, ys):
+            ax.annotate(
+                r["pattern"], (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color()
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("KV-cache bytes per token of context")
+    ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    seq_len, score = rows[0].get("seq_len"), rows[0].get("score_tokens")
+    fig.suptitle(f"held-out {metric} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,6 +1,6 @@
 """Evaluation runs with their output: a table on stdout and the result files under ``out_dir``
-(``ppl.json`` + ``ppl.png``, ``niah.json`` + ``niah_predictions.jsonl``, ``longbench.json`` +
-``longbench_predictions.jsonl``). The ``ratplus eval`` commands call these; nothing is written into
+(``ppl.json`` + ``ppl.png``, ``budget.json`` + ``budget.png``, ``niah.json`` + ``niah_predictions.jsonl``,
+``longbench.json`` + ``longbench_predictions.jsonl``). The ``ratplus eval`` commands call these; nothing is written into
 a checkpoint folder.
 """
 
@@ -48,6 +48,53 @@ def run_ppl(
     record["json"] = str(write_json(out / "ppl.json", record))
     if plot:
         record["plot"] = str(plot_ppl(rows, out / "ppl.png"))
+    return record
+
+
+def run_budget(
+    models: list[EvalModel],
+    texts: list[str],
+    out_dir: str | Path,
+    patterns: list[str] | None = None,
+    seq_len: int | None = None,
+    score_tokens: int = 8,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    plot: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quality vs KV-cache bytes of every model, method and budget (``ratplus.eval.budget``): table,
+    ``budget.json`` (+ ``budget.png``) in out_dir."""
+    from ratplus.eval.budget import evaluate_budget
+    from ratplus.eval.plots import plot_budget
+
+    if len({em.name for em in models}) < len(models):  # same folder name twice: label by full path
+        for em in models:
+            em.label = em.label or str(em.path)
+    # The recall probe's accuracy joins these rows through evaluate_budget's ``extra`` hook once
+    # ratplus/eval/recall.py exists (it is built on another branch).
+    rows = evaluate_budget(models, texts, patterns, seq_len, score_tokens, batch_size, max_tokens, progress)
+    print_table(
+        ["model", "method", "pattern", "ppl", "KV bytes/token", "KV vs dense", "tokens", "status"],
+        [
+            [
+                r["model"],
+                r["method"],
+                r["pattern"],
+                r["ppl"],
+                r["kv_bytes_per_token"],
+                r["kv_frac"],
+                r["tokens"],
+                r["status"],
+            ]
+            for r in rows
+        ],
+    )
+    out = Path(out_dir)
+    record: dict[str, Any] = {"eval": "budget", "results": rows, **environment(models[0].device, _dtype(models[0]))}
+    record["json"] = str(write_json(out / "budget.json", record))
+    if plot:
+        record["plot"] = str(plot_budget(rows, out / "budget.png"))
     return record
 
 

@@ -23,6 +23,7 @@ NATIVE_FIELDS = (
     "d_model",
     "num_layers",
     "num_heads",
+    "num_kv_heads",
     "max_seq_len",
     "rope_base",
     "apply_re",
@@ -47,6 +48,7 @@ class RATPlusConfig(PreTrainedConfig):
         "hidden_size": "d_model",
         "num_hidden_layers": "num_layers",
         "num_attention_heads": "num_heads",
+        "num_key_value_heads": "num_kv_heads",
         "max_position_embeddings": "max_seq_len",
         "tie_word_embeddings": "tie_embeddings",
         "initializer_range": "init_std",
@@ -57,6 +59,7 @@ class RATPlusConfig(PreTrainedConfig):
     d_model: int = 2048
     num_layers: int = 24
     num_heads: int = 16
+    num_kv_heads: int | None = None  # None = num_heads (no grouped-query attention)
     max_seq_len: int = 4096
     rope_base: float | int = 10000.0
     apply_re: bool = True
@@ -76,6 +79,7 @@ class RATPlusConfig(PreTrainedConfig):
         self.rope_base = float(self.rope_base)
         # Build the native config once: it validates every size and raises ValueError naming the field.
         native = self.to_model_config()
+        self.num_kv_heads = native.num_kv_heads
         self.attention_pattern = canonical_pattern(self.attention_pattern, native)
 
     def __setattr__(self, key: str, value: Any) -> None:

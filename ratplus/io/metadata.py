@@ -9,6 +9,8 @@ The pattern facts:
   adapted_pattern  the pattern(s) the weights were resolution-adapted to (string or list)
   sparse_pattern   the sparse branch of joint pretraining (set when ``joint_train`` is true); older
                    demo folders call it ``joint_pattern``, read here as the same thing
+  default_pattern  the pattern to run when none is asked for (``ratplus tune-pattern --record``
+                   writes its choice here, with its measured figures in ``tuned``)
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ModelMetadata:
     val_loss: dict[str, float] | None = None  # pattern -> held-out loss at the end
     init_from: str | None = None
     init_tokens_seen: int | None = None
+    default_pattern: str | None = None
+    tuned: dict[str, Any] | None = None  # how default_pattern was chosen: budget, calibration PPL, KV bytes
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

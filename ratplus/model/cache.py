@@ -1,6 +1,7 @@
 """Decoding cache of a RAT+ model (docs/DESIGN.md section 4): state and slot indices.
 
-Shapes: B batch, H heads (h: heads of one head group), T new tokens, S cache slots, K head dim.
+Shapes: B batch, H heads (h: heads of one head group), T new tokens, S cache slots, K head dim;
+Hkv KV heads (h_kv of a group), G = H / Hkv query heads per KV head (grouped-query attention).
 D/W/P are pattern sizes (dilation, local window, initial tokens); R = W + 1 is the ring size.
 
 Per layer the cache holds the recurrent state (k~, v~ of the last token, BEFORE RoPE, float32 or
@@ -22,11 +23,19 @@ dense / dilated / local-only groups (``SlotLayout``), slots laid out as
 top-k groups: every key at slot = position (max_len slots) plus per-block summaries (Quest: max
   and min, MoBA: mean) of the candidate blocks (see ``ratplus.ops.attention.topk``).
 
+SnapKV groups: nothing until the prefill, which attends densely and then keeps per KV head the
+  n_keep = min(T, cache_size + window) prompt keys ``ratplus.ops.attention.snapkv.snapkv_select``
+  picks (in position order; ``kept`` holds their positions) in slots [0, n_keep), with room for the
+  max_len - T tokens still to come: n_keep + max_len - T slots. Later tokens are appended after the
+  kept ones and attend to every filled slot (the kept keys are all older than them).
+
 Slots of a group = ``pattern.kv_slots(max_len - 1)`` (P + W + 1 + floor((max_len - 1) / D); the
 "+1" is the slot of the token being decoded), so the bytes are exactly
-    sum over groups: B x h x slots x 2 (k and v) x K x itemsize
-    + top-k summaries: B x h x floor((max_len - 1 - W - P) / block) x (2 | 1) x K x itemsize
-    + state: B x H x 2K x state itemsize (RAT+ only; the attention baseline has no recurrence).
+    sum over groups: B x h_kv x slots x 2 (k and v) x K x itemsize
+    + top-k summaries: B x h_kv x floor((max_len - 1 - W - P) / block) x (2 | 1) x K x itemsize
+    + state: B x Hkv x 2K x state itemsize (RAT+ only; the attention baseline has no recurrence).
+With grouped-query attention only the KV heads are stored (h_kv = h / G): G times fewer bytes; a
+head group of the pattern is always whole KV groups (``ModelConfig.resolve_pattern`` refuses others).
 ``nbytes()`` reports the storage actually allocated.
 
 The cache knows positions and slots only; the attention math is in ``ratplus.ops.attention``. The
@@ -44,9 +53,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ratplus.config import AttentionPattern, HeadGroups, ModelConfig, PatternSpec, pattern_to_str
-from ratplus.ops.attention import attention
+from ratplus.config import SNAPKV_KERNEL, AttentionPattern, HeadGroups, ModelConfig, PatternSpec, pattern_to_str
+from ratplus.ops.attention import attention, repeat_kv
 from ratplus.ops.attention.masks import mask_mod_values
+from ratplus.ops.attention.snapkv import snapkv_select
 from ratplus.ops.attention.topk import block_summaries, topk_attention, topk_decode_attention
 
 
@@ -190,12 +200,24 @@ def _grown(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _GroupCache:
-    """Slots of one head group of one layer: k, v (B, h, S, K) and top-k summaries (B, h, N, K)."""
+    """Slots of one head group of one layer: k, v (B, h_kv, S, K) and top-k summaries (B, h_kv, N, K).
 
-    def __init__(self, pattern, heads, batch_size, max_len, head_dim, device, dtype):
+    ``heads``: its query heads; ``kv_heads``: the KV heads they share (the same without GQA)."""
+
+    def __init__(self, pattern, heads, kv_heads, batch_size, max_len, head_dim, device, dtype):
         self.pattern: AttentionPattern = pattern
         self.heads: slice = heads
-        h = heads.stop - heads.start
+        self.kv_heads: slice = kv_heads
+        self.group = (heads.stop - heads.start) // (kv_heads.stop - kv_heads.start)  # G
+        h = kv_heads.stop - kv_heads.start
+        self.max_len, self.head_dim = max_len, head_dim
+        self.filled: list[int] = [0] * batch_size  # SnapKV: slots filled per row
+        self.kept: list[torch.Tensor] | None = None  # SnapKV: (h_kv, n_keep) positions kept per row
+        if pattern.is_snapkv:
+            self.layout, self.summaries = None, ()
+            self.k = torch.zeros(batch_size, h, 0, head_dim, device=device, dtype=dtype)  # sized by the prefill
+            self.v = torch.zeros_like(self.k)
+            return
         if pattern.is_topk:
             self.layout = None
             slots = max_len
@@ -218,6 +240,12 @@ class _GroupCache:
     def grow(self, max_len: int) -> None:
         """Reallocate for ``max_len`` tokens, keeping every slot and summary. Slots only ever get
         appended at the end (the dilated area, or positions for top-k), so contents keep their index."""
+        if self.pattern.is_snapkv:  # after the prefill: room for max_len - old max_len more tokens
+            if self.k.shape[2]:
+                extra = max_len - self.max_len
+                self.k, self.v = _grown(self.k, self.k.shape[2] + extra), _grown(self.v, self.v.shape[2] + extra)
+            self.max_len = max_len
+            return
         if self.pattern.is_topk:
             old_slots, old_blocks = self.k.shape[2], self.summaries[0].shape[-2]
             self.k, self.v = _grown(self.k, max_len), _grown(self.v, max_len)
@@ -238,6 +266,10 @@ class _GroupCache:
     def select(self, index: torch.Tensor) -> None:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
         self.summaries = tuple(s.index_select(0, index) for s in self.summaries)
+        rows = index.tolist()
+        self.filled = [self.filled[i] for i in rows]
+        if self.kept is not None:
+            self.kept = [self.kept[i] for i in rows]
 
     def num_valid(self, n: int) -> int:
         return n if self.layout is None else self.layout.num_valid(n)
@@ -285,8 +317,10 @@ class _GroupCache:
 
     # ---- attending --------------------------------------------------------------------------------
     def attend(self, q, k, v, step: CacheStep, backend: str) -> torch.Tensor:
-        """q, k, v (B, h, T, K) of the new tokens (after RoPE). Returns the attention output (B, h, T, K)
-        over the cached tokens plus the new ones, and stores the new ones."""
+        """q (B, h, T, K), k, v (B, h_kv, T, K) of the new tokens (after RoPE). Returns the attention
+        output (B, h, T, K) over the cached tokens plus the new ones, and stores the new ones."""
+        if self.pattern.is_snapkv:
+            return self._snapkv_attend(q, k, v, step, backend)
         if step.held is not None:
             return self._decode_fixed(q, k, v, step)
         if step.fresh:
@@ -300,8 +334,50 @@ class _GroupCache:
         self.write(k, v, step)
         return out
 
+    # ---- SnapKV -------------------------------------------------------------------------------------
+    def _snapkv_attend(self, q, k, v, step: CacheStep, backend: str) -> torch.Tensor:
+        if step.fresh:
+            out = self._prefill(q, k, v, step, backend)  # dense over the prompt
+            self._snapkv_compress(q, k, v, step)
+            return out
+        G, T = self.group, step.T
+        rows = [(0, len(self.filled))] if len(set(self.filled)) == 1 else [(r, r + 1) for r in range(len(self.filled))]
+        outs = []
+        for r0, r1 in rows:
+            S = self.filled[r0]
+            keys = torch.cat([self.k[r0:r1, :, :S], k[r0:r1]], dim=2)  # (b, h_kv, S + T, K)
+            values = torch.cat([self.v[r0:r1, :, :S], v[r0:r1]], dim=2)
+            # every kept key is older than the new tokens; the new ones are causal among themselves
+            mask = torch.ones(T, S + T, dtype=torch.bool, device=q.device).tril(S)
+            outs.append(F.scaled_dot_product_attention(q[r0:r1], keys, values, attn_mask=mask, enable_gqa=G > 1))
+            self.k[r0:r1, :, S : S + T] = k[r0:r1]
+            self.v[r0:r1, :, S : S + T] = v[r0:r1]
+            for r in range(r0, r1):
+                self.filled[r] += T
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _snapkv_compress(self, q, k, v, step: CacheStep) -> None:
+        """After the prefill: keep the selected prompt keys of each row, with room for the rest."""
+        p = self.pattern
+        kept = []
+        for r, pad in enumerate(step.pads):
+            qr, kr = q[r : r + 1, :, pad:], k[r : r + 1, :, pad:]
+            kept.append(snapkv_select(qr[:, :, -p.window :], kr, p.cache_size, SNAPKV_KERNEL)[0])  # (h_kv, n_keep)
+        slots = max(idx.shape[-1] + self.max_len - (step.T - pad) for idx, pad in zip(kept, step.pads))
+        B, h = k.shape[:2]
+        self.k = torch.zeros(B, h, slots, self.head_dim, device=k.device, dtype=k.dtype)
+        self.v = torch.zeros_like(self.k)
+        for r, (idx, pad) in enumerate(zip(kept, step.pads)):
+            n = idx.shape[-1]
+            gather = (pad + idx).unsqueeze(-1).expand(h, n, self.head_dim)
+            self.k[r, :, :n] = k[r].gather(1, gather)
+            self.v[r, :, :n] = v[r].gather(1, gather)
+            self.filled[r] = n
+        self.kept = kept
+
     def _prefill(self, q, k, v, step, backend) -> torch.Tensor:
         """Empty cache: the new tokens are the whole sequence, so the full-sequence kernels apply."""
+        k, v = repeat_kv(k, self.group), repeat_kv(v, self.group)
         if not any(step.pads):
             return attention(q, k, v, self.pattern, backend=backend)
         out = torch.zeros_like(q)  # padding columns attend to nothing
@@ -325,18 +401,19 @@ class _GroupCache:
         for buf, new in ((self.k, k), (self.v, v)):
             buf[rows, :, dst] = buf[rows, :, src]  # leaving ring token -> dilated area (or a no-op)
             buf[rows, :, write] = new[:, :, 0]
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, enable_gqa=self.group > 1)
 
     def _decode(self, q, step) -> torch.Tensor:
         """One new token per row, already written: attend over each row's filled prefix."""
         ends = step.ends()
         if self.layout is None:
             if len(set(ends)) == 1:
-                return topk_decode_attention(q, self.k, self.v, self.summaries, ends[0] - 1, self.pattern)
+                kb, vb, summaries = self.k, self.v, self.summaries
+                return topk_decode_attention(q, *self._repeat(kb, vb, summaries), ends[0] - 1, self.pattern)
             outs = []
             for r, N in enumerate(ends):
                 kb, vb, summaries = self.rows(r)
-                outs.append(topk_decode_attention(q[r : r + 1], kb, vb, summaries, N - 1, self.pattern))
+                outs.append(topk_decode_attention(q[r : r + 1], *self._repeat(kb, vb, summaries), N - 1, self.pattern))
             return torch.cat(outs)
         valid = [self.layout.num_valid(N) for N in ends]
         S = max(valid)
@@ -347,7 +424,14 @@ class _GroupCache:
                 lengths = torch.tensor(valid, device=q.device).view(-1, 1, 1, 1)
                 step._masks[key] = torch.arange(S, device=q.device) < lengths  # (B, 1, 1, S)
             mask = step._masks[key]
-        return F.scaled_dot_product_attention(q, self.k[:, :, :S], self.v[:, :, :S], attn_mask=mask)
+        return F.scaled_dot_product_attention(
+            q, self.k[:, :, :S], self.v[:, :, :S], attn_mask=mask, enable_gqa=self.group > 1
+        )
+
+    def _repeat(self, kb, vb, summaries):
+        """Top-k keys, values and block summaries for every query head (repeated KV heads)."""
+        G = self.group
+        return repeat_kv(kb, G), repeat_kv(vb, G), tuple(repeat_kv(s, G) for s in summaries)
 
     def _extend(self, q, k, v, step) -> torch.Tensor:
         """Several new tokens after cached ones: cached slots + new keys, masked by their positions."""
@@ -361,15 +445,16 @@ class _GroupCache:
 
     def _extend_rows(self, kb, vb, q, k, v, n) -> torch.Tensor:
         T = q.shape[-2]
+        G = self.group
         if self.layout is None:  # top-k keeps every key in order: plain keys 0..n+T-1
             keys, values = torch.cat([kb[:, :, :n], k], dim=2), torch.cat([vb[:, :, :n], v], dim=2)
-            return topk_attention(q, keys, values, self.pattern, q_offset=n)
+            return topk_attention(q, repeat_kv(keys, G), repeat_kv(values, G), self.pattern, q_offset=n)
         S = self.layout.num_valid(n)
         keys, values = torch.cat([kb[:, :, :S], k], dim=2), torch.cat([vb[:, :, :S], v], dim=2)
         q_pos = torch.arange(n, n + T, device=q.device)
         k_pos = torch.cat([self.layout.positions(n, device=q.device), q_pos])
         mask = mask_mod_values(self.pattern, q_pos.unsqueeze(1), k_pos.unsqueeze(0))  # (T, S + T)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=G > 1)
 
 
 class LayerCache:
@@ -381,14 +466,15 @@ class LayerCache:
         # a reference cycle would keep a dropped cache's memory alive until the next gc pass)
         self.current_step: CacheStep | None = None
         self.groups: list[_GroupCache] = []
-        h0 = 0
+        h0, G = 0, config.kv_group  # head groups are whole KV groups (ModelConfig.resolve_pattern)
         for pattern, n in groups.groups:
-            self.groups.append(_GroupCache(pattern, slice(h0, h0 + n), B, max_len, K, device, dtype))
+            heads, kv_heads = slice(h0, h0 + n), slice(h0 // G, (h0 + n) // G)
+            self.groups.append(_GroupCache(pattern, heads, kv_heads, B, max_len, K, device, dtype))
             h0 += n
         # [k~, v~] of the last token, before RoPE; float32 even for a bf16 cache (float64 stays float64)
         state_dtype = torch.promote_types(dtype, torch.float32)
         self.state = (
-            torch.zeros(B, config.num_heads, 2 * K, device=device, dtype=state_dtype) if config.apply_re else None
+            torch.zeros(B, config.num_kv_heads, 2 * K, device=device, dtype=state_dtype) if config.apply_re else None
         )
 
     def tensors(self) -> list[torch.Tensor]:
@@ -397,7 +483,7 @@ class LayerCache:
     def hold_padding(
         self, g: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """g, k, v (B, H, T, K): on left-padding columns set the gate to 1 and k = v = 0, so the
+        """g, k, v (B, Hkv, T, K): on left-padding columns set the gate to 1 and k = v = 0, so the
         recurrence carries its (zero) state through the padding untouched."""
         real = self.current_step.real
         if real is None:
@@ -405,21 +491,21 @@ class LayerCache:
         return g.masked_fill(~real, 1.0), k.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
 
     def update_state(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep [k~, v~] of the last column, k, v (B, H, T, K) before RoPE (the last column is real
+        """Keep [k~, v~] of the last column, k, v (B, Hkv, T, K) before RoPE (the last column is real
         in every row: padding is on the left)."""
         K = k.shape[-1]
         self.state[..., :K] = k[:, :, -1]
         self.state[..., K:] = v[:, :, -1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """q, k, v (B, H, T, K) of the new tokens after RoPE -> attention output (B, H, T, K)."""
+        """q (B, H, T, K), k, v (B, Hkv, T, K) of the new tokens after RoPE -> attention output (B, H, T, K)."""
         if q.dtype != self.groups[0].k.dtype:
             raise ValueError(
                 f"the cache holds {self.groups[0].k.dtype} but the layer computes in {q.dtype}; "
                 "build RATPlusCache with dtype= the model's compute dtype"
             )
         step = self.current_step
-        outs = [g.attend(q[:, g.heads], k[:, g.heads], v[:, g.heads], step, backend) for g in self.groups]
+        outs = [g.attend(q[:, g.heads], k[:, g.kv_heads], v[:, g.kv_heads], step, backend) for g in self.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

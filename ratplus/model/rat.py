@@ -1,6 +1,7 @@
 """The RAT+ language model in one readable file (docs/DESIGN.md section 2).
 
 Shapes: B batch, T sequence length, H heads, K head dim, C model width (d_model), V vocab.
+Hkv KV heads (``num_kv_heads``; = H without grouped-query attention), G = H / Hkv query heads per KV head.
 
 A block is ``x = x + RATPlus(x); x = x + FFN(x)``. The RAT+ layer projects the normed input to
 [o, q, k, v, f], runs a gated linear recurrence over k and v (gate g = sigmoid(f), float32, zero
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratplus.config import HeadGroups, ModelConfig, PatternSpec
-from ratplus.ops.attention import attention
+from ratplus.ops.attention import attention, repeat_kv
 from ratplus.ops.rope import apply_rope, rope_cos_sin
 from ratplus.ops.scan import gated_scan
 
@@ -60,19 +61,23 @@ class RATPlusLayer(nn.Module):
         super().__init__()
         C = config.d_model
         self.num_heads, self.head_dim, self.apply_re = config.num_heads, config.head_dim, config.apply_re
+        self.num_kv_heads, self.kv_group = config.num_kv_heads, config.kv_group
         self.input_norm = RMSNorm(C, config.norm_eps)
-        # packed rows: o, q, k, v, f (f = forget-gate logits; absent in the attention baseline)
-        self.in_proj = nn.Linear(C, (5 if config.apply_re else 4) * C, bias=False)
+        # packed rows: o, q (C each), k, v, f (Hkv x K each; f = forget-gate logits, absent in the
+        # attention baseline). Without GQA that is 5C rows, the reference checkpoints' layout.
+        self.split_sizes = [C, C] + [config.kv_dim] * (3 if config.apply_re else 2)
+        self.in_proj = nn.Linear(C, sum(self.split_sizes), bias=False)
         self.out_proj = nn.Linear(C, C, bias=False)
 
     def project(self, x: torch.Tensor):
-        """x (B, T, C) -> o (B, T, C); q, k, v (B, H, T, K); g (B, H, T, K) float32 or None."""
-        B, T, C = x.shape
-        parts = self.in_proj(self.input_norm(x)).split(C, dim=-1)
+        """x (B, T, C) -> o (B, T, C); q (B, H, T, K); k, v (B, Hkv, T, K); g (B, Hkv, T, K) float32 or None."""
+        B, T, _ = x.shape
+        parts = self.in_proj(self.input_norm(x)).split(self.split_sizes, dim=-1)
         o, q, k, v = parts[:4]
-        heads = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        g = heads(torch.sigmoid(_at_least_fp32(parts[4]))) if self.apply_re else None
-        return o, heads(q), heads(k), heads(v), g
+        heads = lambda t, n: t.view(B, T, n, self.head_dim).transpose(1, 2)  # noqa: E731  (B, n, T, K)
+        Hkv = self.num_kv_heads
+        g = heads(torch.sigmoid(_at_least_fp32(parts[4])), Hkv) if self.apply_re else None
+        return o, heads(q, self.num_heads), heads(k, Hkv), heads(v, Hkv), g
 
     def recur(
         self,
@@ -84,8 +89,8 @@ class RATPlusLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gated recurrence over k and v with one shared gate, in float32 as in the paper.
 
-        state: (B, H, 2K) float32 = [k~, v~] before the first step (None = zeros).
-        Returns recurrent k~, v~ (B, H, T, K) in float32."""
+        g, k, v (B, Hkv, T, K); state: (B, Hkv, 2K) float32 = [k~, v~] before the first step (None = zeros).
+        Returns recurrent k~, v~ (B, Hkv, T, K) in float32."""
         # k and v share the gate; two scans over strided views avoid copying g or concatenating k, v.
         k_state, v_state = (None, None) if state is None else state.split(self.head_dim, dim=-1)
         if g.shape[-2] == 1 and state is not None:
@@ -122,8 +127,11 @@ class RATPlusLayer(nn.Module):
             # Attention runs in the activation dtype (bf16 under autocast); the recurrence stayed fp32.
             k, v = k.to(q.dtype), v.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE after the recurrence, not on v
-        # (B, H, T, K); with a cache, over the cached keys plus the new ones
-        a = attention(q, k, v, pattern, backend=backend) if cache is None else cache.attend(q, k, v, backend)
+        # (B, H, T, K); with a cache, over the cached keys plus the new ones (the cache keeps Hkv heads)
+        if cache is None:
+            a = attention(q, repeat_kv(k, self.kv_group), repeat_kv(v, self.kv_group), pattern, backend=backend)
+        else:
+            a = cache.attend(q, k, v, backend)
         a = a.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(a * torch.sigmoid(o))
 

@@ -231,3 +231,27 @@ def test_tokenizer_model_without_sentencepiece_is_a_clear_error(tmp_path):
         load_tokenizer_file(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json or tokenizer\.model"):
         load_tokenizer_file(tmp_path / "..")
+
+
+def test_gqa_native_to_hf_to_native(tmp_path, ids):
+    """num_kv_heads travels through the HF config (as num_key_value_heads) and back, logits identical."""
+    transformers = pytest.importorskip("transformers")
+    from ratplus.io.folder import save_pretrained
+
+    model = _model(num_heads=4, num_kv_heads=2)
+    save_pretrained(model, tmp_path / "native")
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "hf"), "--pattern", "D4-W8-P2"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.num_kv_heads == 2 and hf.config.num_key_value_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids, pattern="D4-W8-P2"), rtol=0, atol=0)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = load_pretrained(tmp_path / "back")
+    assert back.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_reference_import_keeps_num_kv_heads_equal_num_heads():
+    state = reference_state_dict(_model())
+    assert infer_config(normalize_reference_keys(state), 2).num_kv_heads == 2

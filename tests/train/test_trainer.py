@@ -173,6 +173,14 @@ def test_baseline_joint_trains_with_a_local_window(tmp_path, data_dir):
     assert list(_log(out.parent)[0]["losses"]) == ["local-W64-P0", "dense"]
 
 
+def test_gqa_model_joint_trains_and_reloads(tmp_path, data_dir):
+    out = train(_cfg(tmp_path, data_dir, model_overrides={"num_kv_heads": 1}, steps=1, eval_interval=0))
+    config = load_config(out)
+    assert config.num_kv_heads == 1 and config.num_heads == 4
+    assert list(_log(out.parent)[0]["losses"]) == ["D4-W0-P0", "dense"]
+    assert load_pretrained(out).backbone.layers[0].seq_layer.in_proj.weight.shape == (2 * 32 + 3 * 8, 32)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [

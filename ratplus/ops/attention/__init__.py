@@ -30,6 +30,8 @@ def _single(
     scale: float | None,
 ) -> torch.Tensor:
     T, S = q.shape[-2], k.shape[-2]
+    if pattern.is_snapkv:  # SnapKV only evicts from the decoding cache: over a whole sequence it is dense
+        pattern = AttentionPattern()
     if backend == "auto":
         backend = "sdpa" if _covers_all_keys(pattern, S) else choose_attention_backend(pattern, q.device)
         announce("attention", backend, q.device)
@@ -60,6 +62,12 @@ def _single(
 
         return topk_attention(q, k, v, pattern, q_offset, scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+
+
+def repeat_kv(t: torch.Tensor, group: int) -> torch.Tensor:
+    """Grouped-query attention's key/value heads for every query head: (B, Hkv, S, K) ->
+    (B, Hkv x group, S, K), KV head j serving query heads j*group .. (j+1)*group - 1."""
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
 def attention(
@@ -113,5 +121,6 @@ __all__ = [
     "dilated_mask",
     "mask_mod_values",
     "masked_attention_reference",
+    "repeat_kv",
     "sparse_attention_blocked",
 ]
