@@ -153,6 +153,7 @@ def _cmd_ppl(args) -> int:
 def _cmd_budget(args) -> int:
     from ratplus.io.corpus import read_documents
 
+    check_dir(args.out)  # before any model is loaded
     texts = read_documents(args.data)
     models = [_open(c, args.device, args.dtype) for c in args.ckpt]
     rec = run_budget(

@@ -11,14 +11,33 @@ COST_AXES = (
 )
 
 
-def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
-    """Two panels, ``metric`` against attention FLOPs and against KV-cache size (log x, both relative
-    to dense), one line per model, each point labelled with its pattern. Returns the PNG path."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported on first use:
+    matplotlib costs about a second to import and only the plotting paths need it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure; returns the path."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
+    """Two panels, ``metric`` against attention FLOPs and against KV-cache size (log x, both relative
+    to dense), one line per model, each point labelled with its pattern. Returns the PNG path."""
     from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plt = _pyplot()
 
     if not rows:
         raise ValueError("no results to plot")
@@ -53,21 +72,13 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
         ax.legend(fontsize=8)
     seq_len = rows[0].get("seq_len")
     fig.suptitle(f"held-out {metric} vs attention cost" + (f" (context {seq_len})" if seq_len else ""))
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path, dpi=120)
 
 
 def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
     """``metric`` against KV-cache bytes per token (log x), one line per model and method (rows of
     ``ratplus.eval.budget``), each point labelled with its pattern. Returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not rows:
         raise ValueError("no results to plot")
@@ -90,9 +101,33 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
     ax.legend(fontsize=7)
     seq_len, score = rows[0].get("seq_len"), rows[0].get("score_tokens")
     fig.suptitle(f"held-out {metric} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path, dpi=120)
+
+
+def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:
+    """Accuracy against D (dense = 1) for each model, zero-shot dashed and adapted solid; the local-only
+    ``control`` pattern drawn as a horizontal line per model. Returns the PNG path."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == name and r["kind"] == "dilated"]
+        rs.sort(key=lambda r: r["dilation"])
+        xs = [r["dilation"] for r in rs]
+        (line,) = ax.plot(xs, [100 * r["acc"] for r in rs], ls="--", marker="o", label=f"{name} zero-shot")
+        if any(r.get("acc_adapted") is not None for r in rs):
+            ys = [r["acc"] if r["dilation"] == 1 else r.get("acc_adapted") for r in rs]
+            pts = [(r["dilation"], 100 * y) for r, y in zip(rs, ys) if y is not None]
+            ax.plot(*zip(*pts), ls="-", marker="s", color=line.get_color(), label=f"{name} adapted")
+        ctrl = next((r for r in rows if r["model"] == name and r["pattern"] == control), None)
+        if ctrl is not None:
+            y = ctrl["acc_adapted"] if ctrl.get("acc_adapted") is not None else ctrl["acc"]
+            ax.axhline(100 * y, color=line.get_color(), ls=":", label=f"{name} {control}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("dilation D (1 = dense)")
+    ax.set_ylabel("answers right (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "MQAR recall vs dilation", fontsize=10)
+    return _save(fig, path, dpi=100)

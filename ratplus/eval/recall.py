@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import time
@@ -35,7 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ratplus.config import AttentionPattern, ModelConfig
+from ratplus.eval.plots import plot_recall
 from ratplus.model.rat import RATPlusLM
+from ratplus.runtime import atomic_write_bytes, atomic_write_text, make_dir, print_table
 from ratplus.train.data import IGNORE_INDEX
 from ratplus.train.step import build_optimizer, lr_factor, optimizer_steps
 
@@ -482,8 +485,6 @@ def _fmt(v: float | None) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], models: list[str]) -> None:
-    from ratplus.runtime import print_table
-
     head = ["pattern"]
     for m in models:
         head += [f"{m} zero-shot", f"{m} adapted"]
@@ -498,43 +499,6 @@ def _print_table(rows: list[dict[str, Any]], models: list[str]) -> None:
     print_table(head, table)
 
 
-def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:
-    """Accuracy against D (dense = 1) for each model, zero-shot dashed and adapted solid; the local-only
-    ``control`` pattern drawn as a horizontal line per model. Returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == name and r["kind"] == "dilated"]
-        rs.sort(key=lambda r: r["dilation"])
-        xs = [r["dilation"] for r in rs]
-        (line,) = ax.plot(xs, [100 * r["acc"] for r in rs], ls="--", marker="o", label=f"{name} zero-shot")
-        if any(r.get("acc_adapted") is not None for r in rs):
-            ys = [r["acc"] if r["dilation"] == 1 else r.get("acc_adapted") for r in rs]
-            pts = [(r["dilation"], 100 * y) for r, y in zip(rs, ys) if y is not None]
-            ax.plot(*zip(*pts), ls="-", marker="s", color=line.get_color(), label=f"{name} adapted")
-        ctrl = next((r for r in rows if r["model"] == name and r["pattern"] == control), None)
-        if ctrl is not None:
-            y = ctrl["acc_adapted"] if ctrl.get("acc_adapted") is not None else ctrl["acc"]
-            ax.axhline(100 * y, color=line.get_color(), ls=":", label=f"{name} {control}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("dilation D (1 = dense)")
-    ax.set_ylabel("answers right (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "MQAR recall vs dilation", fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def run_recall_probe(
     cfg: RecallConfig, out_dir: str | Path, load_from: str | Path | None = None, plot: bool = True
 ) -> dict[str, Any]:
@@ -547,7 +511,7 @@ def run_recall_probe(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)  # a clear error for a file standing there, before any training
     patterns = cfg.all_patterns()
     adapt_set = set(cfg.sparse_adapt_patterns()) if cfg.adapt_steps else set()
     test = [make_batch(cfg.task, cfg.batch_size, cfg.seed, "test", i) for i in range(cfg.eval_batches)]
@@ -564,7 +528,9 @@ def run_recall_probe(
             info["loaded_from"] = str(load_from)
         else:
             info["train_log"] = pretrain(model, cfg, baseline)
-            torch.save(model.state_dict(), out / f"{name}.pt")
+            buf = io.BytesIO()  # a small model: saved whole, then written atomically
+            torch.save(model.state_dict(), buf)
+            atomic_write_bytes(out / f"{name}.pt", buf.getvalue())
         info["pretrain_s"] = round(time.perf_counter() - t0, 1)
         info["gates"] = gate_profile(model, test[0], cfg.task)
         t0 = time.perf_counter()
@@ -608,7 +574,7 @@ def run_recall_probe(
     _print_table(rows, list(cfg.models))
     control = next((p for p in patterns if _pattern(p).dilation_size is None and not _pattern(p).is_topk), None)
     record["control"] = control
-    (out / "recall.json").write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
+    atomic_write_text(out / "recall.json", json.dumps(record, indent=1, default=_json_default) + "\n")
     record["json"] = str(out / "recall.json")
     if plot:
         t = cfg.task

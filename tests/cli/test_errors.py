@@ -82,6 +82,12 @@ CASES = [
         "eval ppl",
         "afile is a file",
     ),
+    (
+        ["eval", "budget", "--ckpt", "{root}/model", "--data", "{root}/text.txt", "--out", "{root}/afile"],
+        "eval budget",
+        "afile is a file",
+    ),
+    (["eval", "recall", "--quick", "--out", "{root}/afile"], "eval recall", "afile is a file"),
     # convert, sft, demo, bench
     (["convert", "{root}/model", "{root}/afile", "--to", "hf"], "convert", "afile is a file"),
     (
