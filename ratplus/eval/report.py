@@ -43,11 +43,16 @@ def run_ppl(
             for r in rows
         ],
     )
+    return _write_curve("ppl", rows, models, out_dir, plot_ppl if plot else None)
+
+
+def _write_curve(kind: str, rows: list[dict[str, Any]], models: list[EvalModel], out_dir, plot_fn) -> dict[str, Any]:
+    """``<kind>.json`` (rows + environment) and, with ``plot_fn``, ``<kind>.png`` in ``out_dir``."""
     out = Path(out_dir)
-    record: dict[str, Any] = {"eval": "ppl", "results": rows, **environment(models[0].device, _dtype(models[0]))}
-    record["json"] = str(write_json(out / "ppl.json", record))
-    if plot:
-        record["plot"] = str(plot_ppl(rows, out / "ppl.png"))
+    record: dict[str, Any] = {"eval": kind, "results": rows, **environment(models[0].device, _dtype(models[0]))}
+    record["json"] = str(write_json(out / f"{kind}.json", record))
+    if plot_fn is not None:
+        record["plot"] = str(plot_fn(rows, out / f"{kind}.png"))
     return record
 
 
@@ -90,12 +95,7 @@ def run_budget(
             for r in rows
         ],
     )
-    out = Path(out_dir)
-    record: dict[str, Any] = {"eval": "budget", "results": rows, **environment(models[0].device, _dtype(models[0]))}
-    record["json"] = str(write_json(out / "budget.json", record))
-    if plot:
-        record["plot"] = str(plot_budget(rows, out / "budget.png"))
-    return record
+    return _write_curve("budget", rows, models, out_dir, plot_budget if plot else None)
 
 
 def _dtype(em: EvalModel):
