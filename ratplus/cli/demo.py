@@ -20,9 +20,14 @@ def add_parser(sub) -> None:
         "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"
     )
     p.add_argument(
-        "--needle-steps",
+        "--recall-steps",
         type=int,
-        help=f"needle SFT steps (default {DemoConfig.needle_steps}); other stages are reused",
+        help=f"recall probe pretraining steps (default {DemoConfig.recall_steps}); other stages are reused",
+    )
+    p.add_argument(
+        "--recall-adapt-steps",
+        type=int,
+        help=f"recall probe adaptation steps per sparse pattern (default {DemoConfig.recall_adapt_steps})",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
@@ -30,7 +35,7 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     kw: dict[str, Any] = dict(out_dir=args.out, device=args.device, progress=not args.no_progress)
-    for name in ("pretrain_tokens", "needle_steps"):
+    for name in ("pretrain_tokens", "recall_steps", "recall_adapt_steps"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:

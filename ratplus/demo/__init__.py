@@ -2,5 +2,4 @@
 and ``report`` (targets, report.md, plots, the printed summary). The pattern lists both share:"""
 
 ADAPT_PATTERNS = ("D16-W0-P0", "D64-W0-P0", "D16-W64-P4")  # each pretrained model is adapted to these
-NEEDLE_PATTERNS = ("dense", "D16-W0-P0", "D64-W0-P0", "local-W16-P0")  # the needle probe's patterns
 MODELS = ("ratplus", "baseline")
