@@ -14,7 +14,7 @@ from ratplus.runtime import resolve_device
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train dense, adapt sparse, evaluate: the end-to-end main job")
     p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
-    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (about a minute)")
+    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (a minute or two)")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"
