@@ -1,11 +1,40 @@
 import json
 
-from ratplus.demo import ADAPT_PATTERNS, NEEDLE_PATTERNS
+import pytest
+
+from ratplus.demo import ADAPT_PATTERNS
 from ratplus.demo.pipeline import DemoConfig
 from ratplus.demo.report import check_targets, write_report
 
 
-def _results(rat_d16: float, base_d16: float, needle: dict[str, float], base_dense: float = 110.0) -> dict:
+def _recall(acc: dict[str, float], adapted: dict[str, float]) -> dict:
+    """A recall stage result with these zero-shot and adapted accuracies (in [0, 1])."""
+    rows = [
+        {"model": "ratplus", "pattern": p, "kind": "local" if p.startswith("local") else "dilated"}
+        | {"dilation": None if p.startswith("local") else (1 if p == "dense" else int(p[1:])), "acc": a}
+        | {"acc_adapted": adapted.get(p), "acc_adapted_dense": 0.9 if p in adapted else None}
+        for p, a in acc.items()
+    ]
+    return {
+        "rows": rows,
+        "control": "local-W16-P0",
+        "probe_pattern": "D16",
+        "adapt_budget": {"steps": 100, "lr": 1e-3, "lr_mult": 1.0, "fraction_of_pretraining": 0.1},
+        "task": {"pairs": 6, "seq_len": 128, "spread": 16, "vocab": 144},
+        "model": {"d_model": 64, "num_layers": 2, "num_heads": 2},
+        "steps": 1000,
+        "lr": 1e-3,
+        "batch_size": 64,
+        "test_answers": 3072,
+    }
+
+
+RECALL_OK = _recall({"dense": 0.99, "D4": 0.3, "D16": 0.1, "local-W16-P0": 0.15}, {"D16": 0.9, "local-W16-P0": 0.4})
+# dense 80% (< 90%), and D16 adapted keeps 75% of it, 15 points above the adapted control
+RECALL_BAD = _recall({"dense": 0.8, "D4": 0.3, "D16": 0.1, "local-W16-P0": 0.15}, {"D16": 0.6, "local-W16-P0": 0.45})
+
+
+def _results(rat_d16: float, base_d16: float, recall: dict, base_dense: float = 110.0) -> dict:
     rows = []
     for model, dense, d16 in (("ratplus", 100.0, rat_d16), ("baseline", base_dense, base_d16)):
         rows.append({"model": model, "pattern": "dense", "status": "dense", "ppl": dense, "kv_frac": 1.0})
@@ -14,7 +43,7 @@ def _results(rat_d16: float, base_d16: float, needle: dict[str, float], base_den
             rows.append({"model": model, "pattern": p, "status": "adapted", "ppl": ppl, "kv_frac": 0.1})
     return {
         "ppl": {"rows": rows},
-        "needle": {"scores": needle, "length": 256, "test_samples": 10},
+        "recall": recall,
         "serve": {
             "rows": [{"pattern": "dense", "kv_bytes": 1000, "decode_tok_s": 5.0}],
             "sample_pattern": "D16-W0-P0",
@@ -27,30 +56,49 @@ def _results(rat_d16: float, base_d16: float, needle: dict[str, float], base_den
 
 
 def test_targets_follow_the_issue_thresholds():
-    good = _results(104.0, 130.0, {"dense": 60.0, "D16-W0-P0": 50.0, "D64-W0-P0": 40.0, "local-W16-P0": 10.0})
+    good = _results(104.0, 130.0, RECALL_OK)
     assert all(t["ok"] for t in check_targets(good))
-    bad = _results(106.0, 105.0, {"dense": 40.0, "D16-W0-P0": 20.0, "D64-W0-P0": 10.0, "local-W16-P0": 15.0}, 95.0)
+    bad = _results(106.0, 105.0, RECALL_BAD, 95.0)
     verdict = {t["target"]: t["ok"] for t in check_targets(bad)}
-    assert not any(verdict.values())  # 1.06 > 1.05; 1.105 < 1.15; 100/95 > 1.03; 40 < 50; 20 < 32; 20 < 15 + 20
+    assert not any(verdict.values())  # 1.06 > 1.05; 1.105 < 1.15; 100/95 > 1.03; 80 < 90; 60/80 < 0.8; 60 < 45 + 30
     assert verdict.keys() == {t["target"] for t in check_targets(good)}
+    # the recall targets read the adapted accuracy of the adapted patterns, not the zero-shot one
+    values = {t["target"]: t["value"] for t in check_targets(good)}
+    assert values["recall: D16 >= 30 points above the local-only control local-W16-P0"] == pytest.approx(50.0)
+
+
+def test_keep_ratio_needs_a_learnt_task():
+    # D16 keeps all of a 50% dense accuracy: the ratio alone would pass, but the task was not learnt
+    res = _results(104.0, 130.0, _recall({"dense": 0.5, "D16": 0.1, "local-W16-P0": 0.1}, {"D16": 0.5}))
+    keep = next(t for t in check_targets(res) if "keeps" in t["target"] and t["target"].startswith("recall"))
+    assert keep["value"] == pytest.approx(1.0) and not keep["ok"]
 
 
 def test_report_files(tmp_path):
-    res = _results(101.0, 140.0, dict.fromkeys(NEEDLE_PATTERNS, 0.0))
+    res = _results(101.0, 140.0, RECALL_BAD)
     res["targets"] = check_targets(res)
     write_report(tmp_path, res)
     report = (tmp_path / "report.md").read_text()
     assert "| ratplus | D16-W0-P0 | adapted | 101.00 | 1.010x |" in report
     assert "| baseline | D16-W0-P0 | adapted | 140.00 | 1.273x |" in report
-    assert json.loads((tmp_path / "results.json").read_text())["needle"]["length"] == 256
-    assert "did not learn retrieval" in report  # a dense needle score of 0 is flagged, not presented as a result
-    for name in ("ppl_by_pattern.png", "needle_by_pattern.png"):
+    assert json.loads((tmp_path / "results.json").read_text())["recall"]["steps"] == 1000
+    assert "| D16 | 10.0 | 60.0 | 90.0 |" in report and "| D4 | 30.0 | - | - |" in report
+    assert "100 steps in that pattern at LR 0.001 (1x the peak, 10% of the pretraining steps)" in report
+    assert "dense 80.0%" in report and "-15.0 points" not in report and "+15.0 points" in report
+    assert "tiny budget" in report
+    assert "dense accuracy is below 90%" in report  # an unlearnt task is flagged, not presented as a result
+    for name in ("ppl_by_pattern.png", "recall_by_pattern.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    good = _results(101.0, 140.0, RECALL_OK)
+    good["targets"] = check_targets(good)
+    write_report(tmp_path, good)
+    assert "below 90%" not in (tmp_path / "report.md").read_text()
 
 
 def test_quick_config_is_smaller():
     quick, full = DemoConfig.quick(), DemoConfig()
-    assert quick.pretrain_tokens < full.pretrain_tokens and quick.needle_steps < full.needle_steps
+    assert quick.pretrain_tokens < full.pretrain_tokens and quick.recall_steps < full.recall_steps
+    assert quick.recall_quick and not full.recall_quick
 
 
 def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
@@ -60,7 +108,15 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["model"] for r in results["ppl"]["rows"]} == {"ratplus", "baseline"}
-    assert set(results["needle"]["scores"]) == set(NEEDLE_PATTERNS)
+    from ratplus.eval.recall import demo_config
+
+    rec = results["recall"]
+    assert [r["pattern"] for r in rec["rows"]] == demo_config(quick=True).all_patterns()
+    assert {r["model"] for r in rec["rows"]} == {"ratplus"}
+    assert rec["adapt_budget"]["steps"] == DemoConfig.quick().recall_adapt_steps
+    assert all(0.0 <= r["acc"] <= 1.0 for r in rec["rows"])
+    assert "## Recall probe" in (out / "report.md").read_text()
+    assert (out / "recall_by_pattern.png").is_file()
     kv = {r["pattern"]: r["kv_bytes"] for r in results["serve"]["rows"]}
     assert kv["D64-W0-P0"] < kv["D16-W0-P0"] < kv["dense"]
     capsys.readouterr()
@@ -77,20 +133,23 @@ def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):
     from ratplus.demo.pipeline import Demo
 
     base = Demo(DemoConfig(out_dir=str(tmp_path), progress=False))
-    more_needle = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, needle_steps=999))
+    more_recall = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, recall_steps=999))
     more_pretrain = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, pretrain_tokens=1000))
     for stage in ("data", "pretrain_ratplus", "adapt_baseline_D16-W0-P0", "ppl", "serve"):
-        assert base._key(stage) == more_needle._key(stage)
-        assert base._workdir(stage) == more_needle._workdir(stage)
-    assert base._key("needle") != more_needle._key("needle")
-    assert base._workdir("needle") != more_needle._workdir("needle")
-    for stage in ("pretrain_ratplus", "adapt_ratplus_D16-W0-P0", "ppl", "needle", "serve"):
+        assert base._key(stage) == more_recall._key(stage)
+        assert base._workdir(stage) == more_recall._workdir(stage)
+    assert base._key("recall") != more_recall._key("recall")
+    assert base._workdir("recall") != more_recall._workdir("recall")
+    for stage in ("pretrain_ratplus", "adapt_ratplus_D16-W0-P0", "ppl", "serve"):
         assert base._workdir(stage) != more_pretrain._workdir(stage)
-    assert base._key("data") == more_pretrain._key("data")
+    for stage in ("data", "recall"):  # the recall probe trains its own models: the LM budget does not touch it
+        assert base._key(stage) == more_pretrain._key(stage)
 
 
 def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
     from ratplus.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--needle-steps", "0"]) == 2
-    assert "ratplus demo: error: --needle-steps must be positive" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--recall-steps", "0"]) == 2
+    assert "ratplus demo: error: --recall-steps must be positive" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--recall-adapt-steps", "-1"]) == 2
+    assert "ratplus demo: error: --recall-adapt-steps must be positive" in capsys.readouterr().err

@@ -14,15 +14,20 @@ from ratplus.runtime import resolve_device
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train dense, adapt sparse, evaluate: the end-to-end main job")
     p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
-    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (about a minute)")
+    p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (a minute or two)")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"
     )
     p.add_argument(
-        "--needle-steps",
+        "--recall-steps",
         type=int,
-        help=f"needle SFT steps (default {DemoConfig.needle_steps}); other stages are reused",
+        help=f"recall probe pretraining steps (default {DemoConfig.recall_steps}); other stages are reused",
+    )
+    p.add_argument(
+        "--recall-adapt-steps",
+        type=int,
+        help=f"recall probe adaptation steps per sparse pattern (default {DemoConfig.recall_adapt_steps})",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
@@ -30,7 +35,7 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     kw: dict[str, Any] = dict(out_dir=args.out, device=args.device, progress=not args.no_progress)
-    for name in ("pretrain_tokens", "needle_steps"):
+    for name in ("pretrain_tokens", "recall_steps", "recall_adapt_steps"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:

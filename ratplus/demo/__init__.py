@@ -2,7 +2,6 @@
 and ``report`` (targets, report.md, plots, the printed summary). The pattern lists both share:"""
 
 ADAPT_PATTERNS = ("D16-W0-P0", "D64-W0-P0", "D16-W64-P4")  # each pretrained model is adapted to these
-NEEDLE_PATTERNS = ("dense", "D16-W0-P0", "D64-W0-P0", "local-W16-P0")  # the needle probe's patterns
 MODELS = ("ratplus", "baseline")
 # quality vs KV bytes (eval.budget) of both pretrained models: RAT+ patterns, sinks + window (StreamingLLM on
 # the baseline) and SnapKV, at the budgets of D64 / D16 / D4 with a 256-token context (eval.budget.default_sweep)

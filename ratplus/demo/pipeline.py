@@ -8,16 +8,19 @@ Stages (each writes into the output folder and is skipped when its result is alr
              same token budget
 3. adapt     each model to every sparse pattern (short run, 0.1x LR, that pattern only)
 4. ppl       held-out perplexity: dense (pretrained model) and each pattern (its adapted model)
-5. needle    single-needle SFT of the pretrained RAT+ on generated samples (train split), needle
-             score on the test split for dense, D16, D64 and a local-window-only control
+5. recall    the MQAR recall probe (``ratplus.eval.recall``, ``demo_config``): a small RAT+ trained
+             from scratch on associative recall, adapted to D16 and to a local-window-only control,
+             accuracy per pattern (RAT+ only: the attention baseline does not learn the task densely
+             in a few minutes, so its sparse rows would mean nothing)
 6. serve     KV-cache bytes and decode tokens/s per pattern, and a sample text generated with D16
 7. budget    held-out perplexity vs KV-cache bytes of both pretrained models (``ratplus.eval.budget``):
              RAT+ patterns, sinks + window (StreamingLLM on the baseline) and SnapKV at matched bytes
 8. report    report.md, results.json, PNG plots, and the table printed
 
-The default budget took 14 minutes on an idle 2-core CPU (limit: 20); ``--quick`` is a smoke run
-(67 s there) whose numbers mean nothing. Perplexity alone cannot show that the dilated keys carry
-long-range information (at this scale most prediction is local); the needle probe can.
+Perplexity alone cannot show that the dilated keys carry long-range information (at this scale most
+prediction is local); the recall probe asks that directly, at a tiny budget (its figures say how much
+adaptation they had). Budget: at most 20 minutes on an idle 2-core CPU, ``--quick`` (a smoke run
+whose numbers mean nothing) at most 3; measured figures in docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from typing import Any
 
 import torch
 
-from ratplus.config import ModelConfig
-from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, MODELS, NEEDLE_PATTERNS
+from ratplus.config import AttentionPattern, ModelConfig
+from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, MODELS
 from ratplus.demo.report import check_targets, write_report
 from ratplus.io.corpus import shakespeare_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
@@ -53,14 +56,8 @@ STAGE_FIELDS = {
     "pretrain": _PRETRAIN_FIELDS,
     "adapt": _ADAPT_FIELDS,
     "ppl": (*_ADAPT_FIELDS, "ppl_tokens"),
-    "needle": (
-        *_PRETRAIN_FIELDS,
-        "needle_train_samples",
-        "needle_test_samples",
-        "needle_steps",
-        "needle_lr",
-        "needle_new_tokens",
-    ),
+    # the recall probe trains its own models: only its own budget matters
+    "recall": ("recall_quick", "recall_steps", "recall_adapt_steps"),
     "serve": (*_ADAPT_FIELDS, "decode_tokens"),
     "budget": (*_PRETRAIN_FIELDS, "budget_tokens", "budget_score_tokens"),
 }
@@ -77,11 +74,9 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     adapt_tokens: int = 24_000
     ppl_tokens: int = 40_000
-    needle_train_samples: int = 1536
-    needle_test_samples: int = 30
-    needle_steps: int = 160
-    needle_lr: float = 2e-3
-    needle_new_tokens: int = 12
+    recall_quick: bool = False  # True: the recall probe's smoke task and model (quick_config)
+    recall_steps: int = 1000  # recall probe pretraining steps (dense, batch 64)
+    recall_adapt_steps: int = 100  # its adaptation steps per sparse pattern (at the full LR)
     decode_tokens: int = 48
     budget_tokens: int = 20_000
     budget_score_tokens: int = 8
@@ -95,9 +90,9 @@ class DemoConfig:
             pretrain_tokens=12_000,
             adapt_tokens=2_000,
             ppl_tokens=3_000,
-            needle_train_samples=64,
-            needle_test_samples=4,
-            needle_steps=4,
+            recall_quick=True,
+            recall_steps=60,
+            recall_adapt_steps=10,
             decode_tokens=8,
             budget_tokens=2_000,
             batch_size=8,
@@ -224,56 +219,31 @@ class Demo:
                 rows.append(row)
         return {"rows": rows}
 
-    # ---- 5. needle ------------------------------------------------------------------------------------
-    def needle(self, ckpt: str) -> dict[str, Any]:
-        from ratplus.eval.common import EvalModel
-        from ratplus.eval.niah import evaluate_niah, generate_niah, to_sft
-        from ratplus.runtime import write_jsonl
-        from ratplus.train.trainer import sft
+    # ---- 5. recall probe ---------------------------------------------------------------------------
+    def recall(self) -> dict[str, Any]:
+        from ratplus.eval.recall import demo_config, run_recall_probe
 
         c = self.cfg
-        tok = load_tokenizer(ckpt)
-        kw = dict(
-            tasks="niah_single_1",
-            lengths=[c.seq_len],
-            max_new_tokens=c.needle_new_tokens,
-            max_len=c.seq_len,
-            progress=c.progress,
-        )
-        train_set = generate_niah(tok, num_samples=c.needle_train_samples, split="train", seed=c.seed, **kw)
-        test_set = generate_niah(tok, num_samples=c.needle_test_samples, split="test", seed=c.seed, **kw)
-        work = self._workdir("needle")
-        jsonl = write_jsonl(work / "train.jsonl", [to_sft(r) for r in train_set])
-        write_jsonl(work / "test.jsonl", test_set)
-        tuned = sft(
-            ckpt,
-            jsonl,
-            out_dir=str(work / "sft"),
-            pattern="dense",
-            steps=c.needle_steps,
-            lr=c.needle_lr,
-            weight_decay=0.0,
-            batch_size=c.batch_size,
-            seq_len=c.seq_len,
-            seed=c.seed,
-            device=c.device,
-            progress=c.progress,
-            ckpt_interval=50,
-            keep_last=1,
-            resume=True,
-        )
-        model = load_pretrained(tuned, device=c.device)
-        em = EvalModel(model, tok, {"joint_pattern": None}, Path(tuned), "ratplus-sft")
-        scores = {}
-        for pattern in NEEDLE_PATTERNS:
-            r = evaluate_niah(em, test_set, pattern, max_new_tokens=c.needle_new_tokens, progress=c.progress)
-            scores[pattern] = 100.0 * sum(s["score"] for s in r["samples"]) / len(r["samples"])
-            example = r["samples"][0]
-            print(
-                f"[demo] needle {pattern:>14}: {scores[pattern]:5.1f}  (e.g. gold {example['outputs']}, "
-                f"got {example['prediction'].strip()[:30]!r})"
-            )
-        return {"ckpt": str(tuned), "scores": scores, "length": c.seq_len, "test_samples": len(test_set)}
+        cfg = demo_config(c.recall_quick, steps=c.recall_steps, adapt_steps=c.recall_adapt_steps, progress=c.progress)
+        # the probe writes its own recall.json / recall.png / weights there; the report draws its plot
+        rec = run_recall_probe(cfg, self._workdir("recall"), plot=False)
+        keep = ("model", "pattern", "kind", "dilation", "acc", "acc_adapted", "acc_adapted_dense", "frac_of_dense")
+        adapted = cfg.sparse_adapt_patterns()
+        t = cfg.task
+        return {
+            "rows": [{k: r.get(k) for k in keep} for r in rec["rows"]],
+            "control": rec["control"],
+            # the pattern the targets check: the first adapted dilated one (D16; D8 in the quick task)
+            "probe_pattern": next(p for p in adapted if AttentionPattern.parse(p).dilation_size is not None),
+            "adapt_budget": rec["adapt_budget"],
+            "task": {"pairs": t.pairs, "seq_len": t.seq_len, "spread": t.spread, "vocab": t.vocab_size},
+            "model": {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads},
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "test_answers": cfg.eval_batches * cfg.batch_size * t.pairs,
+            "json": rec["json"],
+        }
 
     # ---- 6. serving figures ---------------------------------------------------------------------------
     def serve(self, ckpts: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -351,7 +321,7 @@ class Demo:
                 ckpts[which][pattern] = res["ckpt"]
         self.results["checkpoints"] = ckpts
         self.results["ppl"] = self._stage("ppl", lambda: self.ppl(ckpts))
-        self.results["needle"] = self._stage("needle", lambda: self.needle(ckpts["ratplus"]["dense"]))
+        self.results["recall"] = self._stage("recall", self.recall)
         self.results["serve"] = self._stage("serve", lambda: self.serve(ckpts))
         self.results["budget"] = self._stage("budget", lambda: self.budget(ckpts))
         self.results["timings_s"] = dict(self.timings)

@@ -20,11 +20,42 @@ def _ppl_of(results: dict[str, Any], model: str, pattern: str) -> float:
     raise KeyError((model, pattern))
 
 
+def _recall_acc(recall: dict[str, Any], pattern: str) -> tuple[float, float | None]:
+    """(zero-shot, adapted) accuracy in [0, 1] of ``pattern`` in the recall probe's rows."""
+    row = next(r for r in recall["rows"] if r["pattern"] == pattern)
+    return row["acc"], row["acc_adapted"]
+
+
+def _recall_best(recall: dict[str, Any], pattern: str) -> float:
+    """The adapted accuracy where the pattern was adapted, else the zero-shot one."""
+    zero, adapted = _recall_acc(recall, pattern)
+    return zero if adapted is None else adapted
+
+
+def _recall_targets(recall: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's recall targets (in points, accuracy x100). The keep-80% one needs a dense accuracy of
+    at least 90%: below that the model did not learn the task and the ratio means nothing."""
+    p, ctrl = recall["probe_pattern"], recall["control"]
+    dense, sparse, local = (100 * _recall_best(recall, x) for x in ("dense", p, ctrl))
+    return [
+        {"target": "recall: dense accuracy >= 90%", "value": dense, "ok": dense >= 90},
+        {
+            "target": f"recall: {p} keeps >= 80% of the dense accuracy (needs dense >= 90%)",
+            "value": sparse / max(dense, 1e-9),
+            "ok": dense >= 90 and sparse >= 0.8 * dense,
+        },
+        {
+            "target": f"recall: {p} >= 30 points above the local-only control {ctrl}",
+            "value": sparse - local,
+            "ok": sparse >= local + 30,
+        },
+    ]
+
+
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value and whether it holds."""
     r_dense, b_dense = _ppl_of(results, "ratplus", "dense"), _ppl_of(results, "baseline", "dense")
     r16, b16 = _ppl_of(results, "ratplus", "D16-W0-P0"), _ppl_of(results, "baseline", "D16-W0-P0")
-    n = results["needle"]["scores"]
     return [
         {
             "target": "RAT+ D16-W0-P0 PPL within 5% of its dense PPL",
@@ -41,17 +72,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "value": r_dense / b_dense,
             "ok": r_dense / b_dense <= 1.03,
         },
-        {"target": "needle: dense score >= 50", "value": n["dense"], "ok": n["dense"] >= 50},
-        {
-            "target": "needle: D16 keeps >= 80% of the dense score",
-            "value": n["D16-W0-P0"] / max(n["dense"], 1e-9),
-            "ok": n["dense"] > 0 and n["D16-W0-P0"] >= 0.8 * n["dense"],
-        },
-        {
-            "target": "needle: D16 clearly beats the local-window-only control",
-            "value": n["D16-W0-P0"] - n["local-W16-P0"],
-            "ok": n["D16-W0-P0"] >= n["local-W16-P0"] + 20,
-        },
+        *_recall_targets(results["recall"]),
     ]
 
 
@@ -77,30 +98,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
             f"| {row['model']} | {row['pattern']} | {row['status']} | {row['ppl']:.2f} | "
             f"{row['ppl'] / dense:.3f}x | {row['kv_frac']:.3f} |"
         )
-    n = results["needle"]
-    lines += [
-        "",
-        f"## Needle in a haystack (niah_single_1, {n['length']} tokens, {n['test_samples']} test samples, "
-        "RAT+ after single-needle SFT)",
-        "",
-        "| pattern | score |",
-        "|---|---|",
-    ]
-    lines += [f"| {p} | {s:.1f} |" for p, s in n["scores"].items()]
-    lines += [
-        "",
-        "`local-W16-P0` is the control: it cannot see a needle outside its window, so whatever it scores "
-        "comes from the recurrence alone.",
-        "",
-    ]
-    if n["scores"].get("dense", 0.0) < 50:
-        lines += [
-            "The dense score is below 50: the model did not learn retrieval in this SFT budget, so the "
-            "sparse-vs-dense comparison above carries no information. At the default budget a content-based "
-            "lookup does not form (experiments: docs/benchmarks/needle_probe_cpu_20261123.md in the "
-            "ratplus repository); try `--needle-steps` / `--pretrain-tokens` with more time.",
-            "",
-        ]
+    lines += _recall_section(results["recall"])
     lines += [
         "## Serving (RAT+)",
         "",
@@ -150,6 +148,52 @@ def _budget_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _recall_section(recall: dict[str, Any]) -> list[str]:
+    t, m, b = recall["task"], recall["model"], recall["adapt_budget"]
+    p, ctrl = recall["probe_pattern"], recall["control"]
+    dense = 100 * _recall_best(recall, "dense")
+    lines = [
+        f"## Recall probe (MQAR, RAT+ only, {t['pairs']} pairs, T={t['seq_len']}, one pair per {t['spread']} tokens)",
+        "",
+        f"A RAT+ of width {m['d_model']} ({m['num_layers']} layers, {m['num_heads']} heads) trained from scratch on "
+        f"multi-query associative recall: {recall['steps']:,} dense steps (batch {recall['batch_size']}, "
+        f"LR {recall['lr']:g}). Each adapted pattern got its own copy of that model trained "
+        f"{b['steps']} steps in that pattern at LR {b['lr']:g} ({b['lr_mult']:g}x the peak, "
+        f"{100 * b['fraction_of_pretraining']:.0f}% of the pretraining steps). Answers right over "
+        f"{recall['test_answers']:,} test answers (a test stream disjoint from training).",
+        "",
+        "| pattern | zero-shot % | adapted % | adapted model, dense % |",
+        "|---|---|---|---|",
+    ]
+    for r in recall["rows"]:
+        cells = [r["acc"], r["acc_adapted"], r.get("acc_adapted_dense")]
+        lines.append(f"| {r['pattern']} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
+    best = {r["pattern"]: 100 * _recall_best(recall, r["pattern"]) for r in recall["rows"]}
+    sparse, local = best[p], best[ctrl]
+    lines += [
+        "",
+        f"Reading: dense {dense:.1f}%; "
+        + ", ".join(f"{q} {v:.1f}%" for q, v in best.items() if q != "dense")
+        + f" (adapted where adapted). {p} keeps {sparse / max(dense, 1e-9):.0%} of the dense accuracy and is "
+        f"{sparse - local:+.1f} points from `{ctrl}`, the control: it sees only a local window, so what it "
+        "scores comes from the recurrence alone; a dilated pattern beats it only when its chunk-end keys carry "
+        "the pairs between them.",
+        "",
+        "These figures come from a tiny budget (minutes of CPU). In the longer study "
+        "(docs/benchmarks/recall_cpu_20261130.md in the ratplus repository) RAT+ reached 99.6% dense but only "
+        "33% at D16 after 150 adaptation steps at 1e-3: the adaptation budget decides the sparse rows. "
+        "`--recall-steps` and `--recall-adapt-steps` raise it (the other stages are reused).",
+        "",
+    ]
+    if dense < 90:
+        lines += [
+            "The dense accuracy is below 90%: the model did not learn the task in this budget, so the "
+            "sparse-vs-dense comparison above carries no information; raise `--recall-steps`.",
+            "",
+        ]
+    return lines
+
+
 def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     import matplotlib
 
@@ -174,19 +218,13 @@ def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    scores = results["needle"]["scores"]
-    ax.bar(list(scores), list(scores.values()), color=["C0", "C1", "C2", "C7"])
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("needle score")
-    ax.set_title("RAT+ needle retrieval by inference pattern")
-    fig.tight_layout()
-    paths.append(out / "needle_by_pattern.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    if "budget" in results:
-        from ratplus.eval.plots import plot_budget
+    from ratplus.eval.plots import plot_budget, plot_recall
 
+    rec = results["recall"]
+    b = rec["adapt_budget"]
+    title = f"RAT+ MQAR recall: {rec['steps']} dense steps, adapt {b['steps']} steps at {b['lr_mult']:g}x LR"
+    paths.append(plot_recall(rec["rows"], out / "recall_by_pattern.png", rec["control"], title))
+    if "budget" in results:
         paths.append(plot_budget(results["budget"]["rows"], out / "budget.png"))
     return paths
 
@@ -196,8 +234,10 @@ def print_summary(results: dict[str, Any]) -> None:
     for row in results["ppl"]["rows"]:
         dense = _ppl_of(results, row["model"], "dense")
         print(f"{row['model']:<10} {row['pattern']:<13} {row['ppl']:7.2f}  {row['ppl'] / dense:6.3f}x")
+    rec = results["recall"]
     print(
-        "\nneedle score (RAT+ after SFT): " + ", ".join(f"{p} {s:.0f}" for p, s in results["needle"]["scores"].items())
+        "\nrecall accuracy % (RAT+, adapted where adapted): "
+        + ", ".join(f"{r['pattern']} {100 * _recall_best(rec, r['pattern']):.1f}" for r in rec["rows"])
     )
     print("\ntargets:")
     for t in results["targets"]:
