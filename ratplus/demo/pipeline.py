@@ -75,7 +75,7 @@ class DemoConfig:
     adapt_tokens: int = 24_000
     ppl_tokens: int = 40_000
     recall_quick: bool = False  # True: the recall probe's smoke task and model (quick_config)
-    recall_steps: int = 1000  # recall probe pretraining steps (dense, batch 64)
+    recall_steps: int = 1500  # recall probe pretraining steps (dense, batch 64)
     recall_adapt_steps: int = 100  # its adaptation steps per sparse pattern (at the full LR)
     decode_tokens: int = 48
     budget_tokens: int = 20_000

@@ -302,15 +302,15 @@ def quick_config(**overrides: Any) -> RecallConfig:
 
 
 def demo_config(quick: bool = False, **overrides: Any) -> RecallConfig:
-    """The budget for the demo's recall stage (about 4 minutes at one idle thread; ``quick``: the smoke
-    budget). RAT+ only: in a few minutes the attention baseline does not learn the task densely, so its
-    sparse rows would mean nothing. Dense pretraining (the issue's run: 98% dense at 1,000 steps), then
-    adaptation at the full LR to D16 and to the local-only control (the recipe that worked here; the
-    paper's 0.1x LR did not move D16 at this scale)."""
+    """The budget for the demo's recall stage (``quick``: the smoke budget). RAT+ only: in a few minutes
+    the attention baseline does not learn the task densely, so its sparse rows would mean nothing.
+    1,500 dense steps (measured: 100% dense; a 1,000-step cosine schedule decays its LR before the
+    task is learnt and stayed at 15%), then adaptation at the full LR to D16 and to the local-only
+    control (the paper's 0.1x LR did not move D16 at this scale). docs/benchmarks/demo_recall_cpu_20261130.md."""
     if quick:
         return quick_config(models=("ratplus",), **overrides)
     base = dict(
-        steps=1000,
+        steps=1500,
         joint_train=False,
         adapt_steps=100,
         adapt_lr_mult=1.0,
