@@ -121,12 +121,23 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd_lm_eval)
 
 
-def _cmd_ppl(args) -> int:
+def _texts_and_models(args) -> tuple[list[str], list[EvalModel]]:
+    """The held-out documents of ``--data`` and every ``--ckpt``, after ``--out`` is checked (before
+    any model is loaded)."""
     from ratplus.io.corpus import read_documents
 
-    check_dir(args.out)  # before any model is loaded
-    texts = read_documents(args.data)
-    models = [_open(c, args.device, args.dtype) for c in args.ckpt]
+    check_dir(args.out)
+    return read_documents(args.data), [_open(c, args.device, args.dtype) for c in args.ckpt]
+
+
+def _emit_summary(rec: dict, keep: tuple[str, ...]) -> None:
+    """The run's record as one JSON line, each result row cut to ``keep``."""
+    rows = [{k: r[k] for k in keep} for r in rec["results"]]
+    emit_json({k: v for k, v in rec.items() if k != "results"} | {"results": rows})
+
+
+def _cmd_ppl(args) -> int:
+    texts, models = _texts_and_models(args)
     rec = run_ppl(
         models,
         texts,
@@ -138,24 +149,12 @@ def _cmd_ppl(args) -> int:
         not args.no_plot,
         not args.quiet,
     )
-    emit_json(
-        {k: v for k, v in rec.items() if k != "results"}
-        | {
-            "results": [
-                {k: r[k] for k in ("model", "pattern", "ppl", "bpb", "attn_flop_frac", "kv_frac", "status")}
-                for r in rec["results"]
-            ]
-        }
-    )
+    _emit_summary(rec, ("model", "pattern", "ppl", "bpb", "attn_flop_frac", "kv_frac", "status"))
     return 0
 
 
 def _cmd_budget(args) -> int:
-    from ratplus.io.corpus import read_documents
-
-    check_dir(args.out)  # before any model is loaded
-    texts = read_documents(args.data)
-    models = [_open(c, args.device, args.dtype) for c in args.ckpt]
+    texts, models = _texts_and_models(args)
     rec = run_budget(
         models,
         texts,
@@ -168,11 +167,7 @@ def _cmd_budget(args) -> int:
         not args.no_plot,
         not args.quiet,
     )
-    keep = ("model", "method", "pattern", "ppl", "kv_bytes", "kv_frac", "status")
-    emit_json(
-        {k: v for k, v in rec.items() if k != "results"}
-        | {"results": [{k: r[k] for k in keep} for r in rec["results"]]}
-    )
+    _emit_summary(rec, ("model", "method", "pattern", "ppl", "kv_bytes", "kv_frac", "status"))
     return 0
 
 
