@@ -277,6 +277,15 @@ LayerPattern = HeadGroups
 PatternSpec = None | str | AttentionPattern | HeadGroups | Sequence[str | AttentionPattern | HeadGroups]
 
 
+def check_ints(obj: object, names: tuple[str, ...], minimum: int) -> None:
+    """Each named field of ``obj`` must be an int (not a bool) >= ``minimum``: ValueError naming it."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+            raise ValueError(f"{name} must be {kind}, got {v!r}")
+
+
 def _one_layer(spec: str | AttentionPattern | HeadGroups, num_heads: int) -> HeadGroups:
     if isinstance(spec, HeadGroups):
         groups = spec

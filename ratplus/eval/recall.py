@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ratplus.config import AttentionPattern, ModelConfig
+from ratplus.config import AttentionPattern, ModelConfig, check_ints
 from ratplus.eval.plots import plot_recall
 from ratplus.model.rat import RATPlusLM
 from ratplus.runtime import atomic_write_bytes, atomic_write_text, make_dir, print_table
@@ -61,10 +61,7 @@ class RecallTask:
     packed: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "spread", "seq_len", "filler_vocab", "key_vocab", "value_vocab"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_ints(self, ("pairs", "spread", "seq_len", "filler_vocab", "key_vocab", "value_vocab"), 1)
         if self.spread < 2:
             raise ValueError(f"spread must be >= 2 (a pair takes two tokens of its chunk), got {self.spread}")
         if self.key_vocab < self.pairs:
@@ -225,14 +222,8 @@ class RecallConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("d_model", "num_layers", "num_heads", "steps", "batch_size", "eval_batches"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("adapt_steps", "dense_warmup_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        check_ints(self, ("d_model", "num_layers", "num_heads", "steps", "batch_size", "eval_batches"), 1)
+        check_ints(self, ("adapt_steps", "dense_warmup_steps"), 0)
         if self.dense_warmup_steps > self.steps:
             raise ValueError(f"dense_warmup_steps={self.dense_warmup_steps} is more than steps={self.steps}")
         if not self.lr > 0 or not self.adapt_lr_mult > 0:

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ratplus.config import is_real, known_fields
+from ratplus.config import check_ints, is_real, known_fields
 from ratplus.train import distributed as D
 
 TASKS = ("pretrain", "adapt", "sft")
@@ -95,14 +95,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip():
                 raise ValueError(f"{name} must be a non-empty string, got {v!r}")
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_interval"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("eval_interval", "ckpt_interval"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        check_ints(self, ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_interval"), 1)
+        check_ints(self, ("eval_interval", "ckpt_interval"), 0)
         for name in ("steps", "tokens"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
