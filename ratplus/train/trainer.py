@@ -230,6 +230,7 @@ class _Run:
         else:
             self.steps = cfg.steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
         self.warmup_steps = round(cfg.warmup * self.steps)
+        self.dense_warmup_steps = round(cfg.dense_warmup * self.steps)  # dense-only batches before joint ones
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup_steps, cfg.lr, cfg.min_lr)
@@ -278,6 +279,7 @@ class _Run:
             "eval_patterns": self.eval_patterns,
             "steps": self.steps,
             "warmup_steps": self.warmup_steps,
+            "dense_warmup_steps": self.dense_warmup_steps,
             "tokens_per_step": self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len,
             "world_size": self.info.world_size,
             "data_resolved": self.data_path,
@@ -358,7 +360,17 @@ class _Run:
             raise ValueError(f"checkpoint {path} is for another model configuration than this run")
         differs = [
             k
-            for k in ("seq_len", "batch_size", "grad_accum", "steps", "lr", "joint_train", "step_patterns", "seed")
+            for k in (
+                "seq_len",
+                "batch_size",
+                "grad_accum",
+                "steps",
+                "lr",
+                "joint_train",
+                "step_patterns",
+                "dense_warmup_steps",
+                "seed",
+            )
             if ck.train_config.get(k) != self.resolved().get(k)
         ]
         if differs:
@@ -381,13 +393,15 @@ class _Run:
         return loss_sum(self.model, x, y, pattern, self.autocast)
 
     def train_step(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, float], float]:
-        """One batch: ``optimizer_steps`` over ``step_patterns``, then one scheduler step."""
+        """One batch: ``optimizer_steps`` over ``step_patterns`` (only the dense one during the dense
+        warm-up), then one scheduler step."""
         local = [(self._local(x), self._local(y)) for x, y in batch]
+        patterns = self.step_patterns[-1:] if self.step < self.dense_warmup_steps else self.step_patterns
         out = optimizer_steps(
             self.model,
             self.optimizer,
             local,
-            self.step_patterns,
+            patterns,
             n_targets=count_targets(batch),
             grad_clip=self.cfg.grad_clip,
             autocast=self.autocast,

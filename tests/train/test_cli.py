@@ -53,6 +53,24 @@ def test_train_from_a_config_file_with_flag_override(tmp_path, data_dir):
     assert main([*argv, "--no-joint-train", "--train-pattern", "D4"]) == 0
     resolved = json.loads((tmp_path / "r" / "train_config.json").read_text())
     assert resolved["steps"] == 1 and resolved["step_patterns"] == ["D4-W0-P0"]
+    argv = ["train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "w"), "--dense-warmup", "0.4"]
+    assert main([*argv, "--sparse-pattern", "D4"]) == 0
+    resolved = json.loads((tmp_path / "w" / "train_config.json").read_text())
+    assert resolved["dense_warmup"] == 0.4 and resolved["dense_warmup_steps"] == 2
+
+
+def test_data_prepare_bundled_corpus_by_name(tmp_path, capsys, monkeypatch):
+    from ratplus.io import corpus
+
+    fake = {"train": ["alpha beta gamma " * 40] * 3, "val": ["delta epsilon " * 40]}
+    monkeypatch.setattr(corpus, "wikipedia_documents", lambda split: fake[split])
+    out = tmp_path / "wiki"
+    assert main(["data", "prepare", "--bundled", "wikipedia", "--out", str(out), "--vocab-size", "300"]) == 0
+    assert (
+        TokenDataset(out / "train").meta["num_documents"] == 3 and TokenDataset(out / "val").meta["num_documents"] == 1
+    )
+    assert main(["data", "prepare", "--bundled", "gutenberg", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown bundled corpus 'gutenberg'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -62,6 +80,7 @@ def test_train_from_a_config_file_with_flag_override(tmp_path, data_dir):
         (["train", *TRAIN, "--steps", "1", "--seq-len", "1000"], "above the model's max_seq_len=256"),
         (["train", *TRAIN, "--steps", "1", "--train-pattern", "W16", "--no-joint-train"], "unknown attention pattern"),
         (["train", *TRAIN, "--steps", "1", "--data", "/no/such/dir"], "data folder not found"),
+        (["train", *TRAIN, "--steps", "1", "--dense-warmup", "1"], "dense_warmup is a fraction of the steps"),
         (["adapt", "--ckpt", "/no/such/model", "--pattern", "D16", "--steps", "1"], "not found"),
     ],
 )

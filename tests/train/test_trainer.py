@@ -92,6 +92,19 @@ def test_joint_step_is_sparse_step_then_dense_step_on_the_same_batch():
     assert all(s["step"].item() == 2 for s in adam.state.values())
 
 
+def test_dense_warmup_trains_dense_only_then_joint(tmp_path, data_dir):
+    """dense_warmup=0.5 of 4 steps: batches 1-2 take only the dense optimizer step, 3-4 the joint pair;
+    the first two steps equal a dense-only run's (same data, same schedule)."""
+    warm = train(_cfg(tmp_path, data_dir, "warm", dense_warmup=0.5, eval_interval=0))
+    dense = train(_cfg(tmp_path, data_dir, "dense", joint_train=False, eval_interval=0))
+    steps = [r for r in _log(warm.parent) if "loss" in r]
+    assert [list(r["losses"]) for r in steps] == [["dense"], ["dense"], ["D4-W0-P0", "dense"], ["D4-W0-P0", "dense"]]
+    ref = [r for r in _log(dense.parent) if "loss" in r]
+    assert [r["losses"] for r in steps[:2]] == [r["losses"] for r in ref[:2]]
+    assert steps[2]["losses"]["dense"] != ref[2]["losses"]["dense"]  # a sparse step came first this time
+    assert json.loads((warm.parent / "train_config.json").read_text())["dense_warmup_steps"] == 2
+
+
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     f = [lr_factor(s, 100, 10, 8e-4, 1e-6) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
@@ -194,6 +207,9 @@ def test_gqa_model_joint_trains_and_reloads(tmp_path, data_dir):
         (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
         (dict(model="huge"), ValueError, "unknown preset"),
         (dict(warmup=1.5), ValueError, "warmup"),
+        (dict(dense_warmup=1.0), ValueError, "dense_warmup is a fraction"),
+        (dict(dense_warmup=float("nan")), ValueError, "dense_warmup must be a finite number"),
+        (dict(dense_warmup=0.5, joint_train=False), ValueError, "dense_warmup delays joint training"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, data_dir, change, error, match):
