@@ -144,6 +144,30 @@ def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):
         assert base._workdir(stage) != more_pretrain._workdir(stage)
     for stage in ("data", "recall"):  # the recall probe trains its own models: the LM budget does not touch it
         assert base._key(stage) == more_pretrain._key(stage)
+    # RAT+'s recipe moves RAT+'s stages and the joint tables only; another corpus moves every LM stage
+    recipe = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, joint_pattern="D16", dense_warmup=0.5))
+    for stage in ("data", "pretrain_baseline", "adapt_baseline_D16-W0-P0", "recall"):
+        assert base._key(stage) == recipe._key(stage)
+    for stage in ("pretrain_ratplus", "adapt_ratplus_D16-W0-P0", "ppl", "serve", "budget"):
+        assert base._key(stage) != recipe._key(stage)
+    wiki = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, corpus="wikipedia"))
+    for stage in ("data", "pretrain_baseline", "pretrain_ratplus", "ppl", "budget"):
+        assert base._workdir(stage) != wiki._workdir(stage)
+    assert base._key("recall") == wiki._key("recall")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(corpus="gutenberg"), "unknown bundled corpus 'gutenberg'"),
+        (dict(joint_pattern="X3"), "bad attention pattern 'X3'"),
+        (dict(dense_warmup=1.0), "dense_warmup is a fraction"),
+        (dict(dense_warmup=float("nan")), "dense_warmup is a fraction"),
+    ],
+)
+def test_demo_config_refuses_bad_recipe(change, match):
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**change)
 
 
 def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
@@ -153,3 +177,8 @@ def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
     assert "ratplus demo: error: --recall-steps must be positive" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--recall-adapt-steps", "-1"]) == 2
     assert "ratplus demo: error: --recall-adapt-steps must be positive" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--joint-pattern", "D0"]) == 2
+    assert "ratplus demo: error: bad attention pattern 'D0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path), "--corpus", "gutenberg"])
+    assert "invalid choice: 'gutenberg'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from typing import Any
 
 from ratplus.demo.pipeline import Demo, DemoConfig
 from ratplus.demo.report import print_summary
+from ratplus.io.corpus import CORPORA
 from ratplus.io.lock import folder_lock
 from ratplus.runtime import resolve_device
 
@@ -29,6 +30,13 @@ def add_parser(sub) -> None:
         type=int,
         help=f"recall probe adaptation steps per sparse pattern (default {DemoConfig.recall_adapt_steps})",
     )
+    p.add_argument("--corpus", choices=CORPORA, help=f"bundled training corpus (default {DemoConfig.corpus})")
+    p.add_argument("--joint-pattern", help=f"RAT+'s joint-training sparse branch (default {DemoConfig.joint_pattern})")
+    p.add_argument(
+        "--dense-warmup",
+        type=float,
+        help=f"fraction of RAT+'s pretraining batches trained dense only first (default {DemoConfig.dense_warmup})",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
@@ -41,6 +49,9 @@ def _run(args) -> int:
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
             kw[name] = value
+    for name in ("corpus", "joint_pattern", "dense_warmup"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     resolve_device(args.device)  # an unknown or unavailable --device fails before any work
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     with folder_lock(cfg.out_dir, "demo"):  # one demo per output folder

@@ -1,11 +1,11 @@
-"""``ratplus demo``: train dense, infer sparse, end to end on the bundled Shakespeare corpus.
+"""``ratplus demo``: train dense, infer sparse, end to end on a bundled corpus (Shakespeare by default).
 
 Stages (each writes into the output folder and is skipped when its result is already there):
 
 1. data      byte-level BPE on the training plays, token shards for train / held-out plays
-2. pretrain  a ``demo``-preset RAT+ (joint training: D64 sparse step + dense step per batch) and
-             the same-size attention baseline (joint-trained with its local-window branch),
-             same token budget
+2. pretrain  a ``demo``-preset RAT+ (joint training: a sparse step in ``joint_pattern`` + a dense
+             step per batch, after ``dense_warmup`` of the batches trained dense only) and the
+             same-size attention baseline (joint-trained with its local-window branch), same tokens
 3. adapt     each model to every sparse pattern (short run, 0.1x LR, that pattern only)
 4. ppl       held-out perplexity: dense (pretrained model) and each pattern (its adapted model)
 5. recall    the MQAR recall probe (``ratplus.eval.recall``, ``demo_config``): a small RAT+ trained
@@ -39,7 +39,7 @@ import torch
 from ratplus.config import AttentionPattern, ModelConfig
 from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, MODELS
 from ratplus.demo.report import check_targets, write_report
-from ratplus.io.corpus import shakespeare_documents
+from ratplus.io.corpus import CORPORA, corpus_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
 from ratplus.io.tokenizer import train_bpe
 from ratplus.runtime import atomic_write_text
@@ -47,12 +47,17 @@ from ratplus.train.data import prepare_shards
 
 logger = logging.getLogger("ratplus")
 
+#: The sample text of the serve stage starts from this prompt.
+SAMPLE_PROMPTS = {"shakespeare": "ROMEO.\n", "wikipedia": "The "}
+#: Fields of RAT+'s pretraining recipe alone: the baseline's stages do not depend on them.
+RATPLUS_RECIPE = ("joint_pattern", "dense_warmup")
+
 
 # The config fields each stage's result depends on: a rerun reuses a stage unless one of them changed.
-_PRETRAIN_FIELDS = ("seq_len", "batch_size", "pretrain_tokens", "pretrain_lr", "seed")
+_PRETRAIN_FIELDS = ("corpus", "seq_len", "batch_size", "pretrain_tokens", "pretrain_lr", "seed", *RATPLUS_RECIPE)
 _ADAPT_FIELDS = (*_PRETRAIN_FIELDS, "adapt_tokens")
 STAGE_FIELDS = {
-    "data": (),
+    "data": ("corpus",),
     "pretrain": _PRETRAIN_FIELDS,
     "adapt": _ADAPT_FIELDS,
     "ppl": (*_ADAPT_FIELDS, "ppl_tokens"),
@@ -68,10 +73,14 @@ class DemoConfig:
     """Budgets of one demo run. ``quick()`` shrinks every one of them."""
 
     out_dir: str = "demo_out"
+    corpus: str = "shakespeare"  # a bundled corpus (ratplus.io.corpus.CORPORA)
     seq_len: int = 256
     batch_size: int = 16
     pretrain_tokens: int = 320_000
     pretrain_lr: float = 3e-3
+    # RAT+'s joint-training recipe: the sparse branch, and the fraction of batches trained dense only first
+    joint_pattern: str = "D64-W0-P0"
+    dense_warmup: float = 0.0
     adapt_tokens: int = 24_000
     ppl_tokens: int = 40_000
     recall_quick: bool = False  # True: the recall probe's smoke task and model (quick_config)
@@ -83,6 +92,13 @@ class DemoConfig:
     seed: int = 1337
     device: str = "cpu"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown bundled corpus {self.corpus!r}; choose one of {', '.join(CORPORA)}")
+        self.joint_pattern = ModelConfig.from_preset("demo").canonical_pattern(self.joint_pattern)
+        if not 0 <= self.dense_warmup < 1:  # also refuses nan
+            raise ValueError(f"dense_warmup is a fraction of the batches in [0, 1), got {self.dense_warmup}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -112,6 +128,8 @@ class Demo:
     # ---- stage bookkeeping: a stage's JSON result is its "done" marker ---------------------------------
     def _key(self, name: str) -> str:
         fields = STAGE_FIELDS[name.split("_")[0]]
+        if "_baseline" in name:  # the baseline's own training does not follow RAT+'s recipe
+            fields = tuple(f for f in fields if f not in RATPLUS_RECIPE)
         return json.dumps({f: getattr(self.cfg, f) for f in fields}, sort_keys=True)
 
     def _workdir(self, name: str) -> Path:
@@ -141,7 +159,7 @@ class Demo:
     # ---- 1. data ---------------------------------------------------------------------------------------
     def data(self) -> dict[str, Any]:
         vocab = ModelConfig.from_preset("demo").vocab_size
-        train_docs, val_docs = shakespeare_documents("train"), shakespeare_documents("val")
+        train_docs, val_docs = self.documents("train"), self.documents("val")
         tok = train_bpe(train_docs, vocab)
         root = self.out / "data"
         root.mkdir(parents=True, exist_ok=True)
@@ -149,6 +167,9 @@ class Demo:
         for split, docs in (("train", train_docs), ("val", val_docs)):
             prepare_shards(docs, tok, root / split, overwrite=True, show_progress=self.cfg.progress)
         return {"data": str(root), "train_docs": len(train_docs), "val_docs": len(val_docs), "vocab": vocab}
+
+    def documents(self, split: str) -> list[str]:
+        return corpus_documents(self.cfg.corpus, split)
 
     # ---- 2./3. training --------------------------------------------------------------------------------
     def _train_common(self) -> dict[str, Any]:
@@ -170,6 +191,7 @@ class Demo:
         from ratplus.train.trainer import train
 
         c = self.cfg
+        recipe = {} if which == "baseline" else dict(sparse_pattern=c.joint_pattern, dense_warmup=c.dense_warmup)
         final = train(
             TrainConfig(
                 out_dir=str(self._workdir(f"pretrain_{which}")),
@@ -179,6 +201,7 @@ class Demo:
                 tokens=c.pretrain_tokens,
                 lr=c.pretrain_lr,
                 joint_train=True,
+                **recipe,
                 **self._train_common(),
             )
         )
@@ -202,7 +225,7 @@ class Demo:
         from ratplus.eval.common import open_checkpoint
         from ratplus.eval.ppl import evaluate_ppl
 
-        texts = shakespeare_documents("val")
+        texts = self.documents("val")
         rows = []
         for which in MODELS:
             for pattern, ckpt in ckpts[which].items():
@@ -273,7 +296,7 @@ class Demo:
             )
         model = load_pretrained(ckpts["ratplus"]["D16-W0-P0"], device=c.device)
         tok = load_tokenizer(ckpts["ratplus"]["D16-W0-P0"])
-        prompt = torch.tensor([tok.encode("ROMEO.\n").ids])
+        prompt = torch.tensor([tok.encode(SAMPLE_PROMPTS.get(c.corpus, "The ")).ids])
         out = generate(
             model,
             prompt,
@@ -297,7 +320,7 @@ class Demo:
             models.append(em)
         rows = evaluate_budget(
             models,
-            shakespeare_documents("val"),
+            self.documents("val"),
             list(BUDGET_PATTERNS),
             seq_len=self.cfg.seq_len,
             score_tokens=self.cfg.budget_score_tokens,

@@ -81,10 +81,11 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     plots = _plots(out, results)
     lines = ["# ratplus demo: train dense, infer sparse", ""]
     lines += [
-        f"Bundled Shakespeare, `demo` preset, context {results['config']['seq_len']}, "
-        f"{results['config']['pretrain_tokens']:,} pretraining tokens per model; wall time "
-        f"{results['wall_s'] / 60:.1f} min (reused stages count their original time below).",
+        f"Bundled corpus: {results['config'].get('corpus', 'shakespeare')}; `demo` preset, context "
+        f"{results['config']['seq_len']}, {results['config']['pretrain_tokens']:,} pretraining tokens per model; "
+        f"wall time {results['wall_s'] / 60:.1f} min (reused stages count their original time below).",
         "",
+        *_recipe_lines(results["config"]),
     ]
     lines += [
         "## Held-out perplexity",
@@ -124,6 +125,18 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in results["timings_s"].items()]
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _recipe_lines(config: dict[str, Any]) -> list[str]:
+    pattern, warm = config.get("joint_pattern", "D64-W0-P0"), config.get("dense_warmup", 0.0)
+    warm_text = f"the first {warm:.0%} of the batches dense only, then " if warm else ""
+    return [
+        f"RAT+ pretraining: {warm_text}joint training (a {pattern} step, then a dense step, per batch); the "
+        "baseline: joint training with its local-W64-P0 branch. Why this recipe: "
+        "docs/benchmarks/joint_recipe_cpu_20261130.md (the joint branch's cost to dense perplexity, measured "
+        "for several branches and warm-ups on two corpora).",
+        "",
+    ]
 
 
 def _budget_section(results: dict[str, Any]) -> list[str]:
