@@ -295,6 +295,12 @@ def _add_recall(esub) -> None:
     tr.add_argument("--dense-warmup-steps", type=int, help="dense-only batches before joint training starts")
     tr.add_argument("--adapt-steps", type=int, help="resolution adaptation batches per sparse pattern (0 = none)")
     tr.add_argument("--adapt-lr-mult", type=float, help="adaptation LR as a multiple of --lr (paper: 0.1)")
+    tr.add_argument(
+        "--adapt-constant-lr",
+        action="store_true",
+        default=None,
+        help="keep the adaptation LR at its peak (default: cosine decay to the minimum)",
+    )
     tr.add_argument("--adapt-patterns", type=names, help="patterns to adapt to (default: every dilated/local one)")
     tr.add_argument("--load", default=None, help="reuse the pretrained weights of a previous probe's --out folder")
     p.add_argument("--patterns", type=names, help="comma-separated patterns (default: scaled to the context)")

@@ -212,6 +212,7 @@ class RecallConfig:
     # resolution adaptation per sparse pattern (0 steps = none); paper: ~1% of pretraining at 0.1x LR
     adapt_steps: int = 0
     adapt_lr_mult: float = 0.1
+    adapt_constant_lr: bool = False  # True: the adaptation LR stays at its peak (no cosine decay)
     adapt_patterns: list[str] | None = None  # None: every sparse dilated/local pattern evaluated
     # evaluation
     patterns: list[str] | None = None  # None: default_patterns(seq_len)
@@ -346,13 +347,16 @@ def _train(
     patterns_at: Any,
     desc: str,
     split_seed: int,
+    constant_lr: bool = False,
 ) -> list[dict[str, float]]:
     """``steps`` batches of the train stream; ``patterns_at(i)`` gives the optimizer-step patterns of
-    batch i (``[sparse, "dense"]`` for a joint step). Returns a short loss log."""
+    batch i (``[sparse, "dense"]`` for a joint step). The LR follows warmup + cosine to ``min_lr``,
+    or stays at ``lr`` with ``constant_lr``. Returns a short loss log."""
     model.train()
     opt = build_optimizer(model, lr, cfg.weight_decay)
     warmup_steps = int(warmup * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps, lr, cfg.min_lr))
+    factor = (lambda s: 1.0) if constant_lr else (lambda s: lr_factor(s, steps, warmup_steps, lr, cfg.min_lr))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     log: list[dict[str, float]] = []
     stream = batches(cfg.task, cfg.batch_size, split_seed, "train")
     bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False)
@@ -380,10 +384,12 @@ def pretrain(model: RATPlusLM, cfg: RecallConfig, baseline: bool) -> list[dict[s
 
 def adapt(model: RATPlusLM, cfg: RecallConfig, pattern: str, steps: int | None = None) -> RATPlusLM:
     """Resolution adaptation (DESIGN.md section 5): a copy of ``model`` trained only in ``pattern`` for
-    ``steps`` batches at ``adapt_lr_mult`` x the peak LR, no warmup, cosine down; its own data seed."""
+    ``steps`` batches at ``adapt_lr_mult`` x the peak LR, no warmup, cosine down (or constant with
+    ``adapt_constant_lr``); its own data seed."""
     adapted = copy.deepcopy(model)
     n = cfg.adapt_steps if steps is None else steps
-    _train(adapted, cfg, n, cfg.lr * cfg.adapt_lr_mult, 0.0, lambda i: [pattern], f"adapt {pattern}", cfg.seed + 1)
+    lr, name = cfg.lr * cfg.adapt_lr_mult, f"adapt {pattern}"
+    _train(adapted, cfg, n, lr, 0.0, lambda i: [pattern], name, cfg.seed + 1, constant_lr=cfg.adapt_constant_lr)
     return adapted
 
 
@@ -560,6 +566,7 @@ def run_recall_probe(
         "steps": cfg.adapt_steps,
         "lr": cfg.lr * cfg.adapt_lr_mult,
         "lr_mult": cfg.adapt_lr_mult,
+        "schedule": "constant" if cfg.adapt_constant_lr else "cosine",
         "fraction_of_pretraining": cfg.adapt_steps / cfg.steps,
     }
     _print_table(rows, list(cfg.models))

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ratplus import RATPlusLM
 from ratplus.cli import main
 from ratplus.eval.recall import (
     RecallTask,
@@ -154,6 +155,29 @@ def test_tiny_end_to_end(tmp_path):
     gates = rec["models"]["ratplus"]["gates"]
     assert len(gates) == cfg.num_layers and all(0 < g["filler"] < 1 for g in gates)
     assert rec["models"]["baseline"]["gates"] == []
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_adaptation_lr_schedule(monkeypatch, constant):
+    """Adaptation starts at adapt_lr_mult x lr; cosine ends at min_lr, the constant schedule stays put."""
+    from ratplus.eval import recall as R
+
+    seen: list[float] = []
+    real = R.optimizer_steps
+
+    def spy(model, opt, batch, patterns, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return real(model, opt, batch, patterns, **kw)
+
+    monkeypatch.setattr(R, "optimizer_steps", spy)
+    cfg = quick_config(adapt_steps=4, adapt_lr_mult=0.5, adapt_constant_lr=constant, progress=False)
+    model = RATPlusLM(cfg.model_config(baseline=False))
+    R.adapt(model, cfg, "D8")
+    assert seen[0] == pytest.approx(0.5 * cfg.lr) and len(seen) == 4
+    if constant:
+        assert seen == [seen[0]] * 4
+    else:
+        assert seen[0] > seen[1] > seen[2] > seen[3] > cfg.min_lr
 
 
 def test_gate_profile_separates_token_kinds():
