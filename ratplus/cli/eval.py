@@ -301,6 +301,7 @@ def _add_recall(esub) -> None:
         default=None,
         help="keep the adaptation LR at its peak (default: cosine decay to the minimum)",
     )
+    tr.add_argument("--adapt-eval-every", type=int, help="accuracy every N adaptation steps (the adaptation curve)")
     tr.add_argument("--adapt-patterns", type=names, help="patterns to adapt to (default: every dilated/local one)")
     tr.add_argument("--load", default=None, help="reuse the pretrained weights of a previous probe's --out folder")
     p.add_argument("--patterns", type=names, help="comma-separated patterns (default: scaled to the context)")

@@ -106,10 +106,27 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
 
 def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:
     """Accuracy against D (dense = 1) for each model, zero-shot dashed and adapted solid; the local-only
-    ``control`` pattern drawn as a horizontal line per model. Returns the PNG path."""
+    ``control`` pattern drawn as a horizontal line per model. Rows with an ``adapt_curve`` (accuracy
+    during adaptation) get a second panel: accuracy against adaptation steps. Returns the PNG path."""
     plt = _pyplot()
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    curves = [r for r in rows if r.get("adapt_curve")]
+    if curves:
+        fig, (ax, cax) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for r in curves:
+            steps = [0] + [c["step"] for c in r["adapt_curve"]]
+            (line,) = cax.plot(steps, [100 * r["acc"]] + [100 * c["acc"] for c in r["adapt_curve"]], marker="o")
+            line.set_label(f"{r['model']} {r['pattern']}")
+            dense = [100 * c["dense"] for c in r["adapt_curve"]]
+            cax.plot(steps[1:], dense, ls=":", color=line.get_color(), label=f"{r['model']} {r['pattern']}: dense")
+        cax.set_xlabel("adaptation steps")
+        cax.set_ylabel("answers right (%)")
+        cax.set_ylim(-2, 102)
+        cax.grid(True, alpha=0.3)
+        cax.legend(fontsize=8)
+        cax.set_title("during adaptation (dotted: the same model, dense)", fontsize=10)
+    else:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == name and r["kind"] == "dilated"]
         rs.sort(key=lambda r: r["dilation"])

@@ -26,7 +26,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,7 @@ class RecallConfig:
     adapt_steps: int = 0
     adapt_lr_mult: float = 0.1
     adapt_constant_lr: bool = False  # True: the adaptation LR stays at its peak (no cosine decay)
+    adapt_eval_every: int = 0  # > 0: accuracy every that many adaptation steps (the adaptation curve)
     adapt_patterns: list[str] | None = None  # None: every sparse dilated/local pattern evaluated
     # evaluation
     patterns: list[str] | None = None  # None: default_patterns(seq_len)
@@ -224,7 +225,7 @@ class RecallConfig:
 
     def validate(self) -> None:
         check_ints(self, ("d_model", "num_layers", "num_heads", "steps", "batch_size", "eval_batches"), 1)
-        check_ints(self, ("adapt_steps", "dense_warmup_steps"), 0)
+        check_ints(self, ("adapt_steps", "dense_warmup_steps", "adapt_eval_every"), 0)
         if self.dense_warmup_steps > self.steps:
             raise ValueError(f"dense_warmup_steps={self.dense_warmup_steps} is more than steps={self.steps}")
         if not self.lr > 0 or not self.adapt_lr_mult > 0:
@@ -348,10 +349,12 @@ def _train(
     desc: str,
     split_seed: int,
     constant_lr: bool = False,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """``steps`` batches of the train stream; ``patterns_at(i)`` gives the optimizer-step patterns of
     batch i (``[sparse, "dense"]`` for a joint step). The LR follows warmup + cosine to ``min_lr``,
-    or stays at ``lr`` with ``constant_lr``. Returns a short loss log."""
+    or stays at ``lr`` with ``constant_lr``; ``after_step(n)`` runs after batch n (1-based). Returns a
+    short loss log."""
     model.train()
     opt = build_optimizer(model, lr, cfg.weight_decay)
     warmup_steps = int(warmup * steps)
@@ -367,6 +370,9 @@ def _train(
         if i % 50 == 0 or i == steps - 1:
             log.append({"step": i + 1, **losses})
             bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in losses.items()})
+        if after_step is not None:
+            after_step(i + 1)
+            model.train()
     model.eval()
     return log
 
@@ -382,14 +388,45 @@ def pretrain(model: RATPlusLM, cfg: RecallConfig, baseline: bool) -> list[dict[s
     return _train(model, cfg, cfg.steps, cfg.lr, cfg.warmup, patterns_at, f"pretrain {name}", cfg.seed)
 
 
-def adapt(model: RATPlusLM, cfg: RecallConfig, pattern: str, steps: int | None = None) -> RATPlusLM:
+def adapt(
+    model: RATPlusLM,
+    cfg: RecallConfig,
+    pattern: str,
+    steps: int | None = None,
+    test: list[RecallBatch] | None = None,
+    curve: list[dict[str, float]] | None = None,
+) -> RATPlusLM:
     """Resolution adaptation (DESIGN.md section 5): a copy of ``model`` trained only in ``pattern`` for
     ``steps`` batches at ``adapt_lr_mult`` x the peak LR, no warmup, cosine down (or constant with
-    ``adapt_constant_lr``); its own data seed."""
+    ``adapt_constant_lr``); its own data seed. With ``cfg.adapt_eval_every``, ``test`` batches and a
+    ``curve`` list, the accuracy in ``pattern`` and dense is appended to ``curve`` every that many steps."""
     adapted = copy.deepcopy(model)
     n = cfg.adapt_steps if steps is None else steps
     lr, name = cfg.lr * cfg.adapt_lr_mult, f"adapt {pattern}"
-    _train(adapted, cfg, n, lr, 0.0, lambda i: [pattern], name, cfg.seed + 1, constant_lr=cfg.adapt_constant_lr)
+    every = cfg.adapt_eval_every
+
+    def measure(step: int) -> None:
+        if curve is not None and test and every and (step % every == 0 or step == n):
+            curve.append(
+                {
+                    "step": step,
+                    "acc": evaluate_accuracy(adapted, test, pattern),
+                    "dense": evaluate_accuracy(adapted, test, "dense"),
+                }
+            )
+
+    _train(
+        adapted,
+        cfg,
+        n,
+        lr,
+        0.0,
+        lambda i: [pattern],
+        name,
+        cfg.seed + 1,
+        constant_lr=cfg.adapt_constant_lr,
+        after_step=measure,
+    )
     return adapted
 
 
@@ -547,7 +584,10 @@ def run_recall_probe(
             if traced:
                 row["carrier"] = carrier_attention(model, test[0], cfg.task, pattern)
             if pattern in adapt_set:
-                adapted = adapt(model, cfg, pattern)
+                curve: list[dict[str, float]] = []
+                adapted = adapt(model, cfg, pattern, test=test, curve=curve)
+                if curve:
+                    row["adapt_curve"] = curve
                 row["acc_adapted"] = evaluate_accuracy(adapted, test, pattern)
                 row["acc_adapted_dense"] = evaluate_accuracy(adapted, test, "dense")
                 if traced:

@@ -180,6 +180,17 @@ def test_adaptation_lr_schedule(monkeypatch, constant):
         assert seen[0] > seen[1] > seen[2] > seen[3] > cfg.min_lr
 
 
+def test_adaptation_curve(tmp_path):
+    cfg = quick_config(steps=6, adapt_steps=5, adapt_eval_every=2, eval_batches=1, models=("ratplus",), progress=False)
+    rec = run_recall_probe(cfg, tmp_path)
+    rows = {r["pattern"]: r for r in rec["rows"]}
+    for p in cfg.adapt_patterns:
+        curve = rows[p]["adapt_curve"]
+        assert [c["step"] for c in curve] == [2, 4, 5]  # every 2 steps and the last one
+        assert curve[-1]["acc"] == rows[p]["acc_adapted"] and curve[-1]["dense"] == rows[p]["acc_adapted_dense"]
+    assert "adapt_curve" not in rows["dense"] and (tmp_path / "recall.png").stat().st_size > 0
+
+
 def test_gate_profile_separates_token_kinds():
     cfg = quick_config()
     from ratplus.model.rat import RATPlusLM
