@@ -6,6 +6,8 @@ corpus's held-out documents: dense perplexity and zero-shot sparse perplexities 
 Results go to <out>/<corpus>/results.jsonl (one line per finished recipe, so a rerun skips those).
 
     OMP_NUM_THREADS=1 python scripts/joint_recipe.py --corpus wikipedia --recipes rat-D64,base-local64
+    python scripts/joint_recipe.py --corpus shakespeare --cross   # finished runs, scored on the other corpus
+    python scripts/joint_recipe.py --corpus shakespeare --table   # every corpus's results as tables
 """
 
 from __future__ import annotations
@@ -46,7 +48,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=320_000)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--ppl-tokens", type=int, default=40_000)
+    ap.add_argument(
+        "--cross",
+        action="store_true",
+        help="only score the finished runs on the other corpus's held-out documents (out of domain), then exit",
+    )
+    ap.add_argument("--table", action="store_true", help="only print the results of every corpus as a table")
     args = ap.parse_args()
+    if args.table:
+        print_table(Path(args.out))
+        return
+    if args.cross:
+        cross_eval(Path(args.out) / args.corpus, args.corpus, args.ppl_tokens)
+        return
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
@@ -97,6 +111,51 @@ def main() -> None:
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
+
+
+def cross_eval(root: Path, corpus: str, ppl_tokens: int) -> None:
+    """Dense perplexity of every finished run of ``root`` on the other corpus's held-out documents
+    (scored with the run's own tokenizer), appended to cross.jsonl (runs already there are skipped)."""
+    other = next(c for c in CORPORA if c != corpus)
+    texts = corpus_documents(other, "val")
+    recs = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    cross = root / "cross.jsonl"
+    done = {json.loads(line)["recipe"] for line in cross.read_text().splitlines()} if cross.is_file() else set()
+    torch.set_num_threads(1)
+    for rec in recs:
+        if rec["recipe"] not in done:
+            em = open_checkpoint(root / rec["recipe"] / "final")
+            (row,) = evaluate_ppl(em, texts, ["dense"], seq_len=256, max_tokens=ppl_tokens, progress=False)
+            line = {"recipe": rec["recipe"], "corpus": other, "dense": row["ppl"]}
+            with cross.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(json.dumps(line), flush=True)
+
+
+def print_table(out: Path) -> None:
+    for corpus in CORPORA:
+        path = out / corpus / "results.jsonl"
+        if not path.is_file():
+            continue
+        recs = {json.loads(line)["recipe"]: json.loads(line) for line in path.read_text().splitlines()}
+        base = next((r for k, r in recs.items() if k.startswith("base-local64")), None)
+        print(f"\n{corpus}\n")
+        print("| recipe | dense PPL | vs baseline dense | D16 zero-shot / dense | D64 zero-shot / dense | train s |")
+        print("|---|---|---|---|---|---|")
+        for name, r in recs.items():
+            p = r["ppl"]
+            vs = f"{p['dense'] / base['ppl']['dense']:.3f}x" if base else "-"
+            d16, d64 = p["D16-W0-P0"] / p["dense"], p["D64-W0-P0"] / p["dense"]
+            print(f"| {name} | {p['dense']:.2f} | {vs} | {d16:.3f}x | {d64:.3f}x | {r['train_s']:.0f} |")
+        cross_path = out / corpus / "cross.jsonl"
+        if cross_path.is_file():
+            cross = {json.loads(line)["recipe"]: json.loads(line) for line in cross_path.read_text().splitlines()}
+            base_x = next((r["dense"] for k, r in cross.items() if k.startswith("base-local64")), None)
+            print(f"\ntrained on {corpus}, scored on the other corpus's held-out documents ({corpus} tokenizer)\n")
+            print("| recipe | dense PPL | vs baseline |\n|---|---|---|")
+            for name, r in cross.items():
+                vs = f"{r['dense'] / base_x:.3f}x" if base_x else "-"
+                print(f"| {name} | {r['dense']:.2f} | {vs} |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Stages (each writes into the output folder and is skipped when its result is already there):
 
-1. data      byte-level BPE on the training plays, token shards for train / held-out plays
+1. data      byte-level BPE on the training documents, token shards for train / held-out documents
 2. pretrain  a ``demo``-preset RAT+ (joint training: a sparse step in ``joint_pattern`` + a dense
              step per batch, after ``dense_warmup`` of the batches trained dense only) and the
              same-size attention baseline (joint-trained with its local-window branch), same tokens
