@@ -115,7 +115,11 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert {r["model"] for r in rec["rows"]} == {"ratplus"}
     assert rec["adapt_budget"]["steps"] == DemoConfig.quick().recall_adapt_steps
     assert all(0.0 <= r["acc"] <= 1.0 for r in rec["rows"])
-    assert "## Recall probe" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Recall probe" in report and "Accuracy during adaptation" in report
+    assert rec["adapt_budget"]["schedule"] == "constant"
+    assert [c["step"] for c in next(r for r in rec["rows"] if r["pattern"] == "D8")["adapt_curve"]] == [5, 10]
+    assert "RAT+ pretraining: joint training (a D64-W0-P0 step" in report
     assert (out / "recall_by_pattern.png").is_file()
     kv = {r["pattern"]: r["kv_bytes"] for r in results["serve"]["rows"]}
     assert kv["D64-W0-P0"] < kv["D16-W0-P0"] < kv["dense"]

@@ -85,7 +85,7 @@ class DemoConfig:
     ppl_tokens: int = 40_000
     recall_quick: bool = False  # True: the recall probe's smoke task and model (quick_config)
     recall_steps: int = 1500  # recall probe pretraining steps (dense, batch 64)
-    recall_adapt_steps: int = 100  # its adaptation steps per sparse pattern (at the full LR)
+    recall_adapt_steps: int = 500  # its adaptation steps per sparse pattern (at the full, constant LR)
     decode_tokens: int = 48
     budget_tokens: int = 20_000
     budget_score_tokens: int = 8
@@ -251,6 +251,7 @@ class Demo:
         # the probe writes its own recall.json / recall.png / weights there; the report draws its plot
         rec = run_recall_probe(cfg, self._workdir("recall"), plot=False)
         keep = ("model", "pattern", "kind", "dilation", "acc", "acc_adapted", "acc_adapted_dense", "frac_of_dense")
+        keep += ("adapt_curve",)
         adapted = cfg.sparse_adapt_patterns()
         t = cfg.task
         return {
