@@ -138,12 +138,12 @@ def print_table(out: Path) -> None:
         if not path.is_file():
             continue
         recs = {json.loads(line)["recipe"]: json.loads(line) for line in path.read_text().splitlines()}
-        base = next((r for k, r in recs.items() if k.startswith("base-local64")), None)
         print(f"\n{corpus}\n")
         print("| recipe | dense PPL | vs baseline dense | D16 zero-shot / dense | D64 zero-shot / dense | train s |")
         print("|---|---|---|---|---|---|")
         for name, r in recs.items():
             p = r["ppl"]
+            base = recs.get(f"base-local64-s{r['seed']}")  # the baseline of the same seed
             vs = f"{p['dense'] / base['ppl']['dense']:.3f}x" if base else "-"
             d16, d64 = p["D16-W0-P0"] / p["dense"], p["D64-W0-P0"] / p["dense"]
             print(f"| {name} | {p['dense']:.2f} | {vs} | {d16:.3f}x | {d64:.3f}x | {r['train_s']:.0f} |")
