@@ -34,6 +34,8 @@ RECIPES: dict[str, tuple[bool, dict]] = {
     "rat-D16-warm50": (False, dict(sparse_pattern="D16-W0-P0", dense_warmup=0.5)),
     "rat-D64-warm50": (False, dict(sparse_pattern="D64-W0-P0", dense_warmup=0.5)),
     "rat-dense": (False, dict(joint_train=False)),
+    # two dense optimizer steps per batch: as many steps as joint training, without a sparse branch
+    "rat-dense2": (False, dict(sparse_pattern="dense")),
     "base-local64": (True, dict(sparse_pattern="local-W64-P0")),
     "base-dense": (True, dict(joint_train=False)),
 }
