@@ -83,9 +83,9 @@ def test_report_files(tmp_path):
     assert "| baseline | D16-W0-P0 | adapted | 140.00 | 1.273x |" in report
     assert json.loads((tmp_path / "results.json").read_text())["recall"]["steps"] == 1000
     assert "| D16 | 10.0 | 60.0 | 90.0 |" in report and "| D4 | 30.0 | - | - |" in report
-    assert "100 steps in that pattern at LR 0.001 (1x the peak, 10% of the pretraining steps)" in report
+    assert "100 steps in that pattern at LR 0.001 (1x the peak, cosine schedule, 10% of the pretraining" in report
     assert "dense 80.0%" in report and "-15.0 points" not in report and "+15.0 points" in report
-    assert "tiny budget" in report
+    assert "The adaptation budget decides the sparse rows" in report
     assert "dense accuracy is below 90%" in report  # an unlearnt task is flagged, not presented as a result
     for name in ("ppl_by_pattern.png", "recall_by_pattern.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
