@@ -254,7 +254,7 @@ def wikipedia_documents(split: str = "train") -> list[str]:
     return [t for i, (_, t) in enumerate(arts) if (i % WIKI_VAL_EVERY == WIKI_VAL_EVERY - 1) == (split == "val")]
 
 
-#: The bundled corpora by name (``corpus_documents``): the demo and ``ratplus train`` read these.
+#: The bundled corpora by name (``corpus_documents``): ``ratplus demo --corpus`` and ``ratplus data prepare --bundled``.
 CORPORA = ("shakespeare", "wikipedia")
 
 
