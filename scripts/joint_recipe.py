@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ratplus.demo.pipeline import Demo, DemoConfig
 from ratplus.eval.common import open_checkpoint
 from ratplus.eval.ppl import evaluate_ppl
 from ratplus.io.corpus import CORPORA, corpus_documents
-from ratplus.io.tokenizer import train_bpe
 from ratplus.train.config import TrainConfig
-from ratplus.train.data import prepare_shards
+from ratplus.train.data import META_FILE
 from ratplus.train.trainer import train
 
 #: recipe name -> (baseline?, TrainConfig fields). "rat-D64" is the demo's recipe.
@@ -69,17 +69,15 @@ def main() -> None:
         ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     torch.set_num_threads(1)
     root = Path(args.out) / args.corpus
+    # the demo's own data stage and training settings, so each run here is the demo's pretraining
+    cfg = DemoConfig(out_dir=str(root), corpus=args.corpus, pretrain_tokens=args.tokens, seed=args.seed, progress=False)
+    demo = Demo(cfg)
     data = root / "data"
-    if not (data / "val" / "meta.json").is_file():
-        train_docs, val_docs = corpus_documents(args.corpus, "train"), corpus_documents(args.corpus, "val")
-        tok = train_bpe(train_docs, 4096)
-        data.mkdir(parents=True, exist_ok=True)
-        tok.save(str(data / "tokenizer.json"))
-        for split, docs in (("train", train_docs), ("val", val_docs)):
-            prepare_shards(docs, tok, data / split, overwrite=True, show_progress=False)
+    if not (data / "val" / META_FILE).is_file():
+        demo.data()
     results = root / "results.jsonl"
-    done = {json.loads(line)["recipe"] for line in results.read_text().splitlines()} if results.is_file() else set()
-    val_texts = corpus_documents(args.corpus, "val")
+    done = {r["recipe"] for r in _records(results)}
+    val_texts = demo.documents("val")
     for name in recipes:
         key = f"{name}-s{args.seed}"
         if key in done:
@@ -92,27 +90,25 @@ def main() -> None:
                 model="demo",
                 baseline=baseline,
                 data=str(data),
-                tokens=args.tokens,
-                lr=3e-3,
-                seq_len=256,
-                batch_size=16,
-                seed=args.seed,
-                device="cpu",
-                progress=False,
-                eval_interval=0,
-                ckpt_interval=50,
-                keep_last=1,
-                resume=True,
+                tokens=cfg.pretrain_tokens,
+                lr=cfg.pretrain_lr,
+                **demo.train_settings(),
                 **fields,
             )
         )
         seconds = time.perf_counter() - t0
         em = open_checkpoint(final)
-        rows = evaluate_ppl(em, val_texts, list(EVAL_PATTERNS), seq_len=256, max_tokens=args.ppl_tokens, progress=False)
+        patterns = list(EVAL_PATTERNS)
+        rows = evaluate_ppl(em, val_texts, patterns, seq_len=cfg.seq_len, max_tokens=args.ppl_tokens, progress=False)
         rec = {"recipe": key, "seed": args.seed, "train_s": seconds, "ppl": {r["pattern"]: r["ppl"] for r in rows}}
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON lines of ``path`` (none when it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def cross_eval(root: Path, corpus: str, ppl_tokens: int) -> None:
@@ -120,9 +116,9 @@ def cross_eval(root: Path, corpus: str, ppl_tokens: int) -> None:
     (scored with the run's own tokenizer), appended to cross.jsonl (runs already there are skipped)."""
     other = next(c for c in CORPORA if c != corpus)
     texts = corpus_documents(other, "val")
-    recs = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    recs = _records(root / "results.jsonl")
     cross = root / "cross.jsonl"
-    done = {json.loads(line)["recipe"] for line in cross.read_text().splitlines()} if cross.is_file() else set()
+    done = {r["recipe"] for r in _records(cross)}
     torch.set_num_threads(1)
     for rec in recs:
         if rec["recipe"] not in done:
@@ -136,10 +132,9 @@ def cross_eval(root: Path, corpus: str, ppl_tokens: int) -> None:
 
 def print_table(out: Path) -> None:
     for corpus in CORPORA:
-        path = out / corpus / "results.jsonl"
-        if not path.is_file():
+        recs = {r["recipe"]: r for r in _records(out / corpus / "results.jsonl")}
+        if not recs:
             continue
-        recs = {json.loads(line)["recipe"]: json.loads(line) for line in path.read_text().splitlines()}
         print(f"\n{corpus}\n")
         print("| recipe | dense PPL | vs baseline dense | D16 zero-shot / dense | D64 zero-shot / dense | train s |")
         print("|---|---|---|---|---|---|")
@@ -149,9 +144,8 @@ def print_table(out: Path) -> None:
             vs = f"{p['dense'] / base['ppl']['dense']:.3f}x" if base else "-"
             d16, d64 = p["D16-W0-P0"] / p["dense"], p["D64-W0-P0"] / p["dense"]
             print(f"| {name} | {p['dense']:.2f} | {vs} | {d16:.3f}x | {d64:.3f}x | {r['train_s']:.0f} |")
-        cross_path = out / corpus / "cross.jsonl"
-        if cross_path.is_file():
-            cross = {json.loads(line)["recipe"]: json.loads(line) for line in cross_path.read_text().splitlines()}
+        cross = {r["recipe"]: r for r in _records(out / corpus / "cross.jsonl")}
+        if cross:
             base_x = next((r["dense"] for k, r in cross.items() if k.startswith("base-local64")), None)
             print(f"\ntrained on {corpus}, scored on the other corpus's held-out documents ({corpus} tokenizer)\n")
             print("| recipe | dense PPL | vs baseline |\n|---|---|---|")

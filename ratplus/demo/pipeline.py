@@ -172,7 +172,8 @@ class Demo:
         return corpus_documents(self.cfg.corpus, split)
 
     # ---- 2./3. training --------------------------------------------------------------------------------
-    def _train_common(self) -> dict[str, Any]:
+    def train_settings(self) -> dict[str, Any]:
+        """The ``TrainConfig`` fields every demo training run shares (shape, seed, bookkeeping)."""
         c = self.cfg
         return dict(
             seq_len=c.seq_len,
@@ -202,7 +203,7 @@ class Demo:
                 lr=c.pretrain_lr,
                 joint_train=True,
                 **recipe,
-                **self._train_common(),
+                **self.train_settings(),
             )
         )
         return {"ckpt": str(final)}
@@ -216,7 +217,7 @@ class Demo:
             out_dir=str(self._workdir(f"adapt_{which}_{pattern}")),
             data=str(self.out / "data" / "train"),
             tokens=self.cfg.adapt_tokens,
-            **{k: v for k, v in self._train_common().items() if k != "seq_len"},
+            **{k: v for k, v in self.train_settings().items() if k != "seq_len"},
         )
         return {"ckpt": str(final)}
 
