@@ -464,6 +464,50 @@ def gate_profile(model: RATPlusLM, b: RecallBatch, task: RecallTask) -> list[dic
 
 
 @torch.no_grad()
+def _attention_weights(model: RATPlusLM, ids: torch.Tensor, pattern: str) -> Iterator[torch.Tensor]:
+    """Per layer, the attention weights (B, H, T, S) of ``pattern`` (dense or dilated/local) on ``ids``
+    (B, T), recomputed from the layer's projections with the exact mask (reference semantics)."""
+    from ratplus.ops.attention.masks import dilated_mask
+    from ratplus.ops.rope import apply_rope
+
+    T = ids.shape[1]
+    cos, sin = model.rope(torch.arange(T, device=ids.device), torch.float32)
+    mask = dilated_mask(_pattern(pattern), T, T, device=ids.device)  # (T, S)
+    x = model.embedding.wte(ids)  # (B, T, C)
+    for block, lp in zip(model.backbone.layers, model.resolve_pattern(pattern), strict=True):
+        layer = block.seq_layer
+        _, q, k, v, g = layer.project(x)  # (B, H, T, K)
+        if g is not None:
+            k, v = layer.recur(g, k, v)
+        q, k = apply_rope(q, cos, sin), apply_rope(k.to(q.dtype), cos, sin)
+        scores = (q @ k.transpose(-1, -2)) * layer.head_dim**-0.5  # (B, H, T, S)
+        yield scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        x = block(x, lp, cos, sin)
+
+
+def _asked_pair(ids: torch.Tensor, b: RecallBatch) -> torch.Tensor:
+    """(B, n) body position of the key each query asks for (its value sits one later)."""
+    pair_pos = b.pair_pos.to(ids.device)
+    body_keys = ids.gather(1, pair_pos)  # (B, n)
+    asked = ids.gather(1, b.query_pos.to(ids.device))  # (B, n)
+    which = (asked.unsqueeze(2) == body_keys.unsqueeze(1)).float().argmax(2)  # (B, n) pair index
+    return pair_pos.gather(1, which)
+
+
+def _rows_at(w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Attention rows (B, H, n, S) of the query positions ``pos`` (B, n) in weights ``w`` (B, H, T, S)."""
+    B, H, _, S = w.shape
+    return w.gather(2, pos[:, None, :, None].expand(B, H, pos.shape[1], S))
+
+
+def _mass_on(rows: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows (B, H, n, S) and one key position per row (B, n): (mass on it, is it the argmax), each
+    (B, H, n)."""
+    idx = keys[:, None, :, None].expand(-1, rows.shape[1], -1, 1)
+    return rows.gather(3, idx).squeeze(3), rows.argmax(3) == keys[:, None, :]
+
+
+@torch.no_grad()
 def carrier_attention(model: RATPlusLM, b: RecallBatch, task: RecallTask, pattern: str) -> list[dict[str, float]]:
     """Where each answer's query looks, per layer, under a dilated ``pattern`` (D > 1).
 
@@ -472,41 +516,18 @@ def carrier_attention(model: RATPlusLM, b: RecallBatch, task: RecallTask, patter
     and value. For each queried key (the position that predicts the answer) this returns, per layer,
     the attention mass on the carrier (best head) and the fraction of queries whose most-attended key
     (best head) is the carrier; mean over the batch. Uses the exact masks (reference semantics)."""
-    from ratplus.ops.attention.masks import dilated_mask
-    from ratplus.ops.rope import apply_rope
-
     p = _pattern(pattern)
     if p.is_topk or p.is_dense or p.dilation_size is None:
         raise ValueError(f"pattern must be dilated with D > 1, got {pattern!r}")
     D = p.dilation_size
-    device = next(model.parameters()).device
-    ids = b.input_ids.to(device)
-    B, T = ids.shape
-    cos, sin = model.rope(torch.arange(T, device=device), torch.float32)
-    mask = dilated_mask(p, T, T, device=device)  # (T, S)
-    layers = model.resolve_pattern(pattern)
-    # carrier of the pair each query asks for: match the query key to its pair in the body
-    body_keys = ids.gather(1, b.pair_pos.to(device))  # (B, n)
-    asked = ids.gather(1, b.query_pos.to(device))  # (B, n)
-    which = (asked.unsqueeze(2) == body_keys.unsqueeze(1)).float().argmax(2)  # (B, n) pair index
-    value_pos = b.pair_pos.to(device).gather(1, which) + 1  # (B, n)
+    ids = b.input_ids.to(next(model.parameters()).device)
+    qp = b.query_pos.to(ids.device)  # (B, n)
+    value_pos = _asked_pair(ids, b) + 1  # (B, n)
     carrier = (value_pos + 1 + D - 1) // D * D - 1  # first p >= value_pos with (p + 1) % D == 0
-    visible = carrier < b.query_pos.to(device) - p.local_size  # carrier is a dilated key of the query
+    sel = carrier < qp - p.local_size  # the carrier is a dilated key of the query
     out: list[dict[str, float]] = []
-    x = model.embedding.wte(ids)  # (B, T, C)
-    for block, lp in zip(model.backbone.layers, layers, strict=True):
-        layer = block.seq_layer
-        _, q, k, v, g = layer.project(x)  # (B, H, T, K)
-        if g is not None:
-            k, v = layer.recur(g, k, v)
-        q, k = apply_rope(q, cos, sin), apply_rope(k.to(q.dtype), cos, sin)
-        scores = (q @ k.transpose(-1, -2)) * layer.head_dim**-0.5  # (B, H, T, S)
-        w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        qp = b.query_pos.to(device)  # (B, n)
-        rows = w.gather(2, qp[:, None, :, None].expand(B, w.shape[1], qp.shape[1], T))  # (B, H, n, S)
-        mass = rows.gather(3, carrier[:, None, :, None].expand(B, w.shape[1], -1, 1)).squeeze(3)  # (B, H, n)
-        top = rows.argmax(3) == carrier[:, None, :]  # (B, H, n)
-        sel = visible
+    for w in _attention_weights(model, ids, pattern):
+        mass, top = _mass_on(_rows_at(w, qp), carrier)
         out.append(
             {
                 "carrier_mass": float(mass.amax(1)[sel].mean()) if sel.any() else float("nan"),
@@ -514,7 +535,33 @@ def carrier_attention(model: RATPlusLM, b: RecallBatch, task: RecallTask, patter
                 "queries": int(sel.sum()),
             }
         )
-        x = block(x, lp, cos, sin)
+    return out
+
+
+@torch.no_grad()
+def induction_attention(model: RATPlusLM, b: RecallBatch) -> list[dict[str, float]]:
+    """The two attention steps of an induction circuit, per layer, under dense attention.
+
+    Attention solves MQAR in two steps: at each value token a *previous-token* head copies the key just
+    before it (``prev_mass``: the value's weight on its key), and at each queried key a *lookup* head
+    attends to the value that followed the same key in the body (``lookup_mass`` / ``lookup_top``:
+    the weight on that value, and how often it is the most-attended position). Best head, mean over
+    the pairs / queries of the batch. RAT+'s recurrence gives the first step for free: its key at
+    the value position already mixes the key token in."""
+    ids = b.input_ids.to(next(model.parameters()).device)
+    key_pos = b.pair_pos.to(ids.device)  # (B, n): every body key, its value one later
+    asked_value = _asked_pair(ids, b) + 1  # (B, n)
+    out: list[dict[str, float]] = []
+    for w in _attention_weights(model, ids, "dense"):
+        prev, _ = _mass_on(_rows_at(w, key_pos + 1), key_pos)
+        look, top = _mass_on(_rows_at(w, b.query_pos.to(ids.device)), asked_value)
+        out.append(
+            {
+                "prev_mass": float(prev.amax(1).mean()),
+                "lookup_mass": float(look.amax(1).mean()),
+                "lookup_top": float(top.any(1).float().mean()),
+            }
+        )
     return out
 
 
@@ -571,6 +618,7 @@ def run_recall_probe(
             atomic_write_bytes(out / f"{name}.pt", buf.getvalue())
         info["pretrain_s"] = round(time.perf_counter() - t0, 1)
         info["gates"] = gate_profile(model, test[0], cfg.task)
+        info["induction"] = induction_attention(model, test[0])
         t0 = time.perf_counter()
         for pattern in tqdm(patterns, desc=f"eval {name}", disable=not cfg.progress, leave=False):
             p = _pattern(pattern)

@@ -15,6 +15,7 @@ from ratplus.eval.recall import (
     carrier_attention,
     demo_config,
     gate_profile,
+    induction_attention,
     make_batch,
     quick_config,
     recall_config,
@@ -221,6 +222,52 @@ def test_carrier_attention_uniform_queries():
         assert layer["carrier_mass"] == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="dilated"):
         carrier_attention(model, b, cfg.task, "dense")
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_induction_attention_uniform_queries(baseline):
+    """With q = 0 the value at p + 1 spreads its weight over p + 2 keys, the query at t over t + 1."""
+    from ratplus.model.rat import RATPlusLM
+
+    cfg = quick_config()
+    torch.manual_seed(0)
+    model = RATPlusLM(cfg.model_config(baseline=baseline))
+    C = cfg.d_model
+    for block in model.backbone.layers:
+        block.seq_layer.in_proj.weight.data[C : 2 * C] = 0  # rows of q
+    b = make_batch(cfg.task, 6, seed=2)
+    got = induction_attention(model, b)
+    prev = (1 / (b.pair_pos.double() + 2)).mean()
+    look = (1 / (b.query_pos.double() + 1)).mean()
+    assert len(got) == cfg.num_layers
+    for layer in got:
+        assert layer["prev_mass"] == pytest.approx(float(prev), rel=1e-5)
+        assert layer["lookup_mass"] == pytest.approx(float(look), rel=1e-5)
+
+
+def test_induction_attention_finds_a_handmade_circuit(monkeypatch):
+    """Layer 1 a previous-token head, layer 2 a head that looks up the asked value: both read 1."""
+    import ratplus.eval.recall as recall
+    from ratplus.model.rat import RATPlusLM
+
+    cfg = quick_config()
+    b = make_batch(cfg.task, 5, seed=3)
+    B, T = b.input_ids.shape
+    prev = torch.zeros(B, 2, T, T)
+    prev[:, :, torch.arange(1, T), torch.arange(T - 1)] = 1
+    prev[:, :, 0, 0] = 1
+    look = prev.clone()
+    for i in range(B):
+        for q in b.query_pos[i].tolist():
+            key = int(b.input_ids[i, q])
+            k_pos = int(b.pair_pos[i][b.input_ids[i, b.pair_pos[i]] == key][0])
+            look[i, :, q] = 0
+            look[i, 1, q, k_pos + 1] = 0.9  # head 1 only: the best head counts
+            look[i, 1, q, 0] = 0.1
+    monkeypatch.setattr(recall, "_attention_weights", lambda model, ids, pattern: iter([prev, look]))
+    got = induction_attention(RATPlusLM(cfg.model_config(baseline=True)), b)
+    assert got[0]["prev_mass"] == 1.0 and got[0]["lookup_top"] == 0.0
+    assert got[1]["lookup_mass"] == pytest.approx(0.9) and got[1]["lookup_top"] == 1.0
 
 
 def test_cli_quick(tmp_path, capsys):
