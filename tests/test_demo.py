@@ -101,6 +101,28 @@ def test_quick_config_is_smaller():
     assert quick.recall_quick and not full.recall_quick
 
 
+def test_recall_stage_config_follows_the_demo_budget(tmp_path, monkeypatch):
+    """The demo's recall knobs reach the probe: steps, peak LR (also the constant adaptation LR), adaptation."""
+    import ratplus.eval.recall as recall
+    from ratplus.demo.pipeline import Demo
+
+    seen = {}
+
+    def fake_probe(cfg, out_dir, plot=True):
+        seen["cfg"] = cfg
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(recall, "run_recall_probe", fake_probe)
+    demo = Demo(
+        DemoConfig(out_dir=str(tmp_path), progress=False, recall_steps=700, recall_lr=5e-4, recall_adapt_steps=9)
+    )
+    with pytest.raises(RuntimeError, match="stop"):
+        demo.recall()
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.lr, cfg.adapt_steps, cfg.adapt_lr_mult, cfg.adapt_constant_lr) == (700, 5e-4, 9, 1.0, True)
+    assert cfg.adapt_patterns == ["D16", "local-W16-P0"] and not cfg.joint_train
+
+
 def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     from ratplus.cli import main
 
@@ -144,6 +166,8 @@ def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):
         assert base._workdir(stage) == more_recall._workdir(stage)
     assert base._key("recall") != more_recall._key("recall")
     assert base._workdir("recall") != more_recall._workdir("recall")
+    other_lr = Demo(DemoConfig(out_dir=str(tmp_path), progress=False, recall_lr=1e-3))
+    assert base._workdir("recall") != other_lr._workdir("recall") and base._key("ppl") == other_lr._key("ppl")
     for stage in ("pretrain_ratplus", "adapt_ratplus_D16-W0-P0", "ppl", "serve"):
         assert base._workdir(stage) != more_pretrain._workdir(stage)
     for stage in ("data", "recall"):  # the recall probe trains its own models: the LM budget does not touch it
@@ -181,6 +205,9 @@ def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
     assert "ratplus demo: error: --recall-steps must be positive" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--recall-adapt-steps", "-1"]) == 2
     assert "ratplus demo: error: --recall-adapt-steps must be positive" in capsys.readouterr().err
+    for bad in ("0", "nan"):
+        assert main(["demo", "--out", str(tmp_path), "--recall-lr", bad]) == 2
+        assert "ratplus demo: error: --recall-lr must be positive" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--joint-pattern", "D0"]) == 2
     assert "ratplus demo: error: bad attention pattern 'D0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

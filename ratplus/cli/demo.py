@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
         type=int,
         help=f"recall probe pretraining steps (default {DemoConfig.recall_steps}); other stages are reused",
     )
+    p.add_argument("--recall-lr", type=float, help=f"recall probe peak LR (default {DemoConfig.recall_lr:g})")
     p.add_argument(
         "--recall-adapt-steps",
         type=int,
@@ -43,10 +44,10 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     kw: dict[str, Any] = dict(out_dir=args.out, device=args.device, progress=not args.no_progress)
-    for name in ("pretrain_tokens", "recall_steps", "recall_adapt_steps"):
+    for name in ("pretrain_tokens", "recall_steps", "recall_lr", "recall_adapt_steps"):
         value = getattr(args, name)
         if value is not None:
-            if value < 1:
+            if not value > 0:  # also refuses nan
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
             kw[name] = value
     for name in ("corpus", "joint_pattern", "dense_warmup"):

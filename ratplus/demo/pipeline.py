@@ -62,7 +62,7 @@ STAGE_FIELDS = {
     "adapt": _ADAPT_FIELDS,
     "ppl": (*_ADAPT_FIELDS, "ppl_tokens"),
     # the recall probe trains its own models: only its own budget matters
-    "recall": ("recall_quick", "recall_steps", "recall_adapt_steps"),
+    "recall": ("recall_quick", "recall_steps", "recall_lr", "recall_adapt_steps"),
     "serve": (*_ADAPT_FIELDS, "decode_tokens"),
     "budget": (*_PRETRAIN_FIELDS, "budget_tokens", "budget_score_tokens"),
 }
@@ -84,8 +84,9 @@ class DemoConfig:
     adapt_tokens: int = 24_000
     ppl_tokens: int = 40_000
     recall_quick: bool = False  # True: the recall probe's smoke task and model (quick_config)
-    recall_steps: int = 1500  # recall probe pretraining steps (dense, batch 64)
-    recall_adapt_steps: int = 500  # its adaptation steps per sparse pattern (at the full, constant LR)
+    recall_steps: int = 1000  # recall probe pretraining steps (dense, batch 64)
+    recall_lr: float = 2e-3  # its peak LR (cosine), also its constant adaptation LR
+    recall_adapt_steps: int = 300  # its adaptation steps per sparse pattern (at the full, constant LR)
     decode_tokens: int = 48
     budget_tokens: int = 20_000
     budget_score_tokens: int = 8
@@ -108,6 +109,7 @@ class DemoConfig:
             ppl_tokens=3_000,
             recall_quick=True,
             recall_steps=60,
+            recall_lr=1e-3,
             recall_adapt_steps=10,
             decode_tokens=8,
             budget_tokens=2_000,
@@ -248,7 +250,9 @@ class Demo:
         from ratplus.eval.recall import demo_config, run_recall_probe
 
         c = self.cfg
-        cfg = demo_config(c.recall_quick, steps=c.recall_steps, adapt_steps=c.recall_adapt_steps, progress=c.progress)
+        cfg = demo_config(
+            c.recall_quick, steps=c.recall_steps, lr=c.recall_lr, adapt_steps=c.recall_adapt_steps, progress=c.progress
+        )
         # the probe writes its own recall.json / recall.png / weights there; the report draws its plot
         rec = run_recall_probe(cfg, self._workdir("recall"), plot=False)
         keep = ("model", "pattern", "kind", "dilation", "acc", "acc_adapted", "acc_adapted_dense", "frac_of_dense")

@@ -201,11 +201,11 @@ def _recall_section(recall: dict[str, Any]) -> list[str]:
         "scores comes from the recurrence alone; a dilated pattern beats it only when its chunk-end keys carry "
         "the pairs between them.",
         "",
-        "The adaptation budget decides the sparse rows: on this task and model (docs/benchmarks/"
-        "recall_cpu_20261130.md in the ratplus repository) D16 went 16% -> 76% -> 90% -> 100% after 100 / "
-        "400 / 500 / 800 steps at the constant full LR, while the paper's recipe (1% of the steps at 0.1x LR) "
-        "left it at 11% and a cosine-decayed 400 steps at 45%. `--recall-steps` and `--recall-adapt-steps` "
-        "change the budget (the other stages are reused).",
+        "The adaptation budget decides the sparse rows (docs/benchmarks/recall_cpu_20261130.md in the ratplus "
+        "repository): with this recipe (one thread, seed 0) D16 went 19% -> 71% -> 94% -> 99% after 100 / 200 / "
+        "250 / 300 steps at the constant full LR; on a model trained 1,500 steps at 1e-3 the paper's recipe "
+        "(1% of the steps at 0.1x LR) left it at 11% and a cosine-decayed 400 steps at 45%. `--recall-steps`, "
+        "`--recall-lr` and `--recall-adapt-steps` change the budget (the other stages are reused).",
         "",
     ]
     curves = [r for r in recall["rows"] if r.get("adapt_curve")]

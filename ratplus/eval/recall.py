@@ -297,20 +297,24 @@ def quick_config(**overrides: Any) -> RecallConfig:
 def demo_config(quick: bool = False, **overrides: Any) -> RecallConfig:
     """The budget for the demo's recall stage (``quick``: the smoke budget). RAT+ only: in a few minutes
     the attention baseline does not learn the task densely, so its sparse rows would mean nothing.
-    1,500 dense steps (measured: 100% dense; a 1,000-step cosine schedule decays its LR before the
-    task is learnt and stayed at 15%), then 500 adaptation steps at the full, constant LR to D16 and
-    to the local-only control (measured on this very model: D16 89.5% after 500 steps, 100% after 800,
-    the control 43%; a cosine schedule over 400 steps gave D16 only 45%, the paper's 1% of the steps at
-    0.1x LR 11%). docs/benchmarks/recall_cpu_20261130.md."""
+
+    1,000 dense steps at 2e-3, then 300 adaptation steps at that full, constant LR to D16 and to the
+    local-only control. Measured (one thread, seed 0): 100% dense; D16 71% / 94% / 99% after 200 / 250 /
+    300 adaptation steps, the control 26% at 300. The earlier recipe (1,500 steps at 1e-3, 500
+    adaptation steps) gave D16 89.5% and took 1.6x as long; at 1e-3 a 1,000-step cosine schedule
+    decays its LR before the task is learnt (15%), and so does batch 32 at 1,500 steps (15%); a
+    cosine-decayed adaptation or the paper's 1% of the steps at 0.1x LR leave D16 at 45% / 11%.
+    docs/benchmarks/recall_cpu_20261130.md."""
     if quick:
         return quick_config(**{"models": ("ratplus",), "adapt_constant_lr": True, "adapt_eval_every": 5, **overrides})
     base = dict(
-        steps=1500,
+        steps=1000,
+        lr=2e-3,
         joint_train=False,
-        adapt_steps=500,
+        adapt_steps=300,
         adapt_lr_mult=1.0,
         adapt_constant_lr=True,
-        adapt_eval_every=100,
+        adapt_eval_every=50,
         patterns=["dense", "D4", "D16", "D32", "local-W16-P0", "topk-B8-K2-W8-P0-quest", "topk-B8-K2-W8-P0-moba"],
         adapt_patterns=["D16", "local-W16-P0"],
         models=("ratplus",),
