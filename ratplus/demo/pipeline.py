@@ -256,12 +256,13 @@ class Demo:
         # the probe writes its own recall.json / recall.png / weights there; the report draws its plot
         rec = run_recall_probe(cfg, self._workdir("recall"), plot=False)
         keep = ("model", "pattern", "kind", "dilation", "acc", "acc_adapted", "acc_adapted_dense", "frac_of_dense")
-        keep += ("adapt_curve",)
+        keep += ("adapt_curve", "first_query")
         adapted = cfg.sparse_adapt_patterns()
         t = cfg.task
         return {
             "rows": [{k: r.get(k) for k in keep} for r in rec["rows"]],
             "control": rec["control"],
+            "elimination_floor": rec["elimination_floor"],
             # the pattern the targets check: the first adapted dilated one (D16; D8 in the quick task)
             "probe_pattern": next(p for p in adapted if AttentionPattern.parse(p).dilation_size is not None),
             "adapt_budget": rec["adapt_budget"],

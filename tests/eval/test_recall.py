@@ -12,8 +12,11 @@ from ratplus.cli import main
 from ratplus.eval.recall import (
     RecallTask,
     answer_accuracy,
+    answer_matrix,
     carrier_attention,
     demo_config,
+    elimination_floor,
+    evaluate_accuracy,
     gate_profile,
     induction_attention,
     make_batch,
@@ -133,6 +136,38 @@ def test_demo_config_is_valid_and_ratplus_only():
     assert demo_config().steps > demo_config(quick=True).steps
 
 
+class _Oracle(torch.nn.Module):
+    """Answers every query right except those at query index ``miss`` (it answers a filler token there)."""
+
+    def __init__(self, batches, vocab, miss):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.by_ids = {tuple(b.input_ids[i].tolist()): (b, i) for b in batches for i in range(len(b.input_ids))}
+        self.vocab, self.miss = vocab, miss
+
+    def forward(self, ids, pattern=None):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        for r, row in enumerate(ids.tolist()):
+            b, i = self.by_ids[tuple(row)]
+            for j, q in enumerate(b.query_pos[i].tolist()):
+                logits[r, q, 0 if j == self.miss else int(b.labels[i, q])] = 1.0
+        return logits
+
+
+def test_answer_matrix_orders_answers_by_query_index():
+    test = [make_batch(TASK, 4, 0, "test", i) for i in range(2)]
+    right = answer_matrix(_Oracle(test, TASK.vocab_size, miss=2), test, "dense")
+    assert right.shape == (8, TASK.pairs) and right.dtype == torch.bool
+    assert not right[:, 2].any() and right[:, [0, 1, 3, 4]].all()
+    assert evaluate_accuracy(_Oracle(test, TASK.vocab_size, miss=0), test, "dense") == pytest.approx(4 / 5)
+
+
+def test_elimination_floor():
+    floor = elimination_floor(6)
+    assert floor[0] == pytest.approx(1 / 6) and floor[-1] == 1.0
+    assert sum(floor) / 6 == pytest.approx(0.408, abs=1e-3)  # what a model that binds nothing scores
+
+
 def test_tiny_end_to_end(tmp_path):
     cfg = quick_config(steps=8, adapt_steps=3, eval_batches=1, progress=False)
     rec = run_recall_probe(cfg, tmp_path)
@@ -156,6 +191,12 @@ def test_tiny_end_to_end(tmp_path):
     gates = rec["models"]["ratplus"]["gates"]
     assert len(gates) == cfg.num_layers and all(0 < g["filler"] < 1 for g in gates)
     assert rec["models"]["baseline"]["gates"] == []
+    assert rec["elimination_floor"] == elimination_floor(cfg.task.pairs)
+    for r in rows:
+        assert len(r["by_query"]) == cfg.task.pairs and 0 <= r["first_query"] <= 1
+        assert sum(r["by_query"]) / cfg.task.pairs == pytest.approx(r["acc"])
+        if r["acc_adapted"] is not None:
+            assert r["first_query"] == r["by_query_adapted"][0]
 
 
 @pytest.mark.parametrize("constant", [False, True])
