@@ -320,9 +320,9 @@ def demo_config(quick: bool = False, **overrides: Any) -> RecallConfig:
     local-only control. Measured (one thread): seed 0 100% dense, D16 71% / 94% / 99% after 200 / 250 /
     300 adaptation steps, the control 26% at 300; seed 1 99% dense, D16 85%, control 25%. The earlier
     recipe (1,500 steps at 1e-3, 500 adaptation steps) gave D16 89.5% and took 1.6x as long; 1e-3 with a
-    1,000-step cosine schedule stays at 15% (the LR decays before the task is learnt), as do batch 32 at
-    1,500 steps and 3e-3 at 700 steps (seed 1); a cosine-decayed adaptation or the paper's 1% of the
-    steps at 0.1x LR leave D16 at 45% / 11%.
+    1,000-step cosine schedule stays at 15% (the LR decays before the task is learnt), as does batch 32
+    at 1,500 steps, and 3e-3 over 700 steps had not learnt it for seed 1 (12% dense); a cosine-decayed
+    adaptation or the paper's 1% of the steps at 0.1x LR leave D16 at 45% / 11%.
     docs/benchmarks/recall_cpu_20261130.md."""
     if quick:
         return quick_config(**{"models": ("ratplus",), "adapt_constant_lr": True, "adapt_eval_every": 5, **overrides})
