@@ -213,8 +213,9 @@ def _recall_section(recall: dict[str, Any]) -> list[str]:
         ]
     lines += [
         "The adaptation budget decides the sparse rows (docs/benchmarks/recall_cpu_20261130.md in the ratplus "
-        "repository): with this recipe (one thread, seed 0) D16 went 19% -> 71% -> 94% -> 99% after 100 / 200 / "
-        "250 / 300 steps at the constant full LR; on a model trained 1,500 steps at 1e-3 the paper's recipe "
+        "repository): with the default recipe (1,000 steps at 2e-3; one thread, seed 0) D16 went 19% -> 71% -> "
+        "94% -> 99% after 100 / 200 / 250 / 300 steps at the constant full LR (seed 1: 85% at 300); on a model "
+        "trained 1,500 steps at 1e-3 the paper's recipe "
         "(1% of the steps at 0.1x LR) left it at 11% and a cosine-decayed 400 steps at 45%. `--recall-steps`, "
         "`--recall-lr` and `--recall-adapt-steps` change the budget (the other stages are reused).",
         "",
