@@ -243,17 +243,24 @@ def test_gate_profile_separates_token_kinds():
     assert set(prof[0]) == {"filler", "key", "value", "query_key"}
 
 
-def test_carrier_attention_uniform_queries():
-    """With q = 0 every visible key gets the same weight: the carrier's mass is 1 / |S(t)|."""
-    from ratplus.config import AttentionPattern
+def _query_blind_model(cfg, baseline: bool):
+    """A fresh model of ``cfg`` whose queries are all zero (q rows of in_proj zeroed): uniform attention."""
     from ratplus.model.rat import RATPlusLM
 
-    cfg = quick_config()
     torch.manual_seed(0)
-    model = RATPlusLM(cfg.model_config(baseline=False))
+    model = RATPlusLM(cfg.model_config(baseline=baseline))
     C = cfg.d_model
     for block in model.backbone.layers:
         block.seq_layer.in_proj.weight.data[C : 2 * C] = 0  # rows of q
+    return model
+
+
+def test_carrier_attention_uniform_queries():
+    """With q = 0 every visible key gets the same weight: the carrier's mass is 1 / |S(t)|."""
+    from ratplus.config import AttentionPattern
+
+    cfg = quick_config()
+    model = _query_blind_model(cfg, baseline=False)
     b = make_batch(cfg.task, 6, seed=2)
     got = carrier_attention(model, b, cfg.task, "D8")
     pattern = AttentionPattern.parse("D8")
@@ -268,14 +275,8 @@ def test_carrier_attention_uniform_queries():
 @pytest.mark.parametrize("baseline", [False, True])
 def test_induction_attention_uniform_queries(baseline):
     """With q = 0 the value at p + 1 spreads its weight over p + 2 keys, the query at t over t + 1."""
-    from ratplus.model.rat import RATPlusLM
-
     cfg = quick_config()
-    torch.manual_seed(0)
-    model = RATPlusLM(cfg.model_config(baseline=baseline))
-    C = cfg.d_model
-    for block in model.backbone.layers:
-        block.seq_layer.in_proj.weight.data[C : 2 * C] = 0  # rows of q
+    model = _query_blind_model(cfg, baseline=baseline)
     b = make_batch(cfg.task, 6, seed=2)
     got = induction_attention(model, b)
     prev = (1 / (b.pair_pos.double() + 2)).mean()
