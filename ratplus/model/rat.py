@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ratplus.config import HeadGroups, ModelConfig, PatternSpec
 from ratplus.ops.attention import attention, repeat_kv
@@ -191,6 +192,24 @@ class RATPlusLM(nn.Module):
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.head.lm_head.weight = self.embedding.wte.weight
+        self.checkpoint_every = 0  # activation checkpointing: 0 = off, n = every n-th block (0, n, 2n, ...)
+
+    def set_activation_checkpointing(self, every: int | bool = 1) -> None:
+        """Recompute block activations in backward instead of keeping them: ``every`` = 1 checkpoints every
+        block, n every n-th block (blocks 0, n, 2n, ...), 0 / False turns it off.
+
+        Applies to full forwards with gradients (training); forwards with a cache or under ``no_grad`` run
+        as before. Outputs and gradients equal the run without it: the recomputation is the same forward
+        (``torch.utils.checkpoint``, non-reentrant, so it composes with DDP, FSDP2 and torch.compile)."""
+        if isinstance(every, bool):
+            every = int(every)
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"activation checkpointing: every must be an int >= 0 (0 = off), got {every!r}")
+        self.checkpoint_every = every
+
+    def checkpointed(self, index: int) -> bool:
+        """Whether block ``index`` recomputes its activations in backward (training forwards only)."""
+        return bool(self.checkpoint_every) and index % self.checkpoint_every == 0 and torch.is_grad_enabled()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -264,8 +283,11 @@ class RATPlusLM(nn.Module):
         layers = self.resolve_pattern(pattern)
         x = self.embedding.wte(input_ids)  # (B, T, C)
         cos, sin = self.rope(torch.arange(T, device=input_ids.device), x.dtype)
-        for block, layer_pattern in zip(self.backbone.layers, layers, strict=True):
-            x = block(x, layer_pattern, cos, sin, backend, scan_backend)
+        for i, (block, layer_pattern) in enumerate(zip(self.backbone.layers, layers, strict=True)):
+            if self.checkpointed(i):
+                x = checkpoint(block, x, layer_pattern, cos, sin, backend, scan_backend, use_reentrant=False)
+            else:
+                x = block(x, layer_pattern, cos, sin, backend, scan_backend)
         logits = self.logits(x)
         if labels is None:
             return logits

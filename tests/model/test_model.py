@@ -137,3 +137,35 @@ def test_bad_input(model):
         model(torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         model(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("pattern", [None, "D4-W8-P2", "D4:2+local-W8:2"])
+def test_activation_checkpointing_keeps_loss_and_gradients(every, pattern):
+    torch.manual_seed(0)
+    model = RATPlusLM(ModelConfig.from_preset("tiny"))
+    ids = torch.randint(0, 256, (2, 70))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, pattern=pattern, labels=ids.roll(-1, 1)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_and_grads()
+    model.set_activation_checkpointing(every)
+    calls = [0] * model.config.num_layers
+    for i, block in enumerate(model.backbone.layers):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    loss, grads = loss_and_grads()
+    # the checkpointed blocks really run twice (forward, then recomputed in backward), the others once
+    assert calls == [2 if i % every == 0 else 1 for i in range(model.config.num_layers)]
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():
+        assert not model.checkpointed(0)  # inference forwards never checkpoint
+    model.set_activation_checkpointing(0)
+    assert not model.checkpointed(0)
+    with pytest.raises(ValueError, match="every must be an int >= 0"):
+        model.set_activation_checkpointing(-1)
