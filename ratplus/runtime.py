@@ -81,21 +81,55 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def check_fits_memory(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
-    """ValueError when ``nbytes`` exceed the total memory of ``device`` (RAM, or the GPU's memory):
-    such a request would end in an allocation failure or the OOM killer, not in a clear error."""
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes a new allocation can take now on ``device``: the free GPU memory (``mem_get_info``), or on
+    the CPU the kernel's ``MemAvailable`` (free RAM plus reclaimable cache, the figure the OOM killer's
+    headroom follows), capped by a cgroup memory limit when one is set. None when unknown."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(device.index or 0).total_memory
-    elif device.type == "cpu":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
         try:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
-            return
-    else:
-        return
-    if nbytes > total:
-        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB, more than the {total / 2**30:.1f} GiB of {device}")
+            return None
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            avail = min(avail, max(int(limit) - usage, 0))
+        break
+    return avail
+
+
+def check_fits_memory(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
+    """ValueError when ``nbytes`` exceed the memory *available* now on ``device`` (``available_memory``):
+    such a request would end in an allocation failure or the OOM killer, not in a clear error."""
+    device = torch.device(device)
+    avail = available_memory(device)
+    if avail is not None and nbytes > avail:
+        raise ValueError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {avail / 2**30:.2f} GiB available on {device}"
+        )
 
 
 #: dtype names a ``--dtype`` flag accepts.
