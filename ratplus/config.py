@@ -444,6 +444,25 @@ class ModelConfig:
         except ValueError as e:
             raise ValueError(f"bad attention pattern {spec!r}: {e}") from e
 
+    def training_pattern(self, spec: PatternSpec, what: str = "pattern") -> str:
+        """``canonical_pattern(spec)`` for a pattern a model can be *trained* in, else ValueError naming ``what``.
+
+        Dense, dilated, local and hybrid patterns (and per-head / per-layer mixes of them) train: their key
+        sets are fixed by position (docs/DESIGN.md section 3). Top-k blocks and SnapKV are inference-only:
+        they choose keys from the scores at run time (top-k has no gradient through the choice; SnapKV
+        only changes what a decode cache keeps, so a full forward in it is dense), so training "in" them
+        would silently train something else."""
+        text = self.canonical_pattern(spec)
+        for layer in self.resolve_pattern(spec):
+            for p, _ in layer.groups:
+                if p.is_topk or p.is_snapkv:
+                    raise ValueError(
+                        f"{what} {text!r} is inference-only ({'top-k blocks' if p.is_topk else 'SnapKV'}): "
+                        "training takes dense, dilated (D<d>[-W<w>][-P<p>]), local (local-W<w>[-P<p>]) or "
+                        "mixes of them; adapt to one of those and evaluate the inference-only pattern on it"
+                    )
+        return text
+
     # ---- presets & serialisation --------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -145,3 +145,18 @@ def test_canonical_pattern_names_each_pattern_once_and_rejects_bad_specs():
     assert cfg.canonical_pattern("dense") == cfg.canonical_pattern(None) == "dense"
     with pytest.raises(ValueError, match="bad attention pattern 'D0'"):
         cfg.canonical_pattern("D0")
+
+
+@pytest.mark.parametrize(
+    "spec", ["snapkv-C16-O4", "topk-B16-K2", "topk-B16-K2-W8-quest", "D16/snapkv-C16-O4", "D4:2+topk-B8-K2:2"]
+)
+def test_inference_only_patterns_refused_for_training(spec):
+    cfg = ModelConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match=r"--pattern .* is inference-only"):
+        cfg.training_pattern(spec, "--pattern")
+
+
+@pytest.mark.parametrize("spec", [None, "dense", "D16", "D16-W64-P4", "local-W16-P1", "D4:2+local-W8:2", "dense/D8"])
+def test_trainable_patterns_pass(spec):
+    cfg = ModelConfig.from_preset("tiny")
+    assert cfg.training_pattern(spec) == cfg.canonical_pattern(spec)
