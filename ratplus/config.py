@@ -286,6 +286,21 @@ def check_ints(obj: object, names: tuple[str, ...], minimum: int) -> None:
             raise ValueError(f"{name} must be {kind}, got {v!r}")
 
 
+#: The largest learning rate a run accepts: AdamW moves every weight by about lr per step, so past 1
+#: (weights start at std 0.02) a run can only diverge, which it would do silently or steps later.
+MAX_LR = 1.0
+
+
+def check_learning_rate(value: Any, name: str, allow_zero: bool = False) -> None:
+    """``value`` must be a finite number in (0, MAX_LR] (``allow_zero``: [0, MAX_LR]): ValueError naming it."""
+    real = is_real(value) and math.isfinite(value)
+    if not (real and (value >= 0 if allow_zero else value > 0) and value <= MAX_LR):
+        diverges = real and value > MAX_LR
+        why = " (AdamW moves each weight by about lr per step: the run would diverge)" if diverges else ""
+        low = "[0" if allow_zero else "(0"
+        raise ValueError(f"{name} must be a finite number in {low}, {MAX_LR:g}], got {value!r}{why}")
+
+
 def _one_layer(spec: str | AttentionPattern | HeadGroups, num_heads: int) -> HeadGroups:
     if isinstance(spec, HeadGroups):
         groups = spec
@@ -452,7 +467,10 @@ class ModelConfig:
         they choose keys from the scores at run time (top-k has no gradient through the choice; SnapKV
         only changes what a decode cache keeps, so a full forward in it is dense), so training "in" them
         would silently train something else."""
-        text = self.canonical_pattern(spec)
+        try:
+            text = self.canonical_pattern(spec)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from e
         for layer in self.resolve_pattern(spec):
             for p, _ in layer.groups:
                 if p.is_topk or p.is_snapkv:

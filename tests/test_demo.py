@@ -209,7 +209,7 @@ def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
         assert main(["demo", "--out", str(tmp_path), "--recall-lr", bad]) == 2
         assert "ratplus demo: error: --recall-lr must be positive" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--joint-pattern", "D0"]) == 2
-    assert "ratplus demo: error: bad attention pattern 'D0'" in capsys.readouterr().err
+    assert "ratplus demo: error: --joint-pattern: bad attention pattern 'D0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path), "--corpus", "gutenberg"])
     assert "invalid choice: 'gutenberg'" in capsys.readouterr().err

@@ -139,3 +139,31 @@ def test_model_forward_checks_token_ids():
 def test_bpe_vocabulary_that_cannot_fit_memory_is_refused():
     with pytest.raises(ValueError, match=rf"vocab_size must be an int in \[257, {MAX_BPE_VOCAB}\]"):
         train_bpe(["some text"], 10**10)
+
+
+@pytest.mark.parametrize("word", ["yes", "no", "true", "latest"])
+def test_train_config_resume_word_is_not_a_path(word, tmp_path, monkeypatch):
+    from ratplus.train.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"resume={word!r} is a word, not a checkpoint path"):
+        TrainConfig(resume=word, steps=1).validate()
+    (tmp_path / word).mkdir()  # a folder that really has that name is a path
+    TrainConfig(resume=word, steps=1).validate()
+
+
+def test_recall_run_that_diverges_is_an_error_not_zero_accuracy(tmp_path, monkeypatch):
+    """A NaN loss stops the probe with FloatingPointError (the CLI's one-line error), instead of
+    finishing with every accuracy 0 and exit 0."""
+    import ratplus.eval.recall as recall
+
+    real = recall.optimizer_steps
+
+    def nan_loss(*args, **kwargs):
+        losses, norm = real(*args, **kwargs)
+        return {k: float("nan") for k in losses}, norm
+
+    monkeypatch.setattr(recall, "optimizer_steps", nan_loss)
+    cfg = recall.quick_config(steps=3, adapt_steps=0, eval_batches=1, models=("ratplus",), progress=False)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 .* lower the learning rate"):
+        recall.run_recall_probe(cfg, tmp_path, plot=False)

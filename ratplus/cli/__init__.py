@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as e:
-        # Bad input (a value, a file, a folder, a full disk): one line naming it. Anything else is a
-        # bug and keeps its traceback. With --verbose the traceback of a bad input is logged too.
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Bad input (a value, a file, a folder, a full disk, a learning rate that made the loss
+        # diverge): one line naming it. Anything else is a bug and keeps its traceback. With
+        # --verbose the traceback of a bad input is logged too.
         logging.getLogger("ratplus").debug("ratplus: traceback of the error below", exc_info=True)
         print(f"ratplus {command_name(args)}: error: {one_line(e)}", file=sys.stderr)
         return 2

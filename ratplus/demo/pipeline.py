@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ratplus.config import AttentionPattern, ModelConfig
+from ratplus.config import AttentionPattern, ModelConfig, check_learning_rate
 from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, MODELS
 from ratplus.demo.report import check_targets, write_report
 from ratplus.io.corpus import CORPORA, corpus_documents
@@ -97,7 +97,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown bundled corpus {self.corpus!r}; choose one of {', '.join(CORPORA)}")
-        self.joint_pattern = ModelConfig.from_preset("demo").canonical_pattern(self.joint_pattern)
+        self.joint_pattern = ModelConfig.from_preset("demo").training_pattern(self.joint_pattern, "--joint-pattern")
+        check_learning_rate(self.pretrain_lr, "pretrain_lr")
+        check_learning_rate(self.recall_lr, "recall_lr (--recall-lr)")
         if not 0 <= self.dense_warmup < 1:  # also refuses nan
             raise ValueError(f"dense_warmup is a fraction of the batches in [0, 1), got {self.dense_warmup}")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
 import time
@@ -37,10 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ratplus.config import AttentionPattern, ModelConfig, check_ints
+from ratplus.config import AttentionPattern, ModelConfig, check_ints, check_learning_rate, is_real
 from ratplus.eval.plots import plot_recall
+from ratplus.io.folder import load_config, load_into, load_pretrained, save_pretrained
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import atomic_write_bytes, atomic_write_text, make_dir, print_table
+from ratplus.runtime import atomic_write_text, check_fits_memory, make_dir, print_table
 from ratplus.train.data import IGNORE_INDEX
 from ratplus.train.step import build_optimizer, lr_factor, optimizer_steps
 
@@ -244,22 +244,53 @@ class RecallConfig:
     def validate(self) -> None:
         check_ints(self, ("d_model", "num_layers", "num_heads", "steps", "batch_size", "eval_batches"), 1)
         check_ints(self, ("adapt_steps", "dense_warmup_steps", "adapt_eval_every"), 0)
+        if self.threads is not None:
+            check_ints(self, ("threads",), 0)
         if self.dense_warmup_steps > self.steps:
             raise ValueError(f"dense_warmup_steps={self.dense_warmup_steps} is more than steps={self.steps}")
-        if not self.lr > 0 or not self.adapt_lr_mult > 0:
-            raise ValueError("lr and adapt_lr_mult must be > 0")
+        check_learning_rate(self.lr, "lr")
+        check_learning_rate(self.min_lr, "min_lr", allow_zero=True)
+        if not (is_real(self.adapt_lr_mult) and math.isfinite(self.adapt_lr_mult) and self.adapt_lr_mult > 0):
+            raise ValueError(f"adapt_lr_mult must be a finite number > 0, got {self.adapt_lr_mult!r}")
+        check_learning_rate(self.lr * self.adapt_lr_mult, "the adaptation LR (lr x adapt_lr_mult)")
         bad = [m for m in self.models if m not in ("ratplus", "baseline")]
         if bad or not self.models:
             raise ValueError(f"models must be a non-empty subset of ratplus, baseline, got {list(self.models)}")
-        named = [("joint_pattern", self.joint_pattern), ("baseline_joint_pattern", self.baseline_joint_pattern)]
-        named += [("patterns", p) for p in self.all_patterns()] + [
-            ("adapt_patterns", p) for p in self.adapt_patterns or []
-        ]
-        for option, p in named:
+        config = self.model_config(baseline=False)
+        evaluated = []
+        for p in self.all_patterns():
             try:
-                AttentionPattern.parse(p)
+                text = config.canonical_pattern(p)
             except ValueError as e:
-                raise ValueError(f"{option}: {e}") from e
+                raise ValueError(f"patterns: {e}") from e
+            D = _pattern(p).dilation_size
+            if D is not None and self.task.seq_len <= D:
+                raise ValueError(
+                    f"patterns: {p} has dilation {D} >= seq_len={self.task.seq_len}: no query of the task "
+                    "sees a dilated key (use a dilation below the context, or a longer seq_len)"
+                )
+            evaluated.append(text)
+        config.training_pattern(self.joint_pattern, "joint_pattern (--joint-pattern)")
+        config.training_pattern(self.baseline_joint_pattern, "baseline_joint_pattern")
+        for p in self.adapt_patterns or []:
+            if config.training_pattern(p, "adapt_patterns (--adapt-patterns)") not in evaluated:
+                raise ValueError(
+                    f"adapt_patterns (--adapt-patterns): {p} is not among the evaluated patterns "
+                    f"({', '.join(self.all_patterns())}); add it to --patterns"
+                )
+
+    def check_memory(self, device: torch.device | str = "cpu") -> None:
+        """Refuse, before anything is allocated, a probe whose model, optimizer state or largest
+        activation cannot fit the memory available now (sizes come from the flags, so a typo such as
+        ``--value-vocab 100000000`` must not start allocating tens of GB)."""
+        config = self.model_config(baseline=False)
+        B, T, V, C = self.batch_size, self.task.seq_len, self.task.vocab_size, self.d_model
+        weights = 4 * config.num_params()
+        # weights + gradients + two AdamW moments; the logits with their gradient and softmax copy, and
+        # per layer the saved activations of a step (about 30 C floats per token, measured order)
+        train = 4 * weights + 4 * B * T * (3 * V + 30 * C * self.num_layers)
+        tasks = 8 * B * T * (self.eval_batches + 2)  # the test batches held for the whole run (int64)
+        check_fits_memory(train + tasks, f"the recall probe (batch {B} x {T} tokens, vocab {V}, d_model {C})", device)
 
     def all_patterns(self) -> list[str]:
         return list(self.patterns) if self.patterns is not None else default_patterns(self.task.seq_len)
@@ -267,8 +298,9 @@ class RecallConfig:
     def sparse_adapt_patterns(self) -> list[str]:
         if self.adapt_patterns is not None:
             return list(self.adapt_patterns)
-        # top-k is an inference-time pattern (no training path): it is evaluated without adaptation
-        return [p for p in self.all_patterns() if not _pattern(p).is_dense and not _pattern(p).is_topk]
+        # top-k and SnapKV are inference-time patterns (no training path): evaluated without adaptation
+        trainable = lambda a: not (a.is_dense or a.is_topk or a.is_snapkv)  # noqa: E731
+        return [p for p in self.all_patterns() if trainable(_pattern(p))]
 
     def model_config(self, baseline: bool) -> ModelConfig:
         return ModelConfig(
@@ -393,6 +425,12 @@ def _train(
     for i in bar:
         b = next(stream)
         losses, _ = optimizer_steps(model, opt, [(b.input_ids, b.labels)], patterns_at(i))
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            raise FloatingPointError(
+                f"{desc}: loss is {next(iter(bad.values()))} at step {i + 1} (pattern {next(iter(bad))}); "
+                f"the run diverged at lr={lr:g}: lower the learning rate"
+            )
         sched.step()
         if i % 50 == 0 or i == steps - 1:
             log.append({"step": i + 1, **losses})
@@ -607,19 +645,62 @@ def _print_table(rows: list[dict[str, Any]], models: list[str]) -> None:
     print_table(head, table)
 
 
+def probe_model_path(folder: str | Path, name: str) -> Path:
+    """Where a probe folder keeps the pretrained ``name`` model (``ratplus`` | ``baseline``): the model
+    folder ``<folder>/<name>/``, or ``<folder>/<name>.pt`` from probes written before 2026-12."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--load: probe folder not found: {root}")
+    for path in (root / name, root / f"{name}.pt"):
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"--load: {root} holds no {name} model ({name}/ or {name}.pt): was it a recall probe's --out?"
+    )
+
+
+def load_probe_model(folder: str | Path, name: str, config: ModelConfig) -> RATPlusLM:
+    """The pretrained ``name`` model of a previous probe, verified (manifest) and checked to be the
+    architecture ``config`` this probe builds: another --d-model or task vocabulary is a clear error."""
+    path = probe_model_path(folder, name)
+    if path.is_dir():
+        found = load_config(path)
+        differs = {k: (v, getattr(config, k)) for k, v in found.to_dict().items() if getattr(config, k) != v}
+        differs.pop("name", None)
+        if differs:
+            listed = ", ".join(f"{k}={a} (this probe: {b})" for k, (a, b) in differs.items())
+            raise ValueError(f"--load: {path} is another model than this probe builds: {listed}")
+        return load_pretrained(path, verify="sha256")
+    try:  # an older probe's torch.save file: weights only (no code runs), shapes checked
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # pickle, zip and I/O errors of a damaged or unsafe file
+        why = f"{type(e).__name__}: {str(e).split('. ')[0][:160]}"  # torch's first sentence says what failed
+        raise ValueError(f"--load: cannot read {path}: damaged, truncated or not a weights file ({why})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--load: {path} does not hold a state dict of tensors")
+    model = RATPlusLM(config)
+    load_into(model, state, source=f"--load: {path}")
+    return model.eval()
+
+
 def run_recall_probe(
     cfg: RecallConfig, out_dir: str | Path, load_from: str | Path | None = None, plot: bool = True
 ) -> dict[str, Any]:
     """Train (or load from ``load_from``, a previous probe's folder), adapt, evaluate, report.
 
-    Writes ``<model>.pt`` (weights after pretraining), ``recall.json`` and ``recall.png`` into
+    Writes ``<model>/`` (a model folder: the weights after pretraining), ``recall.json`` and ``recall.png`` into
     ``out_dir``, prints the table and returns the record (``rows``: one per model and pattern with
     ``acc`` (zero-shot) and ``acc_adapted``)."""
     cfg.validate()
+    cfg.check_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     make_dir(out)  # a clear error for a file standing there, before any training
+    # every saved model read and checked before any work starts
+    loaded = {}
+    if load_from is not None:
+        loaded = {n: load_probe_model(load_from, n, cfg.model_config(n == "baseline")) for n in cfg.models}
     patterns = cfg.all_patterns()
     adapt_set = set(cfg.sparse_adapt_patterns()) if cfg.adapt_steps else set()
     test = [make_batch(cfg.task, cfg.batch_size, cfg.seed, "test", i) for i in range(cfg.eval_batches)]
@@ -632,13 +713,11 @@ def run_recall_probe(
         t0 = time.perf_counter()
         info: dict[str, Any] = {"params": model.num_params()}
         if load_from is not None:
-            model.load_state_dict(torch.load(Path(load_from) / f"{name}.pt", weights_only=True))
+            model = loaded[name]
             info["loaded_from"] = str(load_from)
         else:
             info["train_log"] = pretrain(model, cfg, baseline)
-            buf = io.BytesIO()  # a small model: saved whole, then written atomically
-            torch.save(model.state_dict(), buf)
-            atomic_write_bytes(out / f"{name}.pt", buf.getvalue())
+            save_pretrained(model, out / name)  # the project's model folder: safetensors + manifest
         info["pretrain_s"] = round(time.perf_counter() - t0, 1)
         info["gates"] = gate_profile(model, test[0], cfg.task)
         info["induction"] = induction_attention(model, test[0])

@@ -7,14 +7,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ratplus.config import check_ints, is_real, known_fields
+from ratplus.config import check_ints, check_learning_rate, is_real, known_fields
 from ratplus.train import distributed as D
 
 TASKS = ("pretrain", "adapt", "sft")
 RATPLUS_SPARSE = "D64-W0-P0"  # the joint-training sparse branch of RAT+ (paper)
 BASELINE_SPARSE = "local-W64-P0"  # the attention baseline's sparse branch: same FLOPs, no dilation
+#: resume strings that are words a person meant as a switch, not a checkpoint path (unless such a path exists)
+RESUME_WORDS = ("yes", "no", "true", "false", "on", "off", "y", "n", "1", "0", "latest", "auto")
 
 
 @dataclass
@@ -78,8 +81,15 @@ class TrainConfig:
             raise ValueError(f"betas must be two finite numbers, got {self.betas!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not isinstance(self.resume, (bool, str)) or self.resume == "":
+        if not isinstance(self.resume, (bool, str)) or (isinstance(self.resume, str) and not self.resume.strip()):
             raise ValueError(f"resume must be true, false or a checkpoint path, got {self.resume!r}")
+        word = isinstance(self.resume, str) and self.resume.strip().lower() in RESUME_WORDS
+        if word and not Path(self.resume).exists():
+            # a JSON config or --set written by hand: "yes"/"true" would be read as a folder named yes
+            raise ValueError(
+                f"resume={self.resume!r} is a word, not a checkpoint path: use true/false (JSON booleans) "
+                "or the path of a checkpoint folder"
+            )
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
         for name in ("sparse_pattern", "train_pattern"):
@@ -117,7 +127,8 @@ class TrainConfig:
             raise ValueError("give the length of the run: steps or tokens")
         if self.task == "adapt" and self.init_from is None:
             raise ValueError("task 'adapt' needs init_from (the pretrained model folder)")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+        check_learning_rate(self.lr, "lr")
+        if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")

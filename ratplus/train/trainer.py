@@ -157,8 +157,15 @@ class _Run:
         check_fits_memory(16 * config.num_params(), f"training a {config.num_params():,}-parameter model", device)
 
         canonical = config.canonical_pattern  # "D4" and "D4-W0-P0" name the same pattern in logs
-        self.sparse_pattern = canonical(cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE))
-        self.step_patterns = [self.sparse_pattern, "dense"] if cfg.joint_train else [canonical(cfg.train_pattern)]
+        # patterns trained in: dense / dilated / local only (top-k and SnapKV are inference-only)
+        trainable = config.training_pattern
+        self.sparse_pattern = trainable(
+            cfg.sparse_pattern or (RATPLUS_SPARSE if config.apply_re else BASELINE_SPARSE),
+            "sparse_pattern (--sparse-pattern)",
+        )
+        self.step_patterns = (
+            [self.sparse_pattern, "dense"] if cfg.joint_train else [trainable(cfg.train_pattern, "pattern (--pattern)")]
+        )
         default_eval = [*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]
         self.eval_patterns = list(dict.fromkeys(canonical(p) for p in (cfg.eval_patterns or default_eval)))
         if cfg.seq_len > config.max_seq_len:

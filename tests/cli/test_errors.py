@@ -88,6 +88,64 @@ CASES = [
         "afile is a file",
     ),
     (["eval", "recall", "--quick", "--out", "{root}/afile"], "eval recall", "afile is a file"),
+    # inference-only patterns refused wherever a model is trained (they would silently train dense)
+    ([*T, "--sparse-pattern", "snapkv-C16-O4"], "train", "is inference-only (SnapKV)"),
+    ([*T, "--sparse-pattern", "topk-B16-K2"], "train", "is inference-only (top-k blocks)"),
+    (
+        ["adapt", "--ckpt", "{root}/model", "--pattern", "snapkv-C16-O4", "--steps", "1"],
+        "adapt",
+        "pattern (--pattern) 'snapkv-C16-O4' is inference-only",
+    ),
+    (
+        ["adapt", "--ckpt", "{root}/model", "--pattern", "topk-B8-K2", "--steps", "1"],
+        "adapt",
+        "is inference-only (top-k blocks)",
+    ),
+    (
+        ["sft", "--ckpt", "{root}/model", "--data", "{root}/sft.jsonl", "--pattern", "snapkv-C16-O4"],
+        "sft",
+        "is inference-only (SnapKV)",
+    ),
+    (["demo", "--out", "{root}/dm", "--joint-pattern", "topk-B8-K2"], "demo", "--joint-pattern 'topk-B8-K2-W0"),
+    (["demo", "--out", "{root}/dm", "--recall-lr", "inf"], "demo", "recall_lr (--recall-lr) must be a finite"),
+    ([*T, "--lr", "1e30"], "train", "lr must be a finite number in (0, 1], got 1e+30 (AdamW moves"),
+    # the recall probe: learning rates, patterns, threads and sizes checked before any training
+    (["eval", "recall", "--quick", "--out", "{root}/rq", "--lr", "inf"], "eval recall", "lr must be a finite"),
+    (["eval", "recall", "--quick", "--out", "{root}/rq", "--lr", "1e30"], "eval recall", "(AdamW moves"),
+    (
+        ["eval", "recall", "--quick", "--out", "{root}/rq", "--adapt-lr-mult", "inf"],
+        "eval recall",
+        "adapt_lr_mult must be a finite number > 0",
+    ),
+    (
+        ["eval", "recall", "--quick", "--out", "{root}/rq", "--adapt-lr-mult", "1e6"],
+        "eval recall",
+        "the adaptation LR (lr x adapt_lr_mult) must be a finite number in (0, 1]",
+    ),
+    (
+        ["eval", "recall", "--quick", "--out", "{root}/rq", "--joint-pattern", "topk-B4-K2"],
+        "eval recall",
+        "joint_pattern (--joint-pattern) 'topk-B4-K2-W0-P0-quest' is inference-only",
+    ),
+    (
+        ["eval", "recall", "--quick", "--out", "{root}/rq", "--adapt-patterns", "snapkv-C8-O4"],
+        "eval recall",
+        "is inference-only (SnapKV)",
+    ),
+    (
+        ["eval", "recall", "--quick", "--out", "{root}/rq", "--patterns", "dense,D4", "--adapt-patterns", "D8"],
+        "eval recall",
+        "D8 is not among the evaluated patterns (dense, D4); add it to --patterns",
+    ),
+    (
+        ["eval", "recall", "--quick", "--out", "{root}/rq", "--patterns", "dense,D100"],
+        "eval recall",
+        "D100 has dilation 100 >= seq_len=48",
+    ),
+    (["eval", "recall", "--quick", "--out", "{root}/rq", "--threads", "-1"], "eval recall", "threads must be an int"),
+    (["eval", "recall", "--quick", "--out", "{root}/rq", "--value-vocab", "100000000"], "eval recall", "GiB avail"),
+    (["eval", "recall", "--quick", "--out", "{root}/rq", "--seq-len", "1000000000"], "eval recall", "GiB avail"),
+    (["eval", "recall", "--quick", "--out", "{root}/rq", "--batch-size", "1000000000"], "eval recall", "GiB avail"),
     # convert, sft, demo, bench
     (["convert", "{root}/model", "{root}/afile", "--to", "hf"], "convert", "afile is a file"),
     (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -324,3 +325,42 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     code = main(["eval", "recall", "--quick", "--pairs", "9", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("ratplus eval recall: error:") and "pairs=9" in err and "\n" not in err
+
+
+def test_load_verifies_the_saved_model_folder(tmp_path):
+    """The probe saves each pretrained model as a model folder (safetensors + manifest); ``--load``
+    verifies it and refuses another architecture, a damaged file or an unsafe pickle, before training."""
+    import os
+
+    from ratplus.eval.recall import load_probe_model
+
+    cfg = quick_config(steps=2, adapt_steps=0, eval_batches=1, models=("ratplus",), progress=False)
+    run_recall_probe(cfg, tmp_path / "p", plot=False)
+    assert {f.name for f in (tmp_path / "p" / "ratplus").iterdir()} >= {"model.safetensors", "manifest.json"}
+    with pytest.raises(ValueError, match=r"another model than this probe builds: d_model=32 \(this probe: 64\)"):
+        run_recall_probe(dataclasses.replace(cfg, d_model=64), tmp_path / "q", load_from=tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="holds no baseline model"):
+        run_recall_probe(dataclasses.replace(cfg, models=("baseline",)), tmp_path / "q", load_from=tmp_path / "p")
+    weights = tmp_path / "p" / "ratplus" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    with pytest.raises(ValueError, match="SHA-256"):
+        run_recall_probe(cfg, tmp_path / "q", load_from=tmp_path / "p")
+    # probes written before the folder format: <name>.pt, read weights-only
+    old = tmp_path / "old"
+    old.mkdir()
+    model = RATPlusLM(cfg.model_config(False))
+    torch.save(model.state_dict(), old / "ratplus.pt")
+    loaded = load_probe_model(old, "ratplus", cfg.model_config(False))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+    class Unsafe:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save({"w": Unsafe()}, old / "ratplus.pt")
+    with pytest.raises(ValueError, match=r"cannot read .*ratplus\.pt: damaged, truncated or not a weights file"):
+        load_probe_model(old, "ratplus", cfg.model_config(False))
+    torch.save(model.state_dict(), old / "ratplus.pt")
+    (old / "ratplus.pt").write_bytes((old / "ratplus.pt").read_bytes()[:300])
+    with pytest.raises(ValueError, match="damaged, truncated"):
+        load_probe_model(old, "ratplus", cfg.model_config(False))
