@@ -36,9 +36,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--to", choices=("native", "hf"), default=None, help="output format (default: the other one)")
     p.add_argument("--pattern", default=None, help="default attention pattern to record, e.g. D16-W256-P4")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model (or a folder) to save beside")
-    p.add_argument("--num-heads", type=int, default=None, help="reference import: heads per layer")
-    p.add_argument("--head-dim", type=int, default=PAPER_HEAD_DIM, help="reference import: head size if no --num-heads")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="reference import: max_seq_len of the config")
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="reference import: heads per layer (default: the checkpoint's stored config, else d_model / head size)",
+    )
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help=f"reference import: head size if no --num-heads (default: stored config, else {PAPER_HEAD_DIM})",
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, default=None, help="reference import: context (default: stored config, else 4096)"
+    )
     p.add_argument(
         "--eos-token-id", type=int, default=None, help="reference import: EOS id (default 2 for vocab 32000)"
     )

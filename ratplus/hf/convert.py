@@ -19,8 +19,10 @@ possibly behind ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefixes. Ol
 the forget-gate rows in ``backbone.layers.{i}.seq_layer.fgate_proj.weight`` (C, C); they are
 appended to a (4C, C) ``in_proj`` as its last C rows. The architecture is inferred from the shapes:
 V and C from the embedding, L from the layer indices, ``apply_re`` from 5C vs 4C ``in_proj`` rows,
-``ffn_mult`` from ``fc1``. The head count cannot be seen in any shape: it comes from ``num_heads``
-or, by default, head size 128 as in every model of the paper. Anything that does not fit this
+``ffn_mult`` from ``fc1``. The head count cannot be seen in any shape: it comes from ``num_heads``,
+else from the config the reference trainer pickles beside the weights (``ckpt["config"]``, its resolved
+Hydra config: ``model.backbone.seq_cell.num_head`` / ``d_head``, checked against the tensors), else
+head size 128 as in every model of the paper. Anything that does not fit this
 layout (biases, a SwiGLU FFN, a missing layer, an extra key) is refused with a message naming it.
 
 ``ratplus convert SRC DST`` picks the direction from SRC: a checkpoint file is imported; a folder
@@ -54,6 +56,7 @@ from ratplus.io.folder import (
     save_pretrained,
     state_dict_problems,
 )
+from ratplus.io.manifest import write_manifest
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.model.rat import RATPlusLM
 from ratplus.runtime import writing
@@ -81,8 +84,49 @@ def load_checkpoint_file(path: str | Path, trust_pickle: bool = False) -> dict[s
         from ratplus.io.folder import load_state_dict_file
 
         return load_state_dict_file(p)
+    return load_checkpoint_and_config(p, trust_pickle)[0]
+
+
+def load_checkpoint_and_config(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """``load_checkpoint_file`` plus the training config the reference trainer pickles beside the weights
+    (``ckpt["config"]``: its resolved Hydra config as a nested dict; {} when the file has none)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from ratplus.io.folder import load_state_dict_file
+
+        return load_state_dict_file(p), {}
     obj = _torch_load(p, trust_pickle)
-    return _find_state_dict(obj, p)
+    stored = obj.get("config") if isinstance(obj, dict) and not _is_state_dict(obj) else None
+    return _find_state_dict(obj, p), dict(stored) if isinstance(stored, dict) else {}
+
+
+#: Where the reference trainer's config keeps each architecture field (configs/model/... of wimh966/rat-plus).
+STORED_FIELDS = {
+    "num_heads": ("model", "backbone", "seq_cell", "num_head"),
+    "head_dim": ("model", "backbone", "seq_cell", "d_head"),
+    "d_model": ("model", "backbone", "d_model"),
+    "num_layers": ("model", "backbone", "num_layers"),
+    "max_seq_len": ("model", "embedding", "pe", "max_seq_len"),
+    "rope_base": ("model", "embedding", "pe", "base"),
+}
+
+
+def stored_architecture(stored: dict) -> dict[str, int | float]:
+    """The architecture fields found in a reference checkpoint's stored config (``STORED_FIELDS``);
+    fields absent, or not plain numbers (an unresolved ``${...}`` interpolation), are left out."""
+    found: dict[str, int | float] = {}
+    for name, keys in STORED_FIELDS.items():
+        node: Any = stored
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if name == "max_seq_len" and node is None:
+            node = (stored.get("data") or {}).get("seq_len") if isinstance(stored.get("data"), dict) else None
+        numeric = isinstance(node, (int, float)) and not isinstance(node, bool)
+        if numeric and (name == "rope_base" or (float(node).is_integer() and node > 0)):
+            found[name] = node if name == "rope_base" else int(node)
+    return found
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -281,15 +325,45 @@ def model_from_state_dict(
 def load_reference_checkpoint(
     path: str | Path,
     num_heads: int | None = None,
-    head_dim: int = PAPER_HEAD_DIM,
-    max_seq_len: int = 4096,
+    head_dim: int | None = None,
+    max_seq_len: int | None = None,
     eos_token_id: int | None = None,
     dtype: torch.dtype | None = None,
     trust_pickle: bool = False,
 ) -> RATPlusLM:
-    """Import a checkpoint saved by the paper's reference code as a native ``RATPlusLM`` (eval mode)."""
-    state = normalize_reference_keys(load_checkpoint_file(path, trust_pickle))
-    config = infer_config(state, num_heads, head_dim, max_seq_len, eos_token_id=eos_token_id)
+    """Import a checkpoint saved by the paper's reference code as a native ``RATPlusLM`` (eval mode).
+
+    The head count, head size, context and RoPE base come, in this order, from the arguments, from the
+    config the reference trainer stored in the file (``stored_architecture``), or from the paper's
+    defaults (head size 128, 4096 tokens). A stored config whose width or depth disagrees with the
+    tensors is refused; an argument that disagrees with the stored config wins, with a warning."""
+    state, stored = load_checkpoint_and_config(path, trust_pickle)
+    state = normalize_reference_keys(state)
+    arch = stored_architecture(stored)
+    heads_given = num_heads is not None or head_dim is not None
+    if not heads_given and ("num_heads" in arch or "head_dim" in arch):
+        num_heads, head_dim = arch.get("num_heads"), arch.get("head_dim")
+        log.info("ratplus: heads from the checkpoint's stored config: num_heads=%s, head size %s", num_heads, head_dim)
+    if max_seq_len is None:
+        max_seq_len = arch.get("max_seq_len", 4096)
+    config = infer_config(
+        state,
+        num_heads,
+        PAPER_HEAD_DIM if head_dim is None else head_dim,
+        max_seq_len,
+        rope_base=float(arch.get("rope_base", 10000.0)),
+        eos_token_id=eos_token_id,
+    )
+    for name in ("d_model", "num_layers", "head_dim", "num_heads", "max_seq_len"):
+        used = getattr(config, name)
+        if name not in arch or arch[name] == used:
+            continue
+        if name in ("d_model", "num_layers") or (name == "head_dim" and not heads_given):
+            raise ValueError(
+                f"{path}: its stored config says {name}={arch[name]} but its tensors give {name}={used} (a config "
+                "and weights of different models?); pass --num-heads to choose the heads yourself"
+            )
+        log.warning("ratplus: %s=%s as given, but the checkpoint's stored config says %s", name, used, arch[name])
     return model_from_state_dict(config, state, dtype, source=str(path))
 
 
@@ -370,8 +444,23 @@ def save_hf(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: P
     from_native = _hf().from_native
 
     hf = from_native(model, attention_pattern=pattern, tokenizer=tokenizer)
-    hf.save_pretrained(dst)
+    try:
+        hf.save_pretrained(dst)
+    except Exception as e:
+        raise _as_os_error(e, dst) from e
+    write_manifest(dst)  # like every folder ratplus writes: size + SHA-256 of each file, checked by verify
     return Path(dst)
+
+
+def _as_os_error(e: Exception, path: str | Path) -> Exception:
+    """safetensors reports a failed write (a full disk) as its own ``SafetensorError`` with the OS error
+    code in the text ("... (os error 28)"): turned back into the ``OSError`` it is, so ``writing`` names
+    the path and the free space. Any other exception is returned unchanged."""
+    m = re.search(r"os error (\d+)", str(e))
+    if type(e).__name__ != "SafetensorError" or m is None:
+        return e
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _hf() -> Any:
@@ -422,7 +511,13 @@ def convert(
         pattern = pattern if pattern is not None else read_metadata(src).adapted_pattern
         tok = tok if tok is not None else load_tokenizer(src)
     else:
-        hf = _hf().RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))
+        try:
+            hf = _hf().RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))
+        except pickle.UnpicklingError as e:  # a pytorch_model.bin holding code: transformers reads weights only
+            raise ValueError(
+                f"{src} holds a pickled weights file with Python objects other than tensors; it is not loaded "
+                "(no code from a checkpoint runs here). Save the folder with safetensors from a trusted environment"
+            ) from e
         model = hf.model
         pattern = pattern if pattern is not None else hf.config.attention_pattern
         if tok is None and (Path(src) / TOKENIZER_FILE).is_file():

@@ -137,11 +137,41 @@ def with_tied_keys(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[
     return state
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def check_model_folder(path: str | Path) -> Path:
+    """``path`` as a native model folder, or a clear error for what it is instead: missing, a file, a
+    training run folder (its model is ``final/``), or a Hugging Face folder (``config.json`` with a
+    ``model_type``), each with the command that gets the user to a model folder."""
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; a model folder (config.json, model.safetensors) is expected")
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
-    return ModelConfig.load(folder / CONFIG_FILE)
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        if (folder / "final" / CONFIG_FILE).is_file():
+            final = folder / "final"
+            raise ValueError(f"{folder} is a training run folder, not a model folder: its trained model is {final}")
+        if (folder / "checkpoints").is_dir():
+            raise ValueError(
+                f"{folder} is a training run folder without a final model yet: pass one of its checkpoints "
+                f"({folder}/checkpoints/step_*) or finish the run (ratplus train ... --resume)"
+            )
+        raise FileNotFoundError(f"model config not found: {config} ({folder} is not a ratplus model folder)")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        model_type = None  # ModelConfig.load reports a malformed file with its own message
+    if model_type is not None:
+        hint = f"ratplus convert {folder} {folder}-native --to native" if model_type == "ratplus" else ""
+        raise ValueError(
+            f"{folder} is a Hugging Face folder (model_type {model_type!r}), not a native ratplus model folder"
+            + (f": load it with transformers (AutoModelForCausalLM), or convert it: {hint}" if hint else "")
+        )
+    return folder
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.load(check_model_folder(path) / CONFIG_FILE)
 
 
 def load_pretrained(
@@ -150,9 +180,7 @@ def load_pretrained(
     """Verify the folder against its manifest (``verify``: ``sha256`` | ``size``, default
     ``$RATPLUS_VERIFY`` or ``sha256``; see ``ratplus.io.manifest``), build the model from
     ``config.json`` and load ``model.safetensors``; returns it in eval mode."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; a model folder (config.json, model.safetensors) is expected")
+    folder = check_model_folder(path)  # before the manifest note: say what the folder is instead
     verify_folder(folder, verify, require=False)
     config = load_config(folder)
     check_fits_memory(4 * config.num_params(), f"the {config.num_params():,}-parameter model in {folder}")

@@ -22,6 +22,11 @@ def files(tmp_path_factory):
     (root / "list.json").write_text("[1, 2]")
     (root / "text.txt").write_text("To be, or not to be, that is the question. " * 20)
     (root / "sft.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    (root / "runfolder" / "final").mkdir(parents=True)  # a training run: its model is final/
+    (root / "runfolder" / "final" / "config.json").write_text((root / "model" / "config.json").read_text())
+    (root / "running" / "checkpoints").mkdir(parents=True)  # a run without a final model yet
+    (root / "hfdir").mkdir()
+    (root / "hfdir" / "config.json").write_text(json.dumps({"model_type": "ratplus", "architectures": ["X"]}))
     return root
 
 
@@ -88,6 +93,16 @@ CASES = [
         "afile is a file",
     ),
     (["eval", "recall", "--quick", "--out", "{root}/afile"], "eval recall", "afile is a file"),
+    # a folder that is not a native model folder says what it is and how to get one
+    (["generate", "--ckpt", "{root}/hfdir", "--prompt-ids", "1"], "generate", "is a Hugging Face folder"),
+    ([*P[:2], "--ckpt", "{root}/hfdir", *P[4:]], "eval ppl", "convert it: ratplus convert"),
+    (
+        ["tune-pattern", "--ckpt", "{root}/hfdir", "--data", "{root}/text.txt", "--kv-budget", "0.5"],
+        "tune-pattern",
+        "is a Hugging Face folder",
+    ),
+    (["generate", "--ckpt", "{root}/runfolder", "--prompt-ids", "1"], "generate", "its trained model is"),
+    ([*P[:2], "--ckpt", "{root}/running", *P[4:]], "eval ppl", "training run folder without a final model"),
     # inference-only patterns refused wherever a model is trained (they would silently train dense)
     ([*T, "--sparse-pattern", "snapkv-C16-O4"], "train", "is inference-only (SnapKV)"),
     ([*T, "--sparse-pattern", "topk-B16-K2"], "train", "is inference-only (top-k blocks)"),

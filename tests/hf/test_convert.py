@@ -49,13 +49,19 @@ class _EasyDict(dict):
     """Pickles as ``easydict.EasyDict`` (what the reference trainer stores its config as)."""
 
 
-def save_trainer_checkpoint(path, state, monkeypatch):
-    """``torch.save`` of the reference trainer's checkpoint dict, config as an easydict.EasyDict."""
+def _easydict(tree):
+    """A nested dict as the reference trainer pickles its resolved config: EasyDicts all the way down."""
+    return _EasyDict({k: _easydict(v) if isinstance(v, dict) else v for k, v in tree.items()})
+
+
+def save_trainer_checkpoint(path, state, monkeypatch, model_config=None):
+    """``torch.save`` of the reference trainer's checkpoint dict, config as an easydict.EasyDict
+    (``model_config``: its ``model`` section, by default one without architecture fields)."""
     module = types.ModuleType("easydict")
     _EasyDict.__module__, _EasyDict.__qualname__ = "easydict", "EasyDict"
     module.EasyDict = _EasyDict
     monkeypatch.setitem(sys.modules, "easydict", module)
-    config = _EasyDict(lr=8e-4, model={"d_model": C})
+    config = _easydict({"lr": 8e-4, "model": model_config or {"d_model": C}})
     config.trainer = {"seed": 1}  # attribute state, as EasyDict keeps both
     torch.save({"task": state, "config": config, "step": 7, "optimizer": {"state": {}, "param_groups": []}}, path)
     monkeypatch.delitem(sys.modules, "easydict")  # loading must not need easydict
@@ -255,3 +261,111 @@ def test_gqa_native_to_hf_to_native(tmp_path, ids):
 def test_reference_import_keeps_num_kv_heads_equal_num_heads():
     state = reference_state_dict(_model())
     assert infer_config(normalize_reference_keys(state), 2).num_kv_heads == 2
+
+
+def _stored_model_section(d_model, num_layers, num_head, d_head, max_seq_len=4096):
+    """The ``model`` section of the reference trainer's resolved config (configs/model/... of the paper's code)."""
+    return {
+        "backbone": {
+            "d_model": d_model,
+            "num_layers": num_layers,
+            "seq_cell": {"_name_": "ratplus", "num_head": num_head, "d_head": d_head, "dilation_size": 64},
+        },
+        "embedding": {"pe": {"_name_": "rope", "base": 10000, "max_seq_len": max_seq_len}},
+    }
+
+
+def test_stored_config_gives_the_head_count(tmp_path, monkeypatch, caplog):
+    """A 4-head checkpoint of head size 64 (width 256) converts with 4 heads read from the config the
+    reference trainer stored in it (not 2 heads from the paper's head size 128): logits identical in float64."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=96, d_model=256, num_layers=2, num_heads=4, max_seq_len=512)
+    model = RATPlusLM(config).double().eval()
+    path = save_trainer_checkpoint(
+        tmp_path / "ckpt.pth",
+        reference_state_dict(model, "_orig_mod."),
+        monkeypatch,
+        _stored_model_section(256, 2, 4, 64, 512),
+    )
+    with caplog.at_level("INFO"):
+        imported = load_reference_checkpoint(path)
+    assert "num_heads=4" in caplog.text and "stored config" in caplog.text
+    assert imported.config == config
+    ids = torch.randint(0, 96, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for pattern in ("dense", "D16-W8-P2"):
+            torch.testing.assert_close(imported(ids, pattern=pattern), model(ids, pattern=pattern), rtol=0, atol=1e-14)
+    # an explicit --num-heads wins over the stored config, with a warning saying they disagree
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert load_reference_checkpoint(path, num_heads=2).config.num_heads == 2
+    assert "num_heads=2 as given, but the checkpoint's stored config says 4" in caplog.text
+    # the CLI reads it too: no --num-heads needed
+    assert main(["convert", str(path), str(tmp_path / "native"), "--to", "native"]) == 0
+    assert load_pretrained(tmp_path / "native").config.num_heads == 4
+
+
+@pytest.mark.parametrize(
+    ("section", "match"),
+    [
+        (_stored_model_section(64, 2, 4, 64), "stored config says d_model=64 but its tensors give d_model=256"),
+        (_stored_model_section(256, 3, 4, 64), "stored config says num_layers=3 but its tensors give num_layers=2"),
+        (_stored_model_section(256, 2, 4, 32), "stored config says head_dim=32 but its tensors give head_dim=64"),
+    ],
+)
+def test_stored_config_that_contradicts_the_tensors_is_refused(tmp_path, monkeypatch, section, match):
+    torch.manual_seed(0)
+    model = RATPlusLM(ModelConfig(vocab_size=96, d_model=256, num_layers=2, num_heads=4, max_seq_len=512))
+    path = save_trainer_checkpoint(tmp_path / "ckpt.pth", reference_state_dict(model), monkeypatch, section)
+    with pytest.raises(ValueError, match=match):
+        load_reference_checkpoint(path)
+    assert main(["convert", str(path), str(tmp_path / "out"), "--to", "native"]) == 2
+
+
+def test_hf_folder_from_convert_carries_a_manifest(tmp_path):
+    from ratplus.io.folder import save_pretrained
+    from ratplus.io.manifest import verify_folder
+
+    save_pretrained(_model(), tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "hf", to="hf")
+    assert (tmp_path / "hf" / "manifest.json").is_file() and verify_folder(tmp_path / "hf")
+
+
+def test_convert_of_an_hf_folder_with_an_unsafe_pickle_is_refused(tmp_path, capsys):
+    import os
+
+    from ratplus.io.folder import save_pretrained
+
+    save_pretrained(_model(), tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "hf", to="hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+
+    class Unsafe:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save({"embedding.wte.weight": Unsafe()}, tmp_path / "hf" / "pytorch_model.bin")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ratplus convert: error: ") and "Python objects other than tensors" in err[-1]
+    assert not (tmp_path / "back").exists()
+
+
+def test_convert_to_hf_on_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError: it comes out as the WriteError every other
+    writer gives (path, free space), and the partial folder is removed."""
+    from safetensors import SafetensorError
+
+    from ratplus.hf import RATPlusForCausalLM
+    from ratplus.io.folder import save_pretrained
+    from ratplus.runtime import WriteError
+
+    save_pretrained(_model(), tmp_path / "native")
+
+    def disk_full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(RATPlusForCausalLM, "save_pretrained", disk_full)
+    with pytest.raises(WriteError, match=r"cannot write .*hf: No space left on device .* free on that disk"):
+        convert(tmp_path / "native", tmp_path / "hf", to="hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
