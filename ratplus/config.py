@@ -191,6 +191,9 @@ class AttentionPattern:
         rest = parts[1:]
         if head.lower() == "local":
             fields["dilation_size"] = None
+            if not any(re.fullmatch(r"[Ww][0-9]+", p) for p in rest):
+                # bare "local" would attend to each query's own token only (plus P sinks): a typo, not a pattern
+                raise ValueError(f"attention pattern {text!r} needs its window: local-W<w>[-P<p>], e.g. local-W64-P4")
         elif head.lower() == "topk":
             fields["kind"] = "topk"
             fields["dilation_size"] = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ratplus.config import PatternSpec
@@ -89,9 +90,15 @@ def _prompt_tensor(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) ids and the left-padding mask (None when every row is full)."""
     if not isinstance(input_ids, torch.Tensor):
+        if isinstance(input_ids, (str, bytes)):
+            raise ValueError("input_ids must be token ids (a tensor or lists of ints), not text: tokenize it first")
         rows = [list(r) for r in input_ids]
         if not rows:
             raise ValueError("input_ids is empty (no rows)")
+        for i, r in enumerate(rows):
+            bad = next((t for t in r if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+            if bad is not None:  # a float would be truncated to another token, a bool read as 0/1
+                raise ValueError(f"prompt row {i} holds {bad!r} ({type(bad).__name__}): token ids must be ints")
         if attention_mask is not None:
             raise ValueError("attention_mask is built from the lists themselves; pass it only with a tensor")
         if any(len(r) == 0 for r in rows):

@@ -167,3 +167,32 @@ def test_recall_run_that_diverges_is_an_error_not_zero_accuracy(tmp_path, monkey
     cfg = recall.quick_config(steps=3, adapt_steps=0, eval_batches=1, models=("ratplus",), progress=False)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 .* lower the learning rate"):
         recall.run_recall_probe(cfg, tmp_path, plot=False)
+
+
+@pytest.mark.parametrize("text", ["local", "local-P4", "LOCAL"])
+def test_local_pattern_needs_its_window(text):
+    with pytest.raises(ValueError, match="needs its window: local-W<w>"):
+        AttentionPattern.parse(text)
+
+
+def test_model_refuses_a_list_and_a_size_that_cannot_fit():
+    model = RATPlusLM(ModelConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match="input_ids must be a \\(B, T\\) tensor of token ids, got list"):
+        model([[1, 2, 3], [4]])
+    huge = ModelConfig(vocab_size=256, d_model=2**40, num_layers=1, num_heads=2**30, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"parameter model .* needs .* GiB, more than the .* GiB available"):
+        RATPlusLM(huge)
+    with torch.device("meta"):  # nothing is allocated on meta: no check
+        assert RATPlusLM(ModelConfig(vocab_size=256, d_model=2**14, num_layers=64, num_heads=128)).num_params() > 2**34
+
+
+@pytest.mark.parametrize(
+    ("prompt", "match"),
+    [([[1.7, 2.2]], "holds 1.7 \\(float\\)"), ([[1, True]], "holds True \\(bool\\)"), ("hello", "not text")],
+)
+def test_generate_refuses_prompts_that_are_not_int_ids(prompt, match):
+    from ratplus import generate
+
+    model = RATPlusLM(ModelConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompt, 2)

@@ -66,7 +66,8 @@ def _run(args) -> int:
         if bad:  # checked before the tokenizer decodes the prompt for display
             raise ValueError(f"{flag}: token id {bad[0]} is outside [0, vocab_size={vocab})")
     meta = read_metadata(args.ckpt)
-    pattern = args.pattern or meta.default_pattern or meta.adapted_pattern or "dense"
+    # an empty --pattern "" is an error (from the parser), not a silent fall back to the default
+    pattern = args.pattern if args.pattern is not None else (meta.default_pattern or meta.adapted_pattern or "dense")
     print(f"[pattern {pattern}, {len(prompt)} prompt tokens]", file=sys.stderr)
 
     new_ids: list[int] = []

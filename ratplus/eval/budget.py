@@ -138,6 +138,9 @@ def evaluate_budget(
     Row keys: model, method, pattern, status, nll, ppl, tokens, seq_len, score_tokens, kv_bytes,
     kv_bytes_per_token, kv_frac (over the same model's dense bytes), num_kv_heads. ``extra(em,
     pattern)`` adds further metrics to a row (the hook for the recall probe's accuracy)."""
+    for name, value in (("batch_size (--batch-size)", batch_size), ("score_tokens (--score-tokens)", score_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     rows: list[dict[str, Any]] = []
     for em in models:
         config = em.config

@@ -73,6 +73,8 @@ def tune_pattern(
         )
     T = seq_len or config.max_seq_len
     rungs = [AttentionPattern.parse(p) for p in ladder]
+    if not rungs:
+        raise ValueError("ladder (--ladder) is empty: give the candidate patterns, e.g. D64,D16,D4,dense")
     for p in rungs:
         if p.is_snapkv or p.is_topk:
             raise ValueError(f"ladder pattern {p} is not a fixed-slot pattern (dense / dilated / local)")

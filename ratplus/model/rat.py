@@ -30,6 +30,7 @@ from ratplus.config import HeadGroups, ModelConfig, PatternSpec
 from ratplus.ops.attention import attention, repeat_kv
 from ratplus.ops.rope import apply_rope, rope_cos_sin
 from ratplus.ops.scan import gated_scan
+from ratplus.runtime import check_fits_memory
 
 if TYPE_CHECKING:
     from ratplus.model.cache import LayerCache, RATPlusCache
@@ -185,6 +186,11 @@ class RATPlusLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        # sized before allocating: a typo such as d_model=2**40 is a clear error, not an allocator failure
+        # (nothing is checked on the meta device, where nothing is allocated)
+        device = torch.get_default_device()
+        nbytes = torch.get_default_dtype().itemsize * config.num_params()
+        check_fits_memory(nbytes, f"the {config.num_params():,}-parameter model ({config.name or 'RATPlusLM'})", device)
         self.config = config
         self.embedding = Embedding(config)
         self.backbone = Backbone(config)
@@ -260,6 +266,11 @@ class RATPlusLM(nn.Module):
         new tokens. ``pattern`` None then means the cache's pattern; another pattern raises.
         ``attention_mask`` (B, T), 0 = left padding, is accepted with a cache only.
         """
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"input_ids must be a (B, T) tensor of token ids, got {type(input_ids).__name__}; for ragged "
+                "lists of ids use ratplus.generate (it left-pads them) or pad them into a tensor"
+            )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:

@@ -93,6 +93,17 @@ CASES = [
         "afile is a file",
     ),
     (["eval", "recall", "--quick", "--out", "{root}/afile"], "eval recall", "afile is a file"),
+    ([*G, "--prompt-ids", "1", "--pattern", ""], "generate", "unknown attention pattern ''"),
+    (
+        ["eval", "budget", "--ckpt", "{root}/model", "--data", "{root}/text.txt", "--batch-size", "0"],
+        "eval budget",
+        "batch_size (--batch-size) must be an int >= 1, got 0",
+    ),
+    (
+        ["tune-pattern", "--ckpt", "{root}/model", "--data", "{root}/text.txt", "--kv-budget", "0.5", "--ladder", ","],
+        "tune-pattern",
+        "ladder (--ladder) is empty",
+    ),
     # a folder that is not a native model folder says what it is and how to get one
     (["generate", "--ckpt", "{root}/hfdir", "--prompt-ids", "1"], "generate", "is a Hugging Face folder"),
     ([*P[:2], "--ckpt", "{root}/hfdir", *P[4:]], "eval ppl", "convert it: ratplus convert"),
