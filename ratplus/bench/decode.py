@@ -30,13 +30,13 @@ import gc
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ratplus.bench.synthetic import fill_synthetic_
 from ratplus.config import ModelConfig
+from ratplus.eval.plots import save_figure
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 from ratplus.runtime import emit_json, environment, print_table
@@ -300,8 +300,7 @@ def _plot(path: str, contexts: list[int], names: list[str], results: dict, title
     ax1.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9, wspace=0.3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, 110, layout=False)
 
 
 def run(

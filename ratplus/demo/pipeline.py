@@ -43,6 +43,7 @@ from ratplus.io.corpus import CORPORA, corpus_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
 from ratplus.io.tokenizer import train_bpe
 from ratplus.runtime import atomic_write_text
+from ratplus.train.checkpoint import remove_leftovers
 from ratplus.train.data import prepare_shards
 
 logger = logging.getLogger("ratplus")
@@ -344,6 +345,9 @@ class Demo:
     # ---- orchestration ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        # temporary folders of a run killed midway (its finished stages are reused, never rewritten);
+        # the caller holds the output folder's lock (ratplus.cli.demo), so no live writer is inside
+        remove_leftovers(self.out, recursive=True)
         self.results["data"] = self._stage("data", self.data)
         ckpts: dict[str, dict[str, str]] = {m: {} for m in MODELS}
         for which in MODELS:

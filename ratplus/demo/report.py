@@ -9,6 +9,7 @@ from typing import Any
 
 from ratplus.config import AttentionPattern
 from ratplus.demo import ADAPT_PATTERNS, MODELS
+from ratplus.eval.plots import save_figure
 from ratplus.runtime import atomic_write_text
 
 
@@ -260,10 +261,7 @@ def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     ax.set_ylabel("held-out PPL / own dense PPL")
     ax.set_title("Sparse inference after short adaptation")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "ppl_by_pattern.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "ppl_by_pattern.png", 120))
 
     from ratplus.eval.plots import plot_budget, plot_recall
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+from ratplus.runtime import atomic_write_bytes, make_dir
 
 COST_AXES = (
     ("attn_flop_frac", "attention FLOPs (fraction of dense)"),
@@ -22,13 +25,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
-    """Lay out, write the PNG (creating its folder) and free the figure; returns the path."""
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, dpi: int, layout: bool = True) -> Path:
+    """Lay out (``layout``), write the PNG atomically (rendered in memory, then renamed into place: an
+    interrupted run never leaves a half-written image), free the figure; returns the path."""
+    if layout:
+        fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    make_dir(out.parent)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
     _pyplot().close(fig)
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 
@@ -72,7 +79,7 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
         ax.legend(fontsize=8)
     seq_len = rows[0].get("seq_len")
     fig.suptitle(f"held-out {metric} vs attention cost" + (f" (context {seq_len})" if seq_len else ""))
-    return _save(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
@@ -101,7 +108,7 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
     ax.legend(fontsize=7)
     seq_len, score = rows[0].get("seq_len"), rows[0].get("score_tokens")
     fig.suptitle(f"held-out {metric} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
-    return _save(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:
@@ -147,4 +154,4 @@ def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | Non
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "MQAR recall vs dilation", fontsize=10)
-    return _save(fig, path, dpi=100)
+    return save_figure(fig, path, dpi=100)

@@ -276,16 +276,23 @@ def _leftover_pid(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def remove_leftovers(root: str | Path) -> None:
+def remove_leftovers(root: str | Path, recursive: bool = False) -> None:
     """Delete the hidden temporary folders an interrupted write left under ``root``: this process's
-    own and those of dead processes, never a live writer's (``ratplus.io.lock.pid_alive``)."""
+    own and those of dead processes, never a live writer's (``ratplus.io.lock.pid_alive``).
+
+    ``recursive``: in every folder below ``root`` too, for a whole output tree that its owner holds the
+    lock of (the demo's, whose finished stages are never rerun to clean up after themselves); there the
+    token shards' visible ``<name>.tmp-PID`` folders count as well."""
     root = Path(root)
-    if root.is_dir():
-        for p in root.iterdir():
-            pid = _leftover_pid(p.name)
-            own_or_dead = pid is not None and (pid == os.getpid() or not pid_alive(pid))
-            if p.is_dir() and p.name.startswith(".") and own_or_dead:
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in list(root.iterdir()):
+        pid = _leftover_pid(p.name)
+        own_or_dead = pid is not None and (pid == os.getpid() or not pid_alive(pid))
+        if p.is_dir() and own_or_dead and (recursive or p.name.startswith(".")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif recursive and p.is_dir() and not p.is_symlink():
+            remove_leftovers(p, recursive=True)
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:

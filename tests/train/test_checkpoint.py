@@ -157,3 +157,26 @@ def test_resume_over_only_damaged_checkpoints_stops_with_the_list(tmp_path, data
     err = capsys.readouterr().err
     assert "every checkpoint" in err and "step_0000001" in err and "step_0000002" in err
     assert [s for s, _ in C.list_checkpoints(out / "checkpoints")] == [1, 2]  # nothing overwritten
+
+
+def test_recursive_leftover_sweep_keeps_live_writers_and_results(tmp_path):
+    """The demo's sweep of its own tree: temporary folders of dead processes go, at any depth and
+    under either naming; a live writer's temporary folder and every finished result stay."""
+    import os
+
+    from ratplus.train.checkpoint import remove_leftovers
+
+    dead = 2**22 + 12345  # above any pid this machine hands out (pid_max <= 2**22)
+    live = os.getppid()
+    keep = [tmp_path / "work" / "stage" / "final", tmp_path / "data" / "train", tmp_path / "work" / f".x.tmp-{live}"]
+    gone = [
+        tmp_path / "work" / "stage" / "checkpoints" / f".step_0000003.tmp-{dead}",
+        tmp_path / "data" / f"train.tmp-{dead}",
+        tmp_path / f".report.old-{dead}",
+    ]
+    for p in keep + gone:
+        p.mkdir(parents=True)
+    remove_leftovers(tmp_path)  # not recursive: only the hidden ones at the top
+    assert not gone[2].exists() and gone[0].exists() and gone[1].exists()
+    remove_leftovers(tmp_path, recursive=True)
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in keep)
