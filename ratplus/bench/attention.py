@@ -18,7 +18,7 @@ from ratplus.model.rat import Block, RATPlusLayer
 from ratplus.ops.attention import attention
 from ratplus.ops.rope import rope_cos_sin
 from ratplus.ops.scan import gated_scan
-from ratplus.runtime import emit_json, environment, print_table
+from ratplus.runtime import check_fits_memory, emit_json, environment, print_table
 
 DEFAULT_PATTERNS = ("D4", "D16", "D64", "D16-W256-P4", "local-W256-P4")
 
@@ -73,6 +73,9 @@ def run(
     rows, results = [], []
     for T in seq_lens:
         B = max(1, tokens_per_call // T) if tokens_per_call else batch
+        # q, k, v, the gate and an output per contender alive at once: sized before allocating
+        item = torch.empty(0, dtype=dtype).element_size()
+        check_fits_memory(5 * B * heads * T * head_dim * item, f"the attention benchmark at T={T}, batch {B}", device)
         q, k, v = (torch.randn(B, heads, T, head_dim, device=device, dtype=dtype) for _ in range(3))
         g = torch.rand(B, heads, T, head_dim, device=device) if with_scan else None
 

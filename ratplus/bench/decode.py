@@ -37,7 +37,7 @@ import torch
 from ratplus.bench.synthetic import fill_synthetic_
 from ratplus.config import ModelConfig
 from ratplus.eval.plots import save_figure
-from ratplus.model.cache import RATPlusCache
+from ratplus.model.cache import RATPlusCache, cache_nbytes
 from ratplus.model.rat import RATPlusLM
 from ratplus.runtime import emit_json, environment, print_table
 
@@ -89,21 +89,7 @@ def memory_in_use(device: torch.device) -> int | None:
         return None
 
 
-def formula_bytes(config: ModelConfig, pattern: str, batch: int, max_len: int, dtype: torch.dtype) -> int:
-    """Bytes the cache should hold (module docstring of ``ratplus.model.cache``), from the pattern
-    arithmetic alone: slots = kv_slots(max_len - 1) per head group, + top-k summaries + state."""
-    item = torch.empty(0, dtype=dtype).element_size()
-    total = 0
-    for layer in config.resolve_pattern(pattern):
-        for p, heads in layer.groups:
-            total += batch * heads * p.kv_slots(max_len - 1) * 2 * config.head_dim * item
-            if p.is_topk:
-                blocks = max(0, max_len - 1 - p.local_size - p.initial_size) // p.block_size
-                total += batch * heads * blocks * (2 if p.scoring == "quest" else 1) * config.head_dim * item
-        if config.apply_re:
-            state_item = torch.empty(0, dtype=torch.promote_types(dtype, torch.float32)).element_size()
-            total += batch * config.num_heads * 2 * config.head_dim * state_item
-    return total
+formula_bytes = cache_nbytes  # the bench's name for the cache formula (ratplus.model.cache.cache_nbytes)
 
 
 def check_decode_parity(patterns: list[str], device: torch.device, n: int | None = None, m: int = 40) -> None:

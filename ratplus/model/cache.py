@@ -58,6 +58,7 @@ from ratplus.ops.attention import attention, repeat_kv
 from ratplus.ops.attention.masks import mask_mod_values
 from ratplus.ops.attention.snapkv import snapkv_select
 from ratplus.ops.attention.topk import block_summaries, topk_attention, topk_decode_attention
+from ratplus.runtime import check_fits_memory
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,27 @@ class LayerCache:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def cache_nbytes(config: ModelConfig, pattern: PatternSpec, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes a ``RATPlusCache(config, pattern, batch, max_len, dtype=dtype)`` allocates, from the pattern
+    arithmetic alone (module docstring): per layer and head group ``kv_slots(max_len - 1)`` key and value
+    slots for each of its KV heads, top-k block summaries, and the float32 (or wider) recurrent state.
+    Used to size a cache before building it: the constructor's memory check, admission in the server."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    state_item = torch.empty(0, dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    K, G = config.head_dim, config.kv_group
+    total = 0
+    for layer in config.resolve_pattern(pattern):
+        for p, heads in layer.groups:
+            kv_heads = heads // G  # query heads of a group share its KV heads (whole KV groups only)
+            total += batch * kv_heads * p.kv_slots(max_len - 1) * 2 * K * item
+            if p.is_topk:
+                blocks = max(0, max_len - 1 - p.local_size - p.initial_size) // p.block_size
+                total += batch * kv_heads * blocks * (2 if p.scoring == "quest" else 1) * K * item
+        if config.apply_re:
+            total += batch * config.num_kv_heads * 2 * K * state_item
+    return total
+
+
 class RATPlusCache:
     """Preallocated decoding cache for ``RATPlusLM`` (module docstring has the layout).
 
@@ -542,6 +564,8 @@ class RATPlusCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.dtype = dtype or torch.get_default_dtype()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        need = cache_nbytes(config, self.pattern, batch_size, max_len, self.dtype)
+        check_fits_memory(need, f"a decode cache for {batch_size} x {max_len} tokens", self.device)
         self.layers = [
             LayerCache(groups, config, batch_size, max_len, self.device, self.dtype) for groups in self.pattern
         ]

@@ -379,3 +379,27 @@ def test_decode_equals_full_forward_on_cuda(pattern):
     with torch.no_grad():
         steps = [model(ids[:, :19], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(19, 40)]
         torch.testing.assert_close(torch.cat(steps, 1), model(ids, pattern=pattern), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2, 1])
+@pytest.mark.parametrize(
+    "pattern", ["dense", "D4-W8-P2", "local-W8-P2", "topk-B8-K2-W4-P2-quest", "topk-B8-K2-moba", "D4:2+local-W8:2"]
+)
+def test_cache_nbytes_is_what_the_cache_allocates(num_kv_heads, pattern):
+    """The formula that sizes a cache before it exists (memory checks, server admission) equals the
+    storage the cache then allocates, with and without grouped-query attention."""
+    from ratplus.model.cache import cache_nbytes
+
+    if num_kv_heads == 1 and "+" in pattern:
+        pytest.skip("two-head groups cannot share one KV head of four query heads (refused by resolve_pattern)")
+    over = {} if num_kv_heads is None else {"num_kv_heads": num_kv_heads}
+    config = ModelConfig.from_preset("tiny", num_heads=4, **over)
+    for batch, max_len in ((1, 40), (3, 97)):
+        cache = RATPlusCache(config, pattern, batch, max_len)
+        assert cache.nbytes() == cache_nbytes(config, pattern, batch, max_len, torch.float32)
+
+
+def test_cache_too_big_for_memory_is_refused_before_allocating():
+    config = ModelConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match=r"a decode cache for 1000000000000 x 64 tokens needs .* GiB available"):
+        RATPlusCache(config, "dense", 10**12, 64)
