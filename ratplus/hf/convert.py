@@ -423,7 +423,7 @@ def convert(
         tok = tok if tok is not None else load_tokenizer(src)
     else:
         hf = _hf().RATPlusForCausalLM.from_pretrained(src, **({} if dtype is None else {"dtype": dtype}))
-        model = hf.model
+        model = hf.native  # the native RATPlusLM (shares the weights)
         pattern = pattern if pattern is not None else hf.config.attention_pattern
         if tok is None and (Path(src) / TOKENIZER_FILE).is_file():
             tok = load_tokenizer_file(Path(src) / TOKENIZER_FILE)
