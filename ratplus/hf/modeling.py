@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
@@ -181,6 +182,8 @@ class RATPlusModel(RATPlusPreTrainedModel):
             )
         record: list[torch.Tensor] | None = [] if output_hidden_states else None
         native = self.native
+        if self.training and hf_cache is None and torch.is_grad_enabled():
+            native.config.training_pattern(pattern, "attention_pattern")  # top-k / SnapKV do not train
         if hf_cache is not None:
             if inputs_embeds is not None:
                 raise ValueError("inputs_embeds is not supported with a cache (use_cache=True); pass input_ids")
@@ -308,7 +311,8 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         """As ``RATPlusModel.forward``, plus the LM head: logits (B, T, V).
 
         ``labels`` (B, T) follow the ``transformers`` convention: the same ids as ``input_ids``
-        (-100 = ignore), shifted here; positions where ``attention_mask`` is 0 are ignored too;
+        (-100 = ignore), shifted here; with an ``attention_mask`` a target counts only when it and the
+        token before it are unmasked (so a padded row trains exactly as its tokens alone);
         ``loss`` is the mean next-token cross-entropy in float32 (``num_items_in_batch``, as
         ``Trainer`` passes it, divides the sum instead). Labels with the inference-only cache
         (``use_cache=True``) are refused while gradients are on."""
@@ -336,8 +340,17 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input shape {tuple(logits.shape[:2])}")
-            if attention_mask is not None and hf_cache is None and attention_mask.shape == labels.shape:
-                labels = labels.masked_fill(attention_mask == 0, -100)  # padded positions have no defined output
+            if (
+                attention_mask is not None
+                and hf_cache is None
+                and attention_mask.shape == labels.shape
+                and "shift_labels" not in loss_kwargs
+            ):
+                # A target counts when it and the token before it are both unmasked: a row then trains
+                # exactly as its tokens alone (left padding included; no prediction across a hole).
+                keep = attention_mask.bool()
+                shifted = labels[:, 1:].masked_fill(~(keep[:, 1:] & keep[:, :-1]), -100)
+                loss_kwargs["shift_labels"] = F.pad(shifted, (0, 1), value=-100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_KWARG: getattr(out, CACHE_KWARG)}
