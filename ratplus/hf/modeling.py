@@ -520,7 +520,8 @@ def save_tokenizer(source: Any, save_directory: str | Path, config: RATPlusConfi
     """Write a tokenizer into ``save_directory`` so ``AutoTokenizer.from_pretrained`` loads it.
 
     ``source``: a folder (its tokenizer files are copied), a ``transformers`` tokenizer, or a raw
-    ``tokenizers.Tokenizer`` (wrapped in ``PreTrainedTokenizerFast`` with the config's special tokens)."""
+    ``tokenizers.Tokenizer`` (wrapped in ``PreTrainedTokenizerFast`` with the config's special tokens;
+    EOS doubles as the pad token when the config names none)."""
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(source, (str, Path)):
@@ -548,4 +549,8 @@ def save_tokenizer(source: Any, save_directory: str | Path, config: RATPlusConfi
             token_id = getattr(config, f"{role}_token_id")
             if token_id is not None and source.id_to_token(token_id) is not None:
                 special[f"{role}_token"] = source.id_to_token(token_id)
+    if "pad_token" not in special and "eos_token" in special:
+        # Batching (pipeline, collators) needs a pad token; EOS is the usual stand-in for a model trained
+        # without one (padded positions are masked, so which id fills them does not matter).
+        special["pad_token"] = special["eos_token"]
     PreTrainedTokenizerFast(tokenizer_object=source, **special).save_pretrained(str(out))
