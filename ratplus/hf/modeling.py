@@ -119,9 +119,15 @@ class RATPlusModel(RATPlusPreTrainedModel):
     with ``last_hidden_state`` (B, T, C) after the final norm, and ``hidden_states`` (the embeddings
     and each block's output, the last one normed) when asked."""
 
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"head.lm_head.weight": "embedding.wte.weight"}
+
     def __init__(self, config: RATPlusConfig):
         super().__init__(config)
-        self.attach(RATPlusLM(config.to_model_config()))
+        native = RATPlusLM(config.to_model_config())
+        # Untied here, tied again by post_init (from _tied_weights_keys): transformers' loader must see two
+        # parameters to materialise a missing tied embedding, as for its own models.
+        native.head.lm_head.weight = torch.nn.Parameter(torch.empty_like(native.head.lm_head.weight))
+        self.attach(native)
         self.post_init()
 
     def attach(self, native: RATPlusLM) -> None:
