@@ -48,9 +48,13 @@ def _sdist_tests() -> Path:
     archive = root / f"transformers-{version}.tar.gz"
     if not archive.is_file():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(root)]
-        done = subprocess.run([*cmd, f"transformers=={version}"], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0 or not archive.is_file():
-            pytest.skip(f"cannot download the transformers {version} sdist: {done.stderr.strip()[-300:]}")
+        try:
+            done = subprocess.run([*cmd, f"transformers=={version}"], capture_output=True, text=True, timeout=300)
+            why = done.stderr.strip()[-300:]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            done, why = None, str(e)
+        if done is None or done.returncode != 0 or not archive.is_file():
+            pytest.skip(f"cannot download the transformers {version} sdist: {why}")
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(f"transformers-{version}/tests/")]
         tar.extractall(root, members=members, filter="data")
