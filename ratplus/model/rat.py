@@ -395,8 +395,9 @@ class RATPlusLM(nn.Module):
         return self.logits(x)[:, -1]
 
     def _forward_cached(self, input_ids, pattern, cache, attention_mask, backend, scan_backend, all_hidden=None):
-        # The cache is inference-only: its buffers are written in place, so a graph through them could
-        # not be differentiated. Run without one; a loss from here has no grad_fn (the caller says so).
+        # The cache is inference-only: its buffers are written in place, so a graph through them could not
+        # be differentiated. The blocks run without autograd (only the caller's final norm and head may
+        # build a graph; forward refuses labels with a cache, and so does the HF layer while training).
         with torch.no_grad(), cache.append(input_ids, pattern, attention_mask) as step:  # checks pattern, room, padding
             x = self.embedding.wte(input_ids)  # (B, T, C)
             if all_hidden is not None:
