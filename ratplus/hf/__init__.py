@@ -1,6 +1,6 @@
 """Hugging Face ``transformers`` integration (needs ``transformers>=5``: ``pip install ratplus[hf]``).
 
-Importing this module registers ``model_type = "ratplus"`` with ``AutoConfig`` and
+Importing this module registers ``model_type = "ratplus"`` with ``AutoConfig``, ``AutoModel`` and
 ``AutoModelForCausalLM``, so that::
 
     import ratplus.hf  # noqa: F401  (registers the Auto classes)
@@ -33,13 +33,14 @@ if int(transformers.__version__.split(".")[0]) < 5:
 from ratplus.config import PatternSpec
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
-from ratplus.hf.modeling import RATPlusForCausalLM, RATPlusPreTrainedModel, save_tokenizer
+from ratplus.hf.modeling import RATPlusForCausalLM, RATPlusModel, RATPlusPreTrainedModel, save_tokenizer
 from ratplus.model.rat import RATPlusLM
 
 __all__ = [
     "RATPlusConfig",
     "RATPlusForCausalLM",
     "RATPlusHFCache",
+    "RATPlusModel",
     "RATPlusPreTrainedModel",
     "canonical_pattern",
     "from_native",
@@ -50,10 +51,11 @@ __all__ = [
 
 
 def register() -> None:
-    """Register ``ratplus`` with ``AutoConfig`` / ``AutoModelForCausalLM`` (idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Register ``ratplus`` with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     AutoConfig.register(RATPlusConfig.model_type, RATPlusConfig, exist_ok=True)
+    AutoModel.register(RATPlusConfig, RATPlusModel, exist_ok=True)
     AutoModelForCausalLM.register(RATPlusConfig, RATPlusForCausalLM, exist_ok=True)
 
 
@@ -84,7 +86,7 @@ def from_native(
     # Build the wrapper on the meta device (no weight init, no memory), then hand it the real model.
     with torch.device("meta"):
         hf = RATPlusForCausalLM(config)
-    hf.model = native
+    hf.model.attach(native)
     hf.train(native.training)
     if tokenizer is not None:
         hf.attach_tokenizer(tokenizer)
@@ -95,7 +97,7 @@ def to_native(model: RATPlusForCausalLM) -> RATPlusLM:
     """The native ``RATPlusLM`` inside an HF model (shares the weights)."""
     if not isinstance(model, RATPlusForCausalLM):
         raise ValueError(f"to_native expects a RATPlusForCausalLM, got {type(model).__name__}")
-    return model.model
+    return model.native
 
 
 register()

@@ -45,11 +45,18 @@ class RATPlusHFCache(Cache):
 
     # ---- the forward path ---------------------------------------------------------------------
     def run(
-        self, model: RATPlusLM, input_ids: torch.Tensor, pattern: str, attention_mask: torch.Tensor | None = None
+        self,
+        model: RATPlusLM,
+        input_ids: torch.Tensor,
+        pattern: str,
+        attention_mask: torch.Tensor | None = None,
+        all_hidden: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Feed input_ids (B, T) after the tokens already cached; returns their logits (B, T, V).
+        """Feed input_ids (B, T) after the tokens already cached; returns their last block output
+        (B, T, C) before the final norm (``RATPlusLM.hidden``; ``model.logits(h)`` gives the logits).
 
-        ``attention_mask``: (B, T) or (B, cached + T), 0 = left padding (first call only)."""
+        ``attention_mask``: (B, T) or (B, cached + T), 0 = left padding (first call only).
+        ``all_hidden``: a list that receives the embeddings and every block's output."""
         if self.pattern is not None and pattern != self.pattern:
             raise ValueError(
                 f"this cache was built for attention pattern {self.pattern!r} but the forward asks for "
@@ -71,7 +78,7 @@ class RATPlusHFCache(Cache):
             self.inner.grow(min(limit, max(needed, self.inner.max_len + GROW_CHUNK)))
         # pattern=None: the inner cache runs the pattern it was built for (checked above), without
         # parsing the string again on every decode step.
-        return model(input_ids, cache=self.inner, attention_mask=attention_mask)
+        return model.hidden(input_ids, cache=self.inner, attention_mask=attention_mask, all_hidden=all_hidden)
 
     # ---- what GenerationMixin reads -----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

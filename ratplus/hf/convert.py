@@ -518,7 +518,7 @@ def convert(
                 f"{src} holds a pickled weights file with Python objects other than tensors; it is not loaded "
                 "(no code from a checkpoint runs here). Save the folder with safetensors from a trusted environment"
             ) from e
-        model = hf.model
+        model = hf.native  # the native RATPlusLM (shares the weights)
         pattern = pattern if pattern is not None else hf.config.attention_pattern
         if tok is None and (Path(src) / TOKENIZER_FILE).is_file():
             tok = load_tokenizer_file(Path(src) / TOKENIZER_FILE)

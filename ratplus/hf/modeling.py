@@ -1,20 +1,30 @@
-"""``RATPlusForCausalLM``: the native RAT+ model behind the ``transformers`` API.
+"""``RATPlusModel`` / ``RATPlusForCausalLM``: the native RAT+ model behind the ``transformers`` API.
 
-Shapes: B batch, T sequence length (new tokens when a cache is given), V vocab.
+Shapes: B batch, T sequence length (new tokens when a cache is given), C model width, V vocab.
 
-The wrapper holds a native ``ratplus.RATPlusLM`` under ``self.model`` (state-dict keys are the
-native ones with a ``model.`` prefix) and adds what ``PreTrainedModel`` / ``GenerationMixin`` need:
-``from_pretrained`` / ``save_pretrained`` (safetensors, tied head stored once), ``generate`` with
-RAT+'s compact cache (``RATPlusHFCache``), an attention pattern stored in the config and switchable
-after loading (``set_attention_pattern``), and HF-style ``labels`` (unshifted; shifted here).
+``RATPlusModel`` is the backbone (embeddings, blocks, final norm; ``last_hidden_state`` (B, T, C))
+and ``RATPlusForCausalLM`` puts the LM head on it, the layout ``Trainer``, TRL and PEFT expect.
+Both run the native ``ratplus.RATPlusLM`` code: the backbone holds the native model's modules under
+their native names (``embedding``, ``backbone``, ``head``; the head sits here only so checkpoint keys
+stay ``model.`` + the native keys of every earlier release) and keeps the native model itself, which
+shares those modules, as ``.native`` (not a submodule: no key appears twice).
+
+What HF adds: ``from_pretrained`` / ``save_pretrained`` (safetensors, tied head stored once),
+``generate`` with RAT+'s compact cache (``RATPlusHFCache``), an attention pattern stored in the
+config and switchable after loading (``set_attention_pattern``), HF-style ``labels`` (unshifted),
+padding anywhere in training (``attention_mask``), packed sequences (``position_ids`` restarting at
+0), ``inputs_embeds``, ``output_hidden_states``, and gradient checkpointing driving the native
+``set_activation_checkpointing``.
 
 Things the model cannot do it refuses with a ``ValueError`` rather than computing something else:
-padding other than on the left of the prompt, ``inputs_embeds``, per-layer attention or hidden-state
-outputs, a cache of another type, and loading a checkpoint with missing, unexpected or misshapen keys.
+attention-weight outputs (RAT+ never forms the attention matrix), a cache of another type, labels
+with the inference-only cache while gradients are on, and loading a checkpoint with missing,
+unexpected or misshapen keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,9 +32,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
@@ -33,12 +44,19 @@ from ratplus.model.rat import Block, RATPlusLM
 
 # Tokenizer files copied beside the weights when the model was loaded from a folder that had them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-# TransformersKwargs that ask for outputs this model does not produce.
-_UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 # Name under which `generate` passes the cache to `forward` and reads it back from the output:
 # `cache` from transformers 5.24 on (`past_key_values` then warns as deprecated), `past_key_values`
 # before. Taken from the output class itself, so any 5.x release gets the name it expects.
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _take_cache(cache: RATPlusHFCache | None, kwargs: dict[str, Any]) -> RATPlusHFCache | None:
+    """The cache under either name (``cache``, or ``past_key_values`` as transformers < 5.24 and
+    older user code pass it); both at once must be the same object."""
+    old = kwargs.pop("past_key_values", None)
+    if cache is not None and old is not None and old is not cache:
+        raise ValueError("pass the cache once: as cache= (or past_key_values=, its older name), not both")
+    return cache if cache is not None else old
 
 
 class RATPlusPreTrainedModel(PreTrainedModel):
@@ -46,7 +64,8 @@ class RATPlusPreTrainedModel(PreTrainedModel):
     config_class = RATPlusConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    # Gradient checkpointing is the native activation checkpointing (see _set_gradient_checkpointing).
+    supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = [Block.__name__]
     _skip_keys_device_placement: ClassVar[list[str]] = ["cache", "past_key_values"]
     # Decoding state lives in the compact cache and cannot be rolled back (no assisted decoding).
@@ -57,6 +76,183 @@ class RATPlusPreTrainedModel(PreTrainedModel):
         GenerationMode.BEAM_SEARCH,
         GenerationMode.BEAM_SAMPLE,
     ]
+
+    @property
+    def native(self) -> RATPlusLM:
+        """The native ``RATPlusLM`` (shares every weight with this model)."""
+        return self.base_model.__dict__["_native"]
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Any = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable(every_n_layers=n)``:
+        turn on the native ``RATPlusLM.set_activation_checkpointing(n)`` (non-reentrant
+        ``torch.utils.checkpoint`` of every n-th block), the mechanism the native trainer uses."""
+        func = gradient_checkpointing_func
+        keywords = dict(getattr(func, "keywords", None) or {})
+        if enable and (getattr(func, "func", checkpoint) is not checkpoint or set(keywords) - {"use_reentrant"}):
+            raise ValueError(
+                "RAT+ gradient checkpointing takes no options besides use_reentrant (offload and "
+                f"checkpoint kwargs {sorted(set(keywords) - {'use_reentrant'})} are not supported)"
+            )
+        # use_reentrant is accepted and ignored: the native recomputation is always non-reentrant, which
+        # gives the same gradients and also works with frozen inputs (PEFT).
+        self.native.set_activation_checkpointing(every_n_layers if enable else 0)
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Embedding:
+        """``PreTrainedModel.resize_token_embeddings``, keeping the native config's vocab_size in step
+        (the new ids are accepted at once, not only after a save and reload)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        native = self.native
+        native.config = dataclasses.replace(native.config, vocab_size=embeddings.num_embeddings)
+        self.config.vocab_size = embeddings.num_embeddings
+        return embeddings
+
+    def _check_attention_pattern(self, attention_pattern: Any) -> str:
+        if attention_pattern is None:
+            return self.config.attention_pattern
+        return canonical_pattern(attention_pattern, self.native.config)
+
+
+class RATPlusModel(RATPlusPreTrainedModel):
+    """The RAT+ backbone: ``forward(input_ids (B, T) int64, ...)`` returns ``BaseModelOutputWithPast``
+    with ``last_hidden_state`` (B, T, C) after the final norm, and ``hidden_states`` (the embeddings
+    and each block's output, the last one normed) when asked."""
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"head.lm_head.weight": "embedding.wte.weight"}
+
+    def __init__(self, config: RATPlusConfig):
+        super().__init__(config)
+        native = RATPlusLM(config.to_model_config())
+        # Untied here, tied again by post_init (from _tied_weights_keys): transformers' loader must see two
+        # parameters to materialise a missing tied embedding, as for its own models.
+        native.head.lm_head.weight = torch.nn.Parameter(torch.empty_like(native.head.lm_head.weight))
+        self.attach(native)
+        self.post_init()
+
+    def attach(self, native: RATPlusLM) -> None:
+        """Take the native model's modules as this model's (shared, not copied)."""
+        self.embedding, self.backbone, self.head = native.embedding, native.backbone, native.head
+        object.__setattr__(self, "_native", native)  # a plain attribute: its weights are registered above
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on (read by ``is_activation_checkpointing``)."""
+        return self.native.checkpoint_every > 0
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.native.set_activation_checkpointing(int(bool(enable)))
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embedding.wte
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.embedding.wte = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RATPlusHFCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        attention_pattern: str | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        """input_ids (B, T) int64, or inputs_embeds (B, T, C) (without a cache).
+
+        ``cache`` (a ``RATPlusHFCache``; ``past_key_values`` is its pre-5.24 name): the tokens continue
+        after the cached ones; ``use_cache=True`` without one starts one. The cache is inference-only
+        (it runs without gradients) and takes left padding only.
+        ``attention_mask`` (B, T), 0 = padding: without a cache, padding may be anywhere; each row runs
+        as its unmasked tokens alone (outputs at padded positions are unspecified).
+        ``position_ids`` (B, T): positions follow the tokens; a 0 after the first token starts a new
+        packed sequence that runs as if alone (TRL's padding-free packing). Other values are not used.
+        Other keyword arguments of HF's attention kernels (``cu_seq_lens_q``, ...) are ignored."""
+        hf_cache = _take_cache(cache, kwargs)
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: RAT+ never forms attention weight matrices")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        pattern = self._check_attention_pattern(attention_pattern)
+        if hf_cache is None and use_cache:
+            hf_cache = RATPlusHFCache()
+        if hf_cache is not None and not isinstance(hf_cache, RATPlusHFCache):
+            raise ValueError(
+                f"the cache must be a RATPlusHFCache (RAT+ keeps its own compact cache), got {type(hf_cache).__name__}"
+            )
+        record: list[torch.Tensor] | None = [] if output_hidden_states else None
+        native = self.native
+        if self.training and hf_cache is None and torch.is_grad_enabled():
+            native.config.training_pattern(pattern, "attention_pattern")  # top-k / SnapKV do not train
+        if hf_cache is not None:
+            if inputs_embeds is not None:
+                raise ValueError("inputs_embeds is not supported with a cache (use_cache=True); pass input_ids")
+            native.check_ids(input_ids, values=False)
+            h = hf_cache.run(native, input_ids, pattern, attention_mask, all_hidden=record)
+        else:
+            starts = None if position_ids is None else _packed_starts(position_ids, attention_mask)
+            if starts is None:
+                h = native.hidden(
+                    input_ids, pattern, inputs_embeds=inputs_embeds, attention_mask=attention_mask, all_hidden=record
+                )
+            else:
+                if inputs_embeds is None:
+                    native.check_ids(input_ids)
+                    inputs_embeds = self.embedding.wte(input_ids)
+                h = _run_packed(native, inputs_embeds, starts, attention_mask, pattern, record)
+        h = self.backbone.ln(h)
+        hidden_states = None
+        if record is not None:
+            hidden_states = (*record[:-1], h)
+        out = BaseModelOutputWithPast(last_hidden_state=h, hidden_states=hidden_states, **{CACHE_KWARG: hf_cache})
+        return out.to_tuple() if return_dict is False else out
+
+
+def _packed_starts(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool: where each packed sequence starts (a row's first token, and every later token at
+    position 0), or None when no row holds more than one sequence. Reads one bool on the host: only
+    batches that pass position_ids pay for it."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    keep = torch.ones_like(position_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if keep.shape != position_ids.shape:
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != attention_mask shape {tuple(keep.shape)}")
+    first = keep & (keep.cumsum(1) == 1)
+    later = (position_ids == 0) & keep & ~first
+    if not bool(later.any()):
+        return None
+    return first | later
+
+
+def _run_packed(
+    native: RATPlusLM, x: torch.Tensor, starts: torch.Tensor, attention_mask, pattern, record
+) -> torch.Tensor:
+    """Run each packed sequence of x (B, T, C) as its own row: regroup the tokens into (N, L, C), N
+    sequences right-padded to the longest L, run them, and put the outputs back (zeros at masked
+    positions). Exact per sequence, for every pattern, with gradients."""
+    B, T, C = x.shape
+    keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+    token = keep.flatten().nonzero().squeeze(1)  # (n,) kept tokens, index into B * T
+    is_start = starts.flatten()[token]  # (n,)
+    seq = is_start.cumsum(0) - 1  # (n,) sequence of each kept token
+    rank = torch.arange(token.numel(), device=x.device)
+    offset = rank - rank[is_start][seq]  # (n,) position inside its sequence
+    N, L = int(is_start.sum()), int(offset.max()) + 1
+    index = torch.zeros(N, L, dtype=torch.long, device=x.device)
+    index[seq, offset] = token
+    flat = x.reshape(B * T, C)
+    parts: list[torch.Tensor] | None = [] if record is not None else None
+    h = native.hidden(None, pattern, inputs_embeds=flat[index], all_hidden=parts)  # (N, L, C)
+    back = lambda t: t.new_zeros(B * T, C).index_put((token,), t[seq, offset]).view(B, T, C)  # noqa: E731
+    if record is not None:
+        record.extend(back(t) for t in parts)
+    return back(h)
 
 
 class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
@@ -71,7 +267,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: RATPlusConfig):
         super().__init__(config)
-        self.model = RATPlusLM(config.to_model_config())
+        self.model = RATPlusModel(config)
         self._tokenizer_source: Any = None  # a folder to copy tokenizer files from, or a tokenizer object
         self.post_init()
 
@@ -88,6 +284,9 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: torch.nn.Linear) -> None:
         self.model.head.lm_head = value
 
+    def get_decoder(self) -> RATPlusModel:
+        return self.model
+
     # ---- attention pattern --------------------------------------------------------------------
     @property
     def attention_pattern(self) -> str:
@@ -96,7 +295,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     def set_attention_pattern(self, pattern: Any) -> str:
         """Switch the default attention pattern (any pattern spec) without reloading; returns its
         canonical string. Raises ValueError when it does not parse or does not fit the model."""
-        self.config.attention_pattern = canonical_pattern(pattern, self.model.config)
+        self.config.attention_pattern = canonical_pattern(pattern, self.native.config)
         return self.config.attention_pattern
 
     # ---- forward ------------------------------------------------------------------------------
@@ -104,77 +303,94 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         cache: RATPlusHFCache | None = None,
-        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         attention_pattern: str | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        """input_ids (B, T) int64. With ``cache`` (a ``RATPlusHFCache``; ``past_key_values`` is the
-        same argument under its pre-5.24 name) the tokens continue after the cached ones and only
-        their logits (B, T, V) come back.
+        """As ``RATPlusModel.forward``, plus the LM head: logits (B, T, V).
 
-        ``use_cache=True`` without a cache starts one (sized to this input; it grows in chunks when
-        later calls continue) and returns it.
         ``labels`` (B, T) follow the ``transformers`` convention: the same ids as ``input_ids``
-        (-100 = ignore), shifted here; ``loss`` is the mean next-token cross-entropy in float32.
-        ``attention_mask`` (B, T) or (B, cached + T): 0 marks left padding of the prompt (padding
-        anywhere else raises); each row then runs exactly as it would alone."""
-        hf_cache = self._take_cache(cache, kwargs)
-        self._check_inputs(input_ids, kwargs)
-        if attention_mask is not None and bool((attention_mask == 1).all()):
-            attention_mask = None  # no padding: the plain path
-        if attention_pattern is None:
-            pattern = self.config.attention_pattern
-        else:
-            pattern = canonical_pattern(attention_pattern, self.model.config)
-        if hf_cache is None and use_cache:
-            hf_cache = RATPlusHFCache()
-        if hf_cache is None and attention_mask is None:
-            logits = self.model(input_ids, pattern=pattern)
-        elif hf_cache is None:
-            # Left padding is handled by the compact cache (per-row positions, pads skipped by the
-            # recurrence); a throwaway one sized to this input gives the padded full forward.
-            logits = RATPlusHFCache(max_len=input_ids.shape[1]).run(self.model, input_ids, pattern, attention_mask)
-        elif isinstance(hf_cache, RATPlusHFCache):
-            logits = hf_cache.run(self.model, input_ids, pattern, attention_mask)
-        else:
+        (-100 = ignore), shifted here; with an ``attention_mask`` a target counts only when it and the
+        token before it are unmasked (so a padded row trains exactly as its tokens alone);
+        ``loss`` is the mean next-token cross-entropy in float32 (``num_items_in_batch``, as
+        ``Trainer`` passes it, divides the sum instead). Labels with the inference-only cache
+        (``use_cache=True``) are refused while gradients are on."""
+        hf_cache = _take_cache(cache, kwargs)
+        if labels is not None and (hf_cache is not None or use_cache) and torch.is_grad_enabled():
             raise ValueError(
-                f"the cache must be a RATPlusHFCache (RAT+ keeps its own compact cache), got {type(hf_cache).__name__}"
+                "labels with a cache (use_cache=True): the compact cache is inference-only and runs without "
+                "gradients, so this loss could not train the model; pass use_cache=False (or run under torch.no_grad())"
             )
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels") if k in kwargs}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=hf_cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_pattern=attention_pattern,
+            **kwargs,
+        )
+        logits = self.model.head.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: hf_cache})
-        if return_dict is False:
-            return out.to_tuple()
-        return out
-
-    @staticmethod
-    def _take_cache(cache: RATPlusHFCache | None, kwargs: dict[str, Any]) -> RATPlusHFCache | None:
-        """The cache under either name (``cache``, or ``past_key_values`` as transformers < 5.24 and
-        older user code pass it); both at once must be the same object."""
-        old = kwargs.pop("past_key_values", None)
-        if cache is not None and old is not None and old is not cache:
-            raise ValueError("pass the cache once: as cache= (or past_key_values=, its older name), not both")
-        return cache if cache is not None else old
-
-    @staticmethod
-    def _check_inputs(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds is not supported by RAT+; pass input_ids")
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        if kwargs.get("position_ids") is not None:
-            raise ValueError("position_ids is not supported: positions follow the tokens (and the attention_mask)")
-        for name in _UNSUPPORTED_OUTPUTS:
-            if kwargs.get(name):
-                raise ValueError(f"{name}=True is not supported by RATPlusForCausalLM")
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input shape {tuple(logits.shape[:2])}")
+            if (
+                attention_mask is not None
+                and hf_cache is None
+                and attention_mask.shape == labels.shape
+                and "shift_labels" not in loss_kwargs
+            ):
+                # A target counts when it and the token before it are both unmasked: a row then trains
+                # exactly as its tokens alone (left padding included; no prediction across a hole).
+                keep = attention_mask.bool()
+                shifted = labels[:, 1:].masked_fill(~(keep[:, 1:] & keep[:, :-1]), -100)
+                loss_kwargs["shift_labels"] = F.pad(shifted, (0, 1), value=-100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_KWARG: getattr(out, CACHE_KWARG)}
+        )
+        return result.to_tuple() if return_dict is False else result
 
     # ---- generation ---------------------------------------------------------------------------
+    def _prepare_generated_length(
+        self,
+        generation_config,
+        has_default_max_length,
+        has_default_min_length,
+        model_input_name,
+        input_ids_length,
+        inputs_tensor,
+    ):
+        """As ``GenerationMixin``, then cap prompt + new tokens at ``max_seq_len`` (RoPE's and the
+        cache's limit), as ``ratplus.generate`` does: generation stops there instead of failing."""
+        generation_config = super()._prepare_generated_length(
+            generation_config,
+            has_default_max_length,
+            has_default_min_length,
+            model_input_name,
+            input_ids_length,
+            inputs_tensor,
+        )
+        limit = self.config.max_seq_len
+        if input_ids_length >= limit:
+            raise ValueError(
+                f"the prompt has {input_ids_length} tokens: no room to generate within max_seq_len={limit}"
+            )
+        generation_config.max_length = min(generation_config.max_length, limit)
+        return generation_config
+
     def _prepare_cache_for_generation(
         self,
         generation_config,
@@ -200,7 +416,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: "
                 "RAT+ always decodes with its own compact cache"
             )
-        model_kwargs[CACHE_KWARG] = RATPlusHFCache(max_len=max_cache_length)
+        model_kwargs[CACHE_KWARG] = RATPlusHFCache(max_len=min(max_cache_length, self.config.max_seq_len))
 
     # ---- saving -------------------------------------------------------------------------------
     def attach_tokenizer(self, tokenizer: Any) -> None:
@@ -217,14 +433,15 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             save_tokenizer(source, save_directory, self.config)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None, *args: Any, **kwargs: Any):
         """``PreTrainedModel.from_pretrained`` that refuses a checkpoint whose keys or shapes do not
-        match the config (``transformers`` would only warn and initialise the rest at random)."""
+        match the config (``transformers`` would only warn and initialise the rest at random).
+        ``None`` with ``config=`` and ``state_dict=`` builds the model from those, as in transformers."""
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("ignore_mismatched_sizes is not supported: a RAT+ checkpoint must match its config")
-        folder = Path(pretrained_model_name_or_path)
-        if folder.is_dir() and not kwargs.get("subfolder"):
+        folder = None if pretrained_model_name_or_path is None else Path(pretrained_model_name_or_path)
+        if folder is not None and folder.is_dir() and not kwargs.get("subfolder"):
             # Checked before loading: transformers reports some mismatches only as log lines (and, for a
             # missing tied embedding, not at all) while initialising the weights at random.
             config = kwargs.get("config")
@@ -246,13 +463,13 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} does not match its config: " + " | ".join(problems)
             )
-        native = model.model
+        native = model.native
         if native.config.tie_embeddings and native.head.lm_head.weight is not native.embedding.wte.weight:
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} stores an LM head that differs from the embedding "
                 "but its config says tie_embeddings=true"
             )
-        if folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES):
+        if folder is not None and folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES):
             model._tokenizer_source = folder
         return (model, info) if want_info else model
 
@@ -309,7 +526,8 @@ def save_tokenizer(source: Any, save_directory: str | Path, config: RATPlusConfi
     """Write a tokenizer into ``save_directory`` so ``AutoTokenizer.from_pretrained`` loads it.
 
     ``source``: a folder (its tokenizer files are copied), a ``transformers`` tokenizer, or a raw
-    ``tokenizers.Tokenizer`` (wrapped in ``PreTrainedTokenizerFast`` with the config's special tokens)."""
+    ``tokenizers.Tokenizer`` (wrapped in ``PreTrainedTokenizerFast`` with the config's special tokens;
+    EOS doubles as the pad token when the config names none)."""
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(source, (str, Path)):
@@ -337,4 +555,8 @@ def save_tokenizer(source: Any, save_directory: str | Path, config: RATPlusConfi
             token_id = getattr(config, f"{role}_token_id")
             if token_id is not None and source.id_to_token(token_id) is not None:
                 special[f"{role}_token"] = source.id_to_token(token_id)
+    if "pad_token" not in special and "eos_token" in special:
+        # Batching (pipeline, collators) needs a pad token; EOS is the usual stand-in for a model trained
+        # without one (padded positions are masked, so which id fills them does not matter).
+        special["pad_token"] = special["eos_token"]
     PreTrainedTokenizerFast(tokenizer_object=source, **special).save_pretrained(str(out))

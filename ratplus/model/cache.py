@@ -512,8 +512,9 @@ class LayerCache:
 
 def cache_nbytes(config: ModelConfig, pattern: PatternSpec, batch: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes a ``RATPlusCache(config, pattern, batch, max_len, dtype=dtype)`` allocates, from the pattern
-    arithmetic alone (module docstring): per layer and head group ``kv_slots(max_len - 1)`` key and value
-    slots for each of its KV heads, top-k block summaries, and the float32 (or wider) recurrent state.
+    arithmetic alone (module docstring): per layer and head group the ``SlotLayout`` capacity (or
+    ``kv_slots(max_len - 1)`` for top-k and SnapKV) in key and value slots for each of its KV heads,
+    top-k block summaries, and the float32 (or wider) recurrent state.
     Used to size a cache before building it: the constructor's memory check, admission in the server."""
     item = torch.empty(0, dtype=dtype).element_size()
     state_item = torch.empty(0, dtype=torch.promote_types(dtype, torch.float32)).element_size()
@@ -522,7 +523,9 @@ def cache_nbytes(config: ModelConfig, pattern: PatternSpec, batch: int, max_len:
     for layer in config.resolve_pattern(pattern):
         for p, heads in layer.groups:
             kv_heads = heads // G  # query heads of a group share its KV heads (whole KV groups only)
-            total += batch * kv_heads * p.kv_slots(max_len - 1) * 2 * K * item
+            # the layout clamps a window or prefix beyond the cache (same key sets, fewer slots)
+            slots = p.kv_slots(max_len - 1) if p.is_topk or p.is_snapkv else SlotLayout.for_pattern(p, max_len).capacity
+            total += batch * kv_heads * slots * 2 * K * item
             if p.is_topk:
                 blocks = max(0, max_len - 1 - p.local_size - p.initial_size) // p.block_size
                 total += batch * kv_heads * blocks * (2 if p.scoring == "quest" else 1) * K * item

@@ -246,7 +246,7 @@ class RATPlusLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         pattern: PatternSpec = None,
         labels: torch.Tensor | None = None,
         *,
@@ -254,8 +254,10 @@ class RATPlusLM(nn.Module):
         scan_backend: str = "auto",
         cache: RATPlusCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | LMOutput:
-        """input_ids (B, T) int64. ``pattern``: any pattern spec (None = dense causal).
+        """input_ids (B, T) int64 (or ``inputs_embeds`` (B, T, C) instead, without a cache).
+        ``pattern``: any pattern spec (None = dense causal).
 
         Without ``labels`` returns logits (B, T, V). With ``labels`` (B, T) of next-token targets
         aligned with the logits (labels[:, t] is the token after input_ids[:, t]; -100 = ignore)
@@ -264,8 +266,104 @@ class RATPlusLM(nn.Module):
         With ``cache`` (a ``RATPlusCache``; inference) the tokens are appended after those already
         cached (the first call is the prefill, then decode steps) and the logits are those of the
         new tokens. ``pattern`` None then means the cache's pattern; another pattern raises.
-        ``attention_mask`` (B, T), 0 = left padding, is accepted with a cache only.
+        ``attention_mask`` (B, T), 0 = left padding, is accepted with a cache only here
+        (``hidden`` takes any padding without a cache).
         """
+        if cache is not None and labels is not None:
+            raise ValueError("labels are not supported together with a cache (inference only)")
+        if cache is None and attention_mask is not None:
+            raise ValueError("attention_mask (left padding) needs a cache: pass cache=RATPlusCache(...)")
+        h = self.hidden(
+            input_ids,
+            pattern,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            attention_mask=attention_mask,
+            backend=backend,
+            scan_backend=scan_backend,
+        )
+        logits = self.logits(h)
+        if labels is None:
+            return logits
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input shape {tuple(logits.shape[:2])}")
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LMOutput(loss, logits)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pattern: PatternSpec = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: RATPlusCache | None = None,
+        backend: str = "auto",
+        scan_backend: str = "auto",
+        all_hidden: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The last block's output h (B, T, C), before the final norm (``logits(h)`` gives the logits).
+
+        Takes input_ids (B, T) or inputs_embeds (B, T, C) (the latter without a cache). With a cache,
+        as ``forward``. Without one, ``attention_mask`` (B, T) may mark padding anywhere (0 = pad):
+        each row then runs as the sequence of its unmasked tokens alone (positions from 0, the
+        recurrence and attention skip the pads), with gradients; outputs at padded positions are
+        unspecified. ``all_hidden``: a list that receives the embeddings and every block's output."""
+        if inputs_embeds is not None:
+            if input_ids is not None:
+                raise ValueError("pass input_ids or inputs_embeds, not both")
+            if cache is not None:
+                raise ValueError("inputs_embeds is not supported together with a cache; pass input_ids")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+                raise ValueError(
+                    f"inputs_embeds must be (B, T, d_model={self.config.d_model}), got {tuple(inputs_embeds.shape)}"
+                )
+            x = inputs_embeds
+        else:
+            self.check_ids(input_ids, values=cache is None)
+            if cache is not None:
+                return self._forward_cached(
+                    input_ids, pattern, cache, attention_mask, backend, scan_backend, all_hidden
+                )
+            x = self.embedding.wte(input_ids)  # (B, T, C)
+        B, T, _ = x.shape
+        if T == 0:
+            raise ValueError("input_ids is empty (T = 0)")
+        self.check_length(T)
+        layers = self.resolve_pattern(pattern)
+        restore = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must be (B, T) = ({B}, {T}), got {tuple(attention_mask.shape)}")
+            # Move each row's tokens to its front, pads after them (a stable sort, no host sync): causal
+            # outputs of the tokens are then exactly those of the row without its pads.
+            order = torch.argsort((attention_mask == 0).to(torch.uint8), dim=1, stable=True)  # (B, T)
+            x = x.gather(1, order.unsqueeze(-1).expand_as(x))
+            inverse = torch.argsort(order, dim=1).unsqueeze(-1).expand_as(x)  # (B, T, C)
+            restore = lambda t: t.gather(1, inverse)  # noqa: E731
+        if all_hidden is not None:
+            all_hidden.append(x)
+        cos, sin = self.rope(torch.arange(T, device=x.device), x.dtype)
+        for i, (block, layer_pattern) in enumerate(zip(self.backbone.layers, layers, strict=True)):
+            if self.checkpointed(i):
+                x = checkpoint(block, x, layer_pattern, cos, sin, backend, scan_backend, use_reentrant=False)
+            else:
+                x = block(x, layer_pattern, cos, sin, backend, scan_backend)
+            if all_hidden is not None:
+                all_hidden.append(x)
+        if restore is not None:
+            x = restore(x)
+            if all_hidden is not None:
+                all_hidden[:] = [restore(t) for t in all_hidden]
+        return x
+
+    def check_ids(self, input_ids: torch.Tensor, values: bool = True) -> None:
+        """ValueError unless input_ids is (B, T) integer ids; with ``values``, also in [0, vocab_size).
+
+        The value check reads the ids on the host, so it is skipped while ``torch.compile`` traces (a
+        graph break otherwise); out-of-range ids then fail inside the embedding lookup."""
+        if input_ids is None:
+            raise ValueError("input_ids is required (or inputs_embeds)")
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(
                 f"input_ids must be a (B, T) tensor of token ids, got {type(input_ids).__name__}; for ragged "
@@ -275,37 +373,12 @@ class RATPlusLM(nn.Module):
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if cache is None and input_ids.numel():
+        if values and input_ids.numel() and not torch.compiler.is_compiling():
             # full forwards (training, scoring) check the ids here; decoding checks them once in generation.py
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids hold token id {bad} outside [0, vocab_size={self.config.vocab_size})")
-        if cache is not None:
-            if labels is not None:
-                raise ValueError("labels are not supported together with a cache (inference only)")
-            return self._forward_cached(input_ids, pattern, cache, attention_mask, backend, scan_backend)
-        if attention_mask is not None:
-            raise ValueError("attention_mask (left padding) needs a cache: pass cache=RATPlusCache(...)")
-        T = input_ids.shape[1]
-        if T == 0:
-            raise ValueError("input_ids is empty (T = 0)")
-        self.check_length(T)
-        layers = self.resolve_pattern(pattern)
-        x = self.embedding.wte(input_ids)  # (B, T, C)
-        cos, sin = self.rope(torch.arange(T, device=input_ids.device), x.dtype)
-        for i, (block, layer_pattern) in enumerate(zip(self.backbone.layers, layers, strict=True)):
-            if self.checkpointed(i):
-                x = checkpoint(block, x, layer_pattern, cos, sin, backend, scan_backend, use_reentrant=False)
-            else:
-                x = block(x, layer_pattern, cos, sin, backend, scan_backend)
-        logits = self.logits(x)
-        if labels is None:
-            return logits
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return LMOutput(loss, logits)
 
     def decode_step(self, token: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
         """One fixed-shape decode step: token (B, 1) int64 after ``held`` (B,) int64 cached tokens per
@@ -332,12 +405,19 @@ class RATPlusLM(nn.Module):
             x = block(x, layer_pattern, cos, sin, cache=layer_cache)
         return self.logits(x)[:, -1]
 
-    def _forward_cached(self, input_ids, pattern, cache, attention_mask, backend, scan_backend) -> torch.Tensor:
-        with cache.append(input_ids, pattern, attention_mask) as step:  # checks pattern, room, padding
+    def _forward_cached(self, input_ids, pattern, cache, attention_mask, backend, scan_backend, all_hidden=None):
+        # The cache is inference-only: its buffers are written in place, so a graph through them could not
+        # be differentiated. The blocks run without autograd (only the caller's final norm and head may
+        # build a graph; forward refuses labels with a cache, and so does the HF layer while training).
+        with torch.no_grad(), cache.append(input_ids, pattern, attention_mask) as step:  # checks pattern, room, padding
             x = self.embedding.wte(input_ids)  # (B, T, C)
+            if all_hidden is not None:
+                all_hidden.append(x)
             cos, sin = self.rope(step.positions, x.dtype)  # (T, K), or (B, 1, T, K) when rows differ
             for block, layer_pattern, layer_cache in zip(
                 self.backbone.layers, cache.pattern, cache.layers, strict=True
             ):
                 x = block(x, layer_pattern, cos, sin, backend, scan_backend, layer_cache)
-        return self.logits(x)
+                if all_hidden is not None:
+                    all_hidden.append(x)
+        return x

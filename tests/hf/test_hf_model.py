@@ -251,15 +251,17 @@ def test_bad_runtime_inputs_are_refused(loaded, ids):
         loaded.config.attention_pattern = "sparse"
     assert loaded.config.attention_pattern != "sparse"
     with pytest.raises(ValueError, match="inputs_embeds"):
-        loaded(inputs_embeds=torch.zeros(1, 3, 32))
-    with pytest.raises(ValueError, match="position_ids"):
-        loaded(ids, position_ids=torch.arange(ids.shape[1])[None])
+        loaded(inputs_embeds=torch.zeros(1, 3, 32), use_cache=True)
+    with pytest.raises(ValueError, match="d_model=32"):
+        loaded(inputs_embeds=torch.zeros(1, 3, 16))
     with pytest.raises(ValueError, match="output_attentions"):
         loaded(ids, output_attentions=True)
     right_padded = torch.ones_like(ids)
     right_padded[0, -3:] = 0
-    with pytest.raises(ValueError, match="not left padding"):
-        loaded(ids, attention_mask=right_padded)
+    with pytest.raises(ValueError, match="not left padding"), torch.no_grad():
+        loaded(ids, attention_mask=right_padded, use_cache=True)  # the compact cache takes left padding only
+    with pytest.raises(ValueError, match="vocab_size=256"):
+        loaded(ids + 256)
     with pytest.raises(ValueError, match="ignore_mismatched_sizes"):
         RATPlusForCausalLM.from_pretrained("unused", ignore_mismatched_sizes=True)
     with pytest.raises(ValueError, match=r"only supports.*ASSISTED_GENERATION"):

@@ -383,7 +383,16 @@ def test_decode_equals_full_forward_on_cuda(pattern):
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2, 1])
 @pytest.mark.parametrize(
-    "pattern", ["dense", "D4-W8-P2", "local-W8-P2", "topk-B8-K2-W4-P2-quest", "topk-B8-K2-moba", "D4:2+local-W8:2"]
+    "pattern",
+    [
+        "dense",
+        "D4-W8-P2",
+        "local-W8-P2",
+        "D4-W500-P300",
+        "topk-B8-K2-W4-P2-quest",
+        "topk-B8-K2-moba",
+        "D4:2+local-W8:2",
+    ],
 )
 def test_cache_nbytes_is_what_the_cache_allocates(num_kv_heads, pattern):
     """The formula that sizes a cache before it exists (memory checks, server admission) equals the
