@@ -129,6 +129,11 @@ class AttentionPattern:
     def is_snapkv(self) -> bool:
         return self.kind == "snapkv"
 
+    @property
+    def inference_only(self) -> bool:
+        """Top-k and SnapKV choose keys from scores at run time: a model is evaluated in them, never trained."""
+        return self.is_topk or self.is_snapkv
+
     def kv_slots(self, seq_len: int) -> int:
         """Cache slots needed to decode at context ``seq_len``: P + W + 1 + floor(T / D) (docs/DESIGN.md 4).
 
@@ -476,7 +481,7 @@ class ModelConfig:
             raise ValueError(f"{what}: {e}") from e
         for layer in self.resolve_pattern(spec):
             for p, _ in layer.groups:
-                if p.is_topk or p.is_snapkv:
+                if p.inference_only:
                     raise ValueError(
                         f"{what} {text!r} is inference-only ({'top-k blocks' if p.is_topk else 'SnapKV'}): "
                         "training takes dense, dilated (D<d>[-W<w>][-P<p>]), local (local-W<w>[-P<p>]) or "

@@ -299,8 +299,7 @@ class RecallConfig:
         if self.adapt_patterns is not None:
             return list(self.adapt_patterns)
         # top-k and SnapKV are inference-time patterns (no training path): evaluated without adaptation
-        trainable = lambda a: not (a.is_dense or a.is_topk or a.is_snapkv)  # noqa: E731
-        return [p for p in self.all_patterns() if trainable(_pattern(p))]
+        return [p for p in self.all_patterns() if not (_pattern(p).is_dense or _pattern(p).inference_only)]
 
     def model_config(self, baseline: bool) -> ModelConfig:
         return ModelConfig(

@@ -430,12 +430,16 @@ def folder_kind(path: str | Path) -> str:
 
 
 def save_native(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
-    """Write a native folder; a non-dense ``pattern`` is recorded as ``adapted_pattern`` metadata."""
+    """Write a native folder; a non-dense ``pattern`` is recorded as ``adapted_pattern`` metadata, or as
+    ``default_pattern`` when it is inference-only (top-k, SnapKV: no model is adapted to those)."""
     metadata = None
     if pattern is not None:
         text = model.config.canonical_pattern(pattern)
+        layers = model.config.resolve_pattern(pattern)
         if text != "dense":
-            metadata = ModelMetadata(adapted_pattern=text).to_dict(drop_none=True)
+            inference_only = any(p.inference_only for layer in layers for p, _ in layer.groups)
+            field = "default_pattern" if inference_only else "adapted_pattern"
+            metadata = ModelMetadata(**{field: text}).to_dict(drop_none=True)
     return save_pretrained(model, dst, tokenizer=tokenizer, metadata=metadata)
 
 
@@ -522,6 +526,11 @@ def convert(
         pattern = pattern if pattern is not None else hf.config.attention_pattern
         if tok is None and (Path(src) / TOKENIZER_FILE).is_file():
             tok = load_tokenizer_file(Path(src) / TOKENIZER_FILE)
+    if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is {model.config.vocab_size}: "
+            "its higher ids have no embedding; pass the tokenizer the model was trained with"
+        )
     # A new (or replaced) folder is written under a temporary name and renamed into place, so a full
     # disk leaves no half-written DST; files of an existing folder without a model are written in place.
     whole = not out.exists() or (out / CONFIG_FILE).exists()

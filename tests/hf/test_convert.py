@@ -369,3 +369,21 @@ def test_convert_to_hf_on_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"cannot write .*hf: No space left on device .* free on that disk"):
         convert(tmp_path / "native", tmp_path / "hf", to="hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
+
+
+def test_convert_records_inference_only_patterns_as_default_and_checks_the_tokenizer(tmp_path):
+    """An inference-only --pattern is recorded as the folder's default pattern, never as a pattern the
+    weights were adapted to; a tokenizer with more tokens than the model's vocabulary is refused."""
+    from ratplus.io.folder import save_pretrained
+    from ratplus.io.tokenizer import train_bpe
+
+    save_pretrained(_model(), tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "snap", to="native", pattern="snapkv-C8-O4")
+    meta = load_metadata(tmp_path / "snap")
+    assert meta.get("default_pattern") == "snapkv-C8-O4" and "adapted_pattern" not in meta
+    convert(tmp_path / "native", tmp_path / "d4", to="native", pattern="D4")
+    assert load_metadata(tmp_path / "d4").get("adapted_pattern") == "D4-W0-P0"
+    tok = train_bpe(["to be or not to be, that is the question " * 50], 300)
+    (tmp_path / "tok.json").write_text(tok.to_str())
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model.s vocabulary is 96"):
+        convert(tmp_path / "native", tmp_path / "t", to="native", tokenizer=tmp_path / "tok.json")
