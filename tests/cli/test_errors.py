@@ -205,3 +205,18 @@ def test_a_bug_still_shows_its_traceback(files, monkeypatch):
     monkeypatch.setattr(ratplus.generation, "generate", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["generate", "--ckpt", str(files / "model"), "--prompt-ids", "1"])
+
+
+def test_a_diverged_run_is_one_line(files, monkeypatch, capsys):
+    """A loss that turns NaN (FloatingPointError from the trainer or the recall probe) ends the command
+    with one line naming it, not a stack."""
+    import ratplus.train.trainer
+
+    def diverged(cfg):
+        raise FloatingPointError("loss is nan at step 3; lower the learning rate")
+
+    monkeypatch.setattr(ratplus.train.trainer, "train", diverged)
+    argv = [a.replace("{root}", str(files)) for a in T]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "ratplus train: error: loss is nan at step 3; lower the learning rate", lines
