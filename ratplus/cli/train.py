@@ -20,6 +20,21 @@ def _csv(text: str) -> list[str]:
     return [p for p in text.split(",") if p]
 
 
+def _checkpointing(text: str) -> int:
+    """``off`` -> 0, ``all`` -> 1 (every block), N -> every N-th block."""
+    if text in ("off", "none"):
+        return 0
+    if text in ("all", "every"):
+        return 1
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected off, all or a block interval N >= 0, got {text!r}")
+    return n
+
+
 def _override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -82,6 +97,7 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup", type=float, default=_S, help="warmup fraction of the steps")
     t.add_argument("--distributed", choices=["ddp", "fsdp"], default=_S, help="under torchrun (WORLD_SIZE > 1)")
     t.add_argument("--tensorboard", action="store_true", default=_S)
+    t.add_argument("--dry-run", action="store_true", help="print the memory plan (and whether it fits here), then stop")
     t.set_defaults(func=_train)
 
     a = sub.add_parser("adapt", help="resolution adaptation of a pretrained model to one sparse pattern")
@@ -100,6 +116,7 @@ def add_parser(sub) -> None:
         _COMMON[name](s)
     s.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
     s.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
+    _speed(s)
     s.set_defaults(func=_sft)
 
 
@@ -134,6 +151,18 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_S)
     p.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
+    _speed(p)
+
+
+def _speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--activation-checkpointing",
+        type=_checkpointing,
+        default=_S,
+        metavar="{off,all,N}",
+        help="recompute activations in backward: off, all (every block) or every N-th block",
+    )
+    p.add_argument("--compile", action="store_true", default=_S, help="compile the training step (torch.compile)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,7 +287,19 @@ def _train(args) -> int:
     given = _given(args)
     if args.set:
         given["model_overrides"] = {**base.model_overrides, **dict(args.set)}
-    _print_main(train(dataclasses.replace(base, **given)))
+    cfg = dataclasses.replace(base, **given)
+    if args.dry_run:
+        from ratplus.train.memory import check_plan
+        from ratplus.train.trainer import _base_model_config, plan_run, plan_sparse
+
+        cfg.validate()
+        config = _base_model_config(cfg)
+        plan = plan_run(cfg, config)
+        print(plan.table())
+        patterns = ["sparse", "dense"] if cfg.joint_train else [cfg.train_pattern]
+        check_plan(plan, config, plan_sparse(patterns), cfg.grad_accum)  # refuses with the options
+        return 0
+    _print_main(train(cfg))
     return 0
 
 
