@@ -49,6 +49,16 @@ def test_jsonl_gz_parquet_and_folder_stream_in_order(tmp_path):
     assert list(it) == ["two", *[r for r in rows if r is not None]]
 
 
+def test_jsonl_zst_streams(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    raw = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)).encode()
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    assert list(iter_documents(tmp_path / "c.jsonl.zst")) == ["doc 0", "doc 1", "doc 2"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz: cannot read"):
+        list(iter_documents(tmp_path / "bad.jsonl.gz"))
+
+
 def test_malformed_records_name_file_and_line(tmp_path):
     cases = {
         "nojson.jsonl": b'{"text": "ok"}\n{"text": \n',
