@@ -104,6 +104,7 @@ class PrepareSummary:
     text_bytes: int
     seconds: float
     resumed_documents: int = 0  # documents a resumed run skipped (tokenized by the interrupted run)
+    resumed_tokens: int = 0  # their tokens (not counted in this run's tokens/s)
 
     @property
     def total_tokens(self) -> int:
@@ -112,7 +113,7 @@ class PrepareSummary:
     def line(self) -> str:
         """One human line: documents, tokens, bytes per token, tokens/s."""
         docs, toks = sum(self.documents.values()), self.total_tokens
-        rate = toks / self.seconds if self.seconds > 0 else float("inf")
+        rate = (toks - self.resumed_tokens) / self.seconds if self.seconds > 0 else float("inf")
         resumed = f", resumed after {self.resumed_documents:,} documents" if self.resumed_documents else ""
         return (
             f"{docs:,} documents, {toks:,} tokens, {self.text_bytes / max(toks, 1):.2f} bytes/token, "
@@ -291,6 +292,9 @@ def prepare_splits(
             progress = {"fingerprint": fingerprint, "documents_read": 0, "text_bytes": 0, "splits": {}}
         (work).mkdir(parents=True, exist_ok=True)
         resumed = int(progress["documents_read"])
+        resumed_tokens = sum(
+            sum(sh["num_tokens"] for sh in st["shards"]) + st["current_tokens"] for st in progress["splits"].values()
+        )
         writers = {k: _SplitWriter(work / k, shard_tokens, np_dtype, progress["splits"].get(k)) for k in outs}
         state = {"read": resumed, "bytes": int(progress["text_bytes"]), "saved": time.monotonic()}
 
@@ -337,7 +341,13 @@ def prepare_splits(
             remove_path(work)
             raise ValueError("the corpus is empty (no non-blank document)")
         summary = PrepareSummary(
-            paths=outs, documents={}, tokens={}, text_bytes=state["bytes"], seconds=0.0, resumed_documents=resumed
+            paths=outs,
+            documents={},
+            tokens={},
+            text_bytes=state["bytes"],
+            seconds=0.0,
+            resumed_documents=resumed,
+            resumed_tokens=resumed_tokens,
         )
         for k, w in writers.items():
             shards = w.close()

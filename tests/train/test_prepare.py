@@ -207,6 +207,9 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, docs, tokeniz
     assert 0 < progress["documents_read"] < 120 and progress["splits"]["train"]["shards"]
     s = prepare_splits(many, tokenizer, outs(tmp_path / "run"), val_route(0.1), 600, show_progress=False)
     assert s.resumed_documents == progress["documents_read"] and not work.exists()
+    assert s.resumed_tokens == sum(
+        sum(x["num_tokens"] for x in v["shards"]) + v["current_tokens"] for v in progress["splits"].values()
+    )
     for split in ("train", "val"):
         assert _shard_bytes(tmp_path / "run" / split) == _shard_bytes(tmp_path / "ref" / split)
         meta = [json.loads((root / split / "meta.json").read_text()) for root in (tmp_path / "run", tmp_path / "ref")]
