@@ -23,7 +23,8 @@ def test_tiny_preset_by_hand():
     tokens = 2 * 32
     assert plan.activations == tokens * 2 * per_layer
     assert plan.head == tokens * (16 * 32 + 12 * 256)
-    assert plan.total == 16 * P + tokens * (2 * per_layer + 16 * 32 + 12 * 256) + memory.CPU_RUNTIME
+    tensors = 16 * P + tokens * (2 * per_layer + 16 * 32 + 12 * 256)
+    assert plan.total == tensors + memory.CPU_RUNTIME + int(0.15 * tensors)  # glibc keeps freed blocks
     # checkpointing every block: each keeps its input (C floats), backward recomputes one block
     ckpt = plan_memory(cfg, 2, 32, "cpu", checkpoint_every=1, sparse=True, available=2**40)
     assert ckpt.activations == tokens * (2 * 4 * 32 + per_layer)
