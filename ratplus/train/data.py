@@ -11,7 +11,9 @@ not separated inside a window (no attention reset), as in the paper.
 
 A shard folder holds ``meta.json`` (dtype, vocab size, EOS id, token counts), ``shard_00000.bin``,
 ... and the ``tokenizer.json`` that produced it. ``ratplus data prepare`` writes ``train/`` and
-``val/`` shard folders side by side.
+``val/`` shard folders side by side in one streamed, resumable pass (``prepare_splits``): memory
+does not grow with the corpus, the bytes do not depend on the worker count, and a killed run
+continues from its last resume point when started again.
 """
 
 from __future__ import annotations
