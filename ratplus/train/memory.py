@@ -226,7 +226,9 @@ def fitting_options(plan: MemoryPlan, config: ModelConfig, sparse: bool, grad_ac
                 out.append(f"{run}: {best.total / GiB:.2f} GiB per process")
                 break
     else:
-        state = plan.weights + plan.gradients + plan.optimizer + plan.runtime
+        kind = torch.device(plan.device).type
+        base = CUDA_RUNTIME if kind == "cuda" else CPU_RUNTIME
+        state = int((plan.weights + plan.gradients + plan.optimizer) * (1 + ALLOCATOR_OVERHEAD.get(kind, 0.0))) + base
         if state > plan.available:
             out.append(
                 f"the weights, gradients and AdamW state alone need {state / GiB:.2f} GiB: a smaller model, or "
@@ -248,7 +250,7 @@ def check_plan(plan: MemoryPlan, config: ModelConfig, sparse: bool, grad_accum: 
             ("AdamW", plan.optimizer),
             ("activations", plan.activations),
             ("head", plan.head),
-            ("runtime", plan.runtime),
+            ("runtime + allocator", plan.runtime),
         )
     )
     fix = "; ".join(options) if options else "none found here: use a machine with more memory"
