@@ -20,6 +20,21 @@ def _csv(text: str) -> list[str]:
     return [p for p in text.split(",") if p]
 
 
+def _checkpointing(text: str) -> int:
+    """``off`` -> 0, ``all`` -> 1 (every block), N -> every N-th block."""
+    if text in ("off", "none"):
+        return 0
+    if text in ("all", "every"):
+        return 1
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected off, all or a block interval N >= 0, got {text!r}")
+    return n
+
+
 def _override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -34,8 +49,15 @@ def add_parser(sub) -> None:
     data = sub.add_parser("data", help="prepare training data (tokenize once into token shards)")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
-    p = dsub.add_parser("prepare", help="tokenize a corpus into memory-mapped train/ and val/ token shards")
-    p.add_argument("--input", default=None, help="text file, folder, .jsonl or .parquet (default: --bundled)")
+    p = dsub.add_parser(
+        "prepare", help="tokenize a corpus (streamed, resumable) into memory-mapped train/ and val/ token shards"
+    )
+    p.add_argument("--input", default=None, help="text file, folder, .jsonl(.gz/.zst) or .parquet (default: --bundled)")
+    p.add_argument(
+        "--hf-dataset", default=None, help="a datasets-library dataset: hub name (offline: its cache) or path"
+    )
+    p.add_argument("--hf-config", default=None, help="the dataset's configuration (subset) name")
+    p.add_argument("--split", default="train", help="the dataset split read with --hf-dataset")
     p.add_argument(
         "--bundled",
         default="shakespeare",
@@ -43,12 +65,17 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--val-input", default=None, help="held-out corpus (default: a fraction of the input documents)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out when --val-input is absent")
+    p.add_argument("--val-docs", type=int, default=0, help="hold out the first N documents instead of a fraction")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
     p.add_argument("--tokenizer", default="bpe", help="bpe (trained on the input) | gpt2 | path to tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE")
+    p.add_argument(
+        "--bpe-sample", type=int, default=2**27, help="characters of training text the BPE is trained on (a prefix)"
+    )
     p.add_argument("--text-field", default="text", help="field / column holding the text in .jsonl / .parquet")
     p.add_argument("--dtype", default=None, choices=["uint16", "uint32"], help="token dtype (default: by vocab size)")
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer calls in flight (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing shard folders")
     p.set_defaults(func=_data_prepare)
 
@@ -70,6 +97,7 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup", type=float, default=_S, help="warmup fraction of the steps")
     t.add_argument("--distributed", choices=["ddp", "fsdp"], default=_S, help="under torchrun (WORLD_SIZE > 1)")
     t.add_argument("--tensorboard", action="store_true", default=_S)
+    t.add_argument("--dry-run", action="store_true", help="print the memory plan (and whether it fits here), then stop")
     t.set_defaults(func=_train)
 
     a = sub.add_parser("adapt", help="resolution adaptation of a pretrained model to one sparse pattern")
@@ -88,6 +116,7 @@ def add_parser(sub) -> None:
         _COMMON[name](s)
     s.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
     s.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
+    _speed(s)
     s.set_defaults(func=_sft)
 
 
@@ -122,6 +151,18 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_S)
     p.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
+    _speed(p)
+
+
+def _speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--activation-checkpointing",
+        type=_checkpointing,
+        default=_S,
+        metavar="{off,all,N}",
+        help="recompute activations in backward: off, all (every block) or every N-th block",
+    )
+    p.add_argument("--compile", action="store_true", default=_S, help="compile the training step (torch.compile)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,53 +179,96 @@ def _print_main(path: Path) -> None:
         print(path)
 
 
+def _source(args, spec: str | None) -> str:
+    """What a resumed prepare must find unchanged: the input files with their sizes and times."""
+    from ratplus.io.corpus import corpus_files
+
+    if args.hf_dataset is not None:
+        return json.dumps(["hf", args.hf_dataset, args.hf_config, args.split, args.text_field])
+    files = corpus_files(spec)
+    return json.dumps([args.text_field, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
+
+
+def _prefix(docs, max_chars: int):
+    """The first documents of ``docs`` up to ``max_chars`` characters (what the BPE is trained on)."""
+    total = 0
+    for d in docs:
+        yield d
+        total += len(d)
+        if total >= max_chars:
+            return
+
+
 def _data_prepare(args) -> int:
-    from ratplus.io.corpus import corpus_documents, read_documents
+    from ratplus.io.corpus import corpus_documents, iter_documents, iter_hf_dataset
     from ratplus.io.tokenizer import eos_id, get_tokenizer, vocab_size
     from ratplus.runtime import remove_path
-    from ratplus.train.data import prepare_shards
+    from ratplus.train.data import prepare_splits, val_route
 
-    if not 0 <= args.val_fraction < 1:  # also refuses nan
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    route = val_route(args.val_fraction, args.val_docs)  # checks both
     if args.shard_tokens < 1:
         raise ValueError(f"--shard-tokens must be >= 1, got {args.shard_tokens}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.input is not None and args.hf_dataset is not None:
+        raise ValueError("give --input or --hf-dataset, not both")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    if args.input is None:
-        train_docs, val_docs = corpus_documents(args.bundled, "train"), corpus_documents(args.bundled, "val")
+    splits = {"train": out / "train", "val": out / "val"}
+    if args.input is None and args.hf_dataset is None:
+        # the bundled corpora are small and come with their own held-out split
+        jobs = [(corpus_documents(args.bundled, s), {s: p}, None, "") for s, p in splits.items()]
+        bpe_text = corpus_documents(args.bundled, "train")
     else:
-        train_docs = read_documents(args.input, args.text_field)
+
+        def documents():  # a fresh pass over the input each call
+            if args.hf_dataset is not None:
+                return iter_hf_dataset(args.hf_dataset, args.hf_config, args.split, args.text_field)
+            return iter_documents(args.input, args.text_field)
+
+        if next(documents(), None) is None:  # before training a tokenizer on nothing
+            raise ValueError(f"the corpus {args.input or args.hf_dataset} is empty (no non-blank document)")
+        source = _source(args, args.input)
         if args.val_input is not None:
-            val_docs = read_documents(args.val_input, args.text_field)
-        elif len(train_docs) >= 2 and args.val_fraction > 0:
-            n_val = max(1, round(args.val_fraction * len(train_docs)))
-            train_docs, val_docs = train_docs[:-n_val], train_docs[-n_val:]
+            val_docs = iter_documents(args.val_input, args.text_field)
+            jobs = [(documents(), {"train": splits["train"]}, None, source)]
+            jobs.append((val_docs, {"val": splits["val"]}, None, _source(args, args.val_input)))
         else:
-            val_docs = []
-    tok = get_tokenizer(args.tokenizer, train_docs, args.vocab_size)
-    written: list[Path] = []
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        if not docs:
-            print(f"no validation documents (a single input document); only {out / 'train'} is written")
-            continue
-        existed = (out / split).exists()
-        try:
-            path = prepare_shards(
-                docs, tok, out / split, args.shard_tokens, args.dtype, overwrite=args.overwrite, desc=split
+            jobs = [(documents(), splits, route, source)]
+        bpe_text = _prefix(documents(), args.bpe_sample) if args.tokenizer == "bpe" else None
+    tok = get_tokenizer(args.tokenizer, bpe_text, args.vocab_size)
+    existed = {p: p.exists() for p in splits.values()}
+    try:
+        for docs, outs, job_route, source in jobs:
+            summary = prepare_splits(
+                docs,
+                tok,
+                outs,
+                job_route,
+                args.shard_tokens,
+                args.dtype,
+                overwrite=args.overwrite,
+                workers=args.workers,
+                source=source,
+                desc="+".join(outs),
             )
-        except Exception:
-            # the splits this run wrote go too: a rerun (after freeing space) needs no --overwrite
-            for p in written:
+            for split, path in outs.items():
+                if not summary.documents.get(split):
+                    print(f"no {split} documents (a single input document?); only {out / 'train'} is written")
+                    continue
+                meta = json.loads((path / "meta.json").read_text())
+                print(
+                    f"{path}: {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
+                    f"{len(meta['shards'])} shard(s), {meta['dtype']}"
+                )
+            print(f"read: {summary.line()}")
+    except Exception:
+        # the splits this run wrote go too: a rerun (after freeing space) needs no --overwrite
+        for p, was in existed.items():
+            if not was:
                 remove_path(p)
-            raise
-        if not existed:
-            written.append(path)
-        meta = json.loads((path / "meta.json").read_text())
-        print(
-            f"{path}: {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
-            f"{len(meta['shards'])} shard(s), {meta['dtype']}"
-        )
+        raise
     print(f"tokenizer: vocab {vocab_size(tok)}, EOS id {eos_id(tok)}")
     return 0
 
@@ -203,7 +287,19 @@ def _train(args) -> int:
     given = _given(args)
     if args.set:
         given["model_overrides"] = {**base.model_overrides, **dict(args.set)}
-    _print_main(train(dataclasses.replace(base, **given)))
+    cfg = dataclasses.replace(base, **given)
+    if args.dry_run:
+        from ratplus.train.memory import check_plan
+        from ratplus.train.trainer import _base_model_config, plan_run, plan_sparse
+
+        cfg.validate()
+        config = _base_model_config(cfg)
+        plan = plan_run(cfg, config)
+        print(plan.table())
+        patterns = ["sparse", "dense"] if cfg.joint_train else [cfg.train_pattern]
+        check_plan(plan, config, plan_sparse(patterns), cfg.grad_accum)  # refuses with the options
+        return 0
+    _print_main(train(cfg))
     return 0
 
 

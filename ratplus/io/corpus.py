@@ -7,14 +7,22 @@ text (``shakespeare_documents``, speaker names as ``NAME:``) and as the NIAH ess
 (``bundled_documents``, the Markdown markup dropped). The second bundled corpus is about 100
 English Wikipedia articles from the test data of the ``gensim`` wheel (``wikipedia_documents``,
 markup stripped by ``clean_wikitext``); ``corpus_documents`` picks either by name.
+
+User corpora are read lazily (``iter_documents``, ``iter_hf_dataset``): one JSON line, one Parquet
+record batch or one text file at a time, so memory does not grow with the corpus. ``read_documents``
+is the same reader collected into a list, for corpora that fit in memory (evaluation texts).
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.metadata
+import io
+import json
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,10 @@ from ratplus.runtime import parse_jsonl
 VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
 #: File suffixes a directory is read for (anything else in it is skipped).
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
+#: JSON-lines files may be compressed (``.jsonl.gz``; ``.jsonl.zst`` needs the ``zstandard`` package).
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+#: Rows per Parquet record batch read at a time (bounds memory for files of any size).
+PARQUET_BATCH_ROWS = 1024
 
 
 def wheel_files(dist: str, keep: Callable[[str], bool], install_hint: str) -> list[Path]:
@@ -83,7 +95,7 @@ def read_text_file(path: str | Path) -> str:
 
 def read_jsonl(path: str | Path, text_field: str = "text") -> list[str]:
     """The ``text_field`` of every record of a JSON-lines file (blank lines skipped)."""
-    return [r[text_field] for _, r in jsonl_objects(path, (text_field,))]
+    return list(iter_jsonl(path, text_field))
 
 
 def jsonl_objects(path: str | Path, fields: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
@@ -105,49 +117,182 @@ def _and(fields: tuple[str, ...]) -> str:
 
 
 def read_parquet(path: str | Path, text_field: str = "text") -> list[str]:
-    """The ``text_field`` column of a Parquet file (needs ``pyarrow``)."""
+    """The ``text_field`` column of a Parquet file (needs ``pyarrow``); null rows skipped."""
+    return list(iter_parquet(path, text_field))
+
+
+def iter_parquet(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """The non-null ``text_field`` values of a Parquet file, one record batch at a time. A value that
+    is not a string raises ValueError naming the file and row (1-based)."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from e
     p = Path(path)
     try:
-        table = pq.read_table(p, columns=[text_field])
-    except Exception as e:  # pyarrow raises ArrowInvalid / KeyError variants
+        pf = pq.ParquetFile(p)
+        if text_field not in pf.schema_arrow.names:
+            raise KeyError(f"no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field])
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError variants
         raise ValueError(f"cannot read column {text_field!r} of Parquet file {p}: {e}") from e
-    return [t for t in table.column(text_field).to_pylist() if t is not None]
+    row = 0
+    for batch in batches:
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{p} row {row}: column {text_field!r} holds {type(value).__name__} {value!r}, not text"
+                )
+            yield value
 
 
-def _read_one(p: Path, text_field: str) -> list[str]:
-    if p.suffix == ".jsonl":
-        return read_jsonl(p, text_field)
-    if p.suffix == ".parquet":
-        return read_parquet(p, text_field)
-    return [read_text_file(p)]
+def _open_lines(p: Path) -> io.BufferedIOBase:
+    """A binary reader of ``p``, decompressing ``.gz`` / ``.zst``."""
+    if p.name.endswith(".gz"):
+        return gzip.open(p, "rb")
+    if p.name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise ValueError(f"reading {p} needs the zstandard package: pip install zstandard") from e
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), closefd=True))
+    return open(p, "rb")
+
+
+def iter_jsonl(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """The ``text_field`` of every record of a JSON-lines file (plain, ``.gz`` or ``.zst``), one line at
+    a time; blank lines skipped. A line that is not UTF-8, not JSON, or not an object with a string
+    ``text_field`` raises ValueError naming ``file:line``."""
+    p = Path(path)
+    with _open_lines(p) as f:
+        try:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if b"\x00" in raw:
+                    raise ValueError(f"{p}:{n}: not a JSON-lines file (the line contains NUL bytes)")
+                try:
+                    record = json.loads(raw)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not UTF-8 text ({e.reason})") from e
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
+                yield record[text_field]
+        except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+            raise ValueError(f"{p}: cannot read ({e})") from e
+
+
+def _is_jsonl(p: Path) -> bool:
+    return p.name.endswith(JSONL_SUFFIXES)
+
+
+def _readable(f: Path) -> bool:
+    return f.suffix in TEXT_SUFFIXES or _is_jsonl(f)
+
+
+def _iter_one(p: Path, text_field: str) -> Iterator[str]:
+    if _is_jsonl(p):
+        yield from iter_jsonl(p, text_field)
+    elif p.suffix == ".parquet":
+        yield from iter_parquet(p, text_field)
+    else:
+        yield read_text_file(p)
+
+
+def check_input(p: Path) -> None:
+    """``p`` is a regular file or a folder; otherwise an error that says what it is instead."""
+    if p.is_dir() or p.is_file():
+        return
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError as e:  # Python < 3.13 reports a loop as RuntimeError
+            raise ValueError(f"corpus {p} is a symbolic link loop") from e
+        except OSError as e:
+            if e.errno == 40:  # ELOOP
+                raise ValueError(f"corpus {p} is a symbolic link loop") from e
+            raise FileNotFoundError(f"corpus {p} is a broken symbolic link (to {os.readlink(p)})") from e
+    if os.path.lexists(p):
+        raise ValueError(f"corpus {p} is not a regular file or folder (a device, pipe or socket); give a file")
+    raise FileNotFoundError(f"corpus not found: {p}")
+
+
+def corpus_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files a corpus spec names, in reading order: each path as given, a folder expanded to its
+    files with a readable suffix (``TEXT_SUFFIXES``, ``JSONL_SUFFIXES``), recursively, sorted, hidden
+    files skipped."""
+    many = [Path(x) for x in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
+    files: list[Path] = []
+    for p in many:
+        check_input(p)
+        if p.is_dir():
+            hidden = lambda f, root=p: any(part.startswith(".") for part in f.relative_to(root).parts)  # noqa: E731
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _readable(f) and not hidden(f))
+            if not found:
+                raise ValueError(f"directory {p} holds no readable files (suffixes {', '.join(TEXT_SUFFIXES)}, .gz)")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+def iter_documents(paths: str | Path | Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Documents from one path or several, read lazily: a text file (one document), a JSON-lines file
+    (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: ``text_field`` per record), a ``.parquet`` file
+    (``text_field`` column, one record batch at a time) or a folder of them (``corpus_files``).
+    Blank documents are dropped. Memory: one record batch, or one text file."""
+    for f in corpus_files(paths):
+        for doc in _iter_one(f, text_field):
+            if doc.strip():
+                yield doc
 
 
 def read_documents(paths: str | Path | Sequence[str | Path], text_field: str = "text") -> list[str]:
-    """Documents from one path or several: a text file (one document), a ``.jsonl`` file (``text``
-    field per record), a ``.parquet`` file (``text`` column) or a directory (every file with a
-    ``TEXT_SUFFIXES`` suffix, recursively, in sorted order, hidden files skipped). Blank documents are
-    dropped; if nothing is left the corpus is empty and this raises ValueError."""
-    many = [Path(x) for x in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
-    docs: list[str] = []
-    for p in many:
-        if p.is_dir():
-            hidden = lambda f, root=p: any(part.startswith(".") for part in f.relative_to(root).parts)  # noqa: E731
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES and not hidden(f))
-            if not files:
-                raise ValueError(f"directory {p} holds no readable files (suffixes {', '.join(TEXT_SUFFIXES)})")
-            docs += [d for f in files for d in _read_one(f, text_field)]
-        elif p.is_file():
-            docs += _read_one(p, text_field)
-        else:
-            raise FileNotFoundError(f"corpus not found: {p}")
-    docs = [d for d in docs if d.strip()]
+    """``iter_documents`` as a list; a corpus with no non-blank document raises ValueError."""
+    docs = list(iter_documents(paths, text_field))
     if not docs:
-        raise ValueError(f"the corpus {', '.join(map(str, many))} is empty (no non-blank document)")
+        many = [str(x) for x in paths] if isinstance(paths, (list, tuple)) else [str(paths)]
+        raise ValueError(f"the corpus {', '.join(many)} is empty (no non-blank document)")
     return docs
+
+
+def iter_hf_dataset(
+    name: str, config: str | None = None, split: str = "train", text_field: str = "text"
+) -> Iterator[str]:
+    """Documents of a dataset of the Hugging Face ``datasets`` library, streamed (nothing is loaded
+    whole): ``name`` is a hub name (read from the ``datasets`` cache when offline, e.g. with
+    ``HF_DATASETS_OFFLINE=1``), a local folder of data files, or one local ``.jsonl``/``.parquet``
+    file. Blank and null texts are skipped; a non-string text raises ValueError naming the record."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError("--hf-dataset needs the datasets package: pip install datasets") from e
+    p = Path(name)
+    try:
+        if p.is_file():
+            builder = "parquet" if p.suffix == ".parquet" else "json"
+            ds = datasets.load_dataset(builder, data_files=str(p), split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        records = iter(ds)
+    except Exception as e:  # datasets raises many kinds (DatasetNotFoundError, ValueError, ConnectionError)
+        raise ValueError(f"cannot open dataset {name!r} (config {config!r}, split {split!r}): {e}") from e
+    for n, record in enumerate(records, 1):
+        if text_field not in record:
+            raise ValueError(f"dataset {name!r} record {n} has no field {text_field!r} (fields: {', '.join(record)})")
+        value = record[text_field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            raise ValueError(f"dataset {name!r} record {n}: field {text_field!r} holds {kind}, not text")
+        if value.strip():
+            yield value
 
 
 def _strip_markdown(text: str) -> str:

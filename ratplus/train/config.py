@@ -65,6 +65,10 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU | float32 | bfloat16
+    # memory and speed: recompute every n-th block's activations in backward (0 = off, 1 = every block);
+    # compile: the training forward through torch.compile (checkpoints keep the eager parameter names)
+    activation_checkpointing: int = 0
+    compile: bool = False
     distributed: str = "ddp"  # ddp | fsdp, used when launched by torchrun with WORLD_SIZE > 1
     resume: bool | str = False  # True: newest valid checkpoint in out_dir (fresh start if none); or a path
     tensorboard: bool = False
@@ -107,7 +111,9 @@ class TrainConfig:
             if not isinstance(v, str) or not v.strip():
                 raise ValueError(f"{name} must be a non-empty string, got {v!r}")
         check_ints(self, ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_interval"), 1)
-        check_ints(self, ("eval_interval", "ckpt_interval"), 0)
+        check_ints(self, ("eval_interval", "ckpt_interval", "activation_checkpointing"), 0)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         for name in ("steps", "tokens"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

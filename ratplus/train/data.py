@@ -11,15 +11,24 @@ not separated inside a window (no attention reset), as in the paper.
 
 A shard folder holds ``meta.json`` (dtype, vocab size, EOS id, token counts), ``shard_00000.bin``,
 ... and the ``tokenizer.json`` that produced it. ``ratplus data prepare`` writes ``train/`` and
-``val/`` shard folders side by side.
+``val/`` shard folders side by side in one streamed, resumable pass (``prepare_splits``): memory
+does not grow with the corpus, the bytes do not depend on the worker count, and a killed run
+continues from its last resume point when started again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +41,13 @@ from ratplus.config import read_json
 from ratplus.io.corpus import jsonl_objects
 from ratplus.io.folder import replace_dir
 from ratplus.io.tokenizer import TOKENIZER_FILE, eos_id, folder_tokenizer, vocab_size
-from ratplus.runtime import writing
+from ratplus.runtime import atomic_write_text, remove_path, writing
+
+logger = logging.getLogger("ratplus")
 
 IGNORE_INDEX = -100
 META_FILE = "meta.json"
 FORMAT = "ratplus-token-shards"
-#: Plays of the bundled corpus held out for validation (about 6% of the text).
-VAL_PLAYS = ("the-tempest", "julius-caesar", "twelfth-night")
-#: File suffixes a directory is read for (anything else in it is skipped).
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet")
 TOKEN_DTYPES: dict[str, Any] = {"uint16": np.uint16, "uint32": np.uint32}
 
 
@@ -60,8 +67,339 @@ def token_dtype(vocab: int, dtype: str | None = None) -> str:
     return dtype
 
 
+#: Characters of text per tokenizer call: bounds the memory of one chunk in flight.
+CHUNK_CHARS = 2**22
+#: Documents per tokenizer call at most (many tiny documents make a chunk too).
+CHUNK_DOCS = 2048
+#: The resume state of an unfinished prepare, inside its work folder ``<out>.partial``.
+PROGRESS_FILE = "progress.json"
+#: Seconds between resume points when no shard was completed in between.
+CHECKPOINT_SECONDS = 30.0
+
+
+def val_route(val_fraction: float = 0.0, val_docs: int = 0) -> Callable[[int], str]:
+    """Which split document ``i`` (0-based, in reading order, blank documents not counted) goes to.
+
+    ``val_docs`` > 0: the first ``val_docs`` documents. ``val_fraction`` f > 0: documents 1, 1 + 1/f,
+    1 + 2/f, ... (document i >= 1 where ceil(i f) steps up), so ceil((n - 1) f) of n documents, spread
+    over the corpus, at least one when n >= 2, none for a single document. Deterministic: no seed,
+    no need to know n in advance (the corpus streams)."""
+    if isinstance(val_docs, bool) or not isinstance(val_docs, int) or val_docs < 0:
+        raise ValueError(f"val_docs (--val-docs) must be an int >= 0, got {val_docs!r}")
+    if not 0 <= val_fraction < 1:  # also refuses nan
+        raise ValueError(f"val_fraction (--val-fraction) must be in [0, 1), got {val_fraction}")
+    if val_docs:
+        return lambda i: "val" if i < val_docs else "train"
+    if val_fraction:
+        f = val_fraction
+        return lambda i: "val" if i >= 1 and math.ceil(i * f) > math.ceil((i - 1) * f) else "train"
+    return lambda i: "train"
+
+
+@dataclass
+class PrepareSummary:
+    """What a prepare wrote: documents and tokens per split, UTF-8 bytes of text read, wall time."""
+
+    paths: dict[str, Path]
+    documents: dict[str, int]
+    tokens: dict[str, int]
+    text_bytes: int
+    seconds: float
+    resumed_documents: int = 0  # documents a resumed run skipped (tokenized by the interrupted run)
+    resumed_tokens: int = 0  # their tokens (not counted in this run's tokens/s)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    def line(self) -> str:
+        """One human line: documents, tokens, bytes per token, tokens/s."""
+        docs, toks = sum(self.documents.values()), self.total_tokens
+        rate = (toks - self.resumed_tokens) / self.seconds if self.seconds > 0 else float("inf")
+        resumed = f", resumed after {self.resumed_documents:,} documents" if self.resumed_documents else ""
+        return (
+            f"{docs:,} documents, {toks:,} tokens, {self.text_bytes / max(toks, 1):.2f} bytes/token, "
+            f"{rate:,.0f} tokens/s ({self.seconds:.1f} s{resumed})"
+        )
+
+
+class _SplitWriter:
+    """Appends one split's tokens to ``shard_NNNNN.bin`` files of ``shard_tokens`` tokens each, written
+    as they come (nothing held back in memory). ``state()`` is what ``progress.json`` records: the
+    finished shards, the tokens of the current one and the document count."""
+
+    def __init__(self, folder: Path, shard_tokens: int, np_dtype: Any, state: dict[str, Any] | None = None):
+        self.folder, self.shard_tokens, self.np_dtype = folder, shard_tokens, np_dtype
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = state or {"shards": [], "current_tokens": 0, "num_documents": 0}
+        self.shards: list[dict[str, Any]] = list(state["shards"])
+        self.current = int(state["current_tokens"])
+        self.num_documents = int(state["num_documents"])
+        self.completed = False  # a shard was finished since the last resume point
+        keep = {s["file"] for s in self.shards} | {self._name()}
+        for f in self.folder.glob("shard_*.bin"):  # shards a killed run wrote after its last resume point
+            if f.name not in keep:
+                f.unlink()
+        path = self.folder / self._name()
+        self.file = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115  (open across add() calls)
+        self.file.truncate(self.current * np.dtype(np_dtype).itemsize)  # drop what came after the resume point
+        self.file.seek(0, os.SEEK_END)
+
+    def _name(self) -> str:
+        return f"shard_{len(self.shards):05d}.bin"
+
+    def add(self, ids: np.ndarray) -> None:
+        self.num_documents += 1
+        while len(ids):
+            take = min(len(ids), self.shard_tokens - self.current)
+            ids[:take].tofile(self.file)
+            self.current += take
+            ids = ids[take:]
+            if self.current == self.shard_tokens:
+                self._finish_shard()
+                self.file = open(self.folder / self._name(), "wb")  # noqa: SIM115
+
+    def _finish_shard(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.shards.append({"file": self._name(), "num_tokens": self.current})
+        self.current, self.completed = 0, True
+
+    def sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def state(self) -> dict[str, Any]:
+        return {"shards": self.shards, "current_tokens": self.current, "num_documents": self.num_documents}
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the last shard (if it holds tokens) and return every shard."""
+        if self.current:
+            self._finish_shard()
+        else:
+            self.file.close()
+            (self.folder / self._name()).unlink(missing_ok=True)
+        return self.shards
+
+
+def _encode_chunk(tokenizer: Tokenizer, texts: list[str], eos: int, vocab: int, np_dtype: Any) -> list[np.ndarray]:
+    """Token ids of each text followed by EOS. ``encode_batch`` releases the GIL and runs on every core,
+    so chunks in flight in threads overlap with reading and writing."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets: same ids, faster
+    out = []
+    for enc in encode(texts, add_special_tokens=False):
+        ids = np.asarray([*enc.ids, eos], dtype=np.int64)
+        if ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
+            raise ValueError(f"token id {int(ids.max())} >= the tokenizer's vocab size {vocab}")
+        out.append(ids.astype(np_dtype))
+    return out
+
+
+def _chunks(documents: Iterable[str], skip: int) -> Iterator[tuple[list[str], int]]:
+    """(non-blank documents, UTF-8 bytes) in chunks of about ``CHUNK_CHARS`` characters, after
+    skipping the first ``skip`` non-blank documents (already tokenized by an interrupted run)."""
+    chunk: list[str] = []
+    chars = 0
+    skipped = 0
+    for d in documents:
+        if not d.strip():
+            continue
+        if skipped < skip:
+            skipped += 1
+            continue
+        chunk.append(d)
+        chars += len(d)
+        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
+            yield chunk, sum(len(t.encode()) for t in chunk)
+            chunk, chars = [], 0
+    if skipped < skip:
+        raise ValueError(
+            f"the corpus has {skipped} documents but the unfinished prepare being resumed had read {skip}: "
+            "the input changed; pass overwrite=True (--overwrite) to start over"
+        )
+    if chunk:
+        yield chunk, sum(len(t.encode()) for t in chunk)
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Temporary folders ``<out>.tmp-PID`` of earlier versions' prepares killed midway (their pid is dead)."""
+    from ratplus.io.lock import pid_alive
+
+    for p in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = p.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_splits(
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    outs: dict[str, str | Path],
+    route: Callable[[int], str] | None = None,
+    shard_tokens: int = 2**26,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    workers: int | None = None,
+    source: str = "",
+    desc: str = "tokenizing",
+) -> PrepareSummary:
+    """Tokenize a stream of documents once into token-shard folders, one per split (``outs``: split
+    name -> folder), ``route(i)`` naming the split of the i-th non-blank document (default: the first
+    split). Each document is followed by the tokenizer's EOS token; shards hold ``shard_tokens``
+    tokens (the last one fewer).
+
+    Streaming: documents are read, tokenized in chunks of about ``CHUNK_CHARS`` characters
+    (``workers`` chunks in flight, default one per CPU) and appended to the shard files, so memory
+    does not grow with the corpus. The output does not depend on ``workers``: chunks are written in
+    reading order.
+
+    Resumable: the folders are built in ``<first out>.partial`` and renamed into place when complete.
+    ``progress.json`` there records, at every finished shard (and every ``CHECKPOINT_SECONDS``), the
+    documents read and each split's tokens; a run killed at any point and started again with the
+    same input, tokenizer and settings (``source`` describes the input) skips the documents already
+    tokenized and continues, giving the same bytes as an uninterrupted run. Another setting starts
+    over. A write error (a full disk) removes the work folder; older outputs stay."""
+    if not outs:
+        raise ValueError("prepare_splits needs at least one output folder")
+    outs = {k: Path(v) for k, v in outs.items()}
+    first = next(iter(outs))
+    route = route or (lambda i: first)
+    for out in outs.values():
+        if out.exists() and not overwrite:
+            raise ValueError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be an int >= 1, got {shard_tokens!r}")
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers (--workers) must be an int >= 1, got {workers!r}")
+    vocab, eos = vocab_size(tokenizer), eos_id(tokenizer)
+    dtype = token_dtype(vocab, dtype)
+    np_dtype = TOKEN_DTYPES[dtype]
+    work = outs[first].with_name(outs[first].name + ".partial")
+    for out in outs.values():
+        _remove_dead_leftovers(out)
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [tokenizer.to_str(), shard_tokens, dtype, sorted((k, str(v)) for k, v in outs.items()), source],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    start = time.perf_counter()
+    with writing(outs[first], partial=[work]):
+        progress = _load_progress(work, fingerprint)
+        if progress is None:
+            remove_path(work)
+            progress = {"fingerprint": fingerprint, "documents_read": 0, "text_bytes": 0, "splits": {}}
+        (work).mkdir(parents=True, exist_ok=True)
+        resumed = int(progress["documents_read"])
+        resumed_tokens = sum(
+            sum(sh["num_tokens"] for sh in st["shards"]) + st["current_tokens"] for st in progress["splits"].values()
+        )
+        writers = {k: _SplitWriter(work / k, shard_tokens, np_dtype, progress["splits"].get(k)) for k in outs}
+        state = {"read": resumed, "bytes": int(progress["text_bytes"]), "saved": time.monotonic()}
+
+        def save_progress() -> None:
+            for w in writers.values():
+                w.sync()
+            record = {
+                "fingerprint": fingerprint,
+                "pid": os.getpid(),
+                "documents_read": state["read"],
+                "text_bytes": state["bytes"],
+                "splits": {k: w.state() for k, w in writers.items()},
+            }
+            atomic_write_text(work / PROGRESS_FILE, json.dumps(record) + "\n")
+            state["saved"] = time.monotonic()
+            for w in writers.values():
+                w.completed = False
+
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(desc=desc, unit="doc", initial=resumed, disable=not show_progress) as bar,
+        ):
+            in_flight: deque[tuple[Future[list[np.ndarray]], int]] = deque()
+
+            def drain_one() -> None:
+                fut, nbytes = in_flight.popleft()
+                for ids in fut.result():
+                    writers[route(state["read"])].add(ids)
+                    state["read"] += 1
+                state["bytes"] += nbytes
+                if any(w.completed for w in writers.values()) or time.monotonic() - state["saved"] > CHECKPOINT_SECONDS:
+                    save_progress()
+
+            for chunk, nbytes in _chunks(documents, resumed):
+                in_flight.append((pool.submit(_encode_chunk, tokenizer, chunk, eos, vocab, np_dtype), nbytes))
+                bar.update(len(chunk))
+                if len(in_flight) >= workers:  # bounded: at most ``workers`` chunks read ahead
+                    drain_one()
+            while in_flight:
+                drain_one()
+        if state["read"] == 0:
+            for w in writers.values():
+                w.file.close()
+            remove_path(work)
+            raise ValueError("the corpus is empty (no non-blank document)")
+        summary = PrepareSummary(
+            paths=outs,
+            documents={},
+            tokens={},
+            text_bytes=state["bytes"],
+            seconds=0.0,
+            resumed_documents=resumed,
+            resumed_tokens=resumed_tokens,
+        )
+        for k, w in writers.items():
+            shards = w.close()
+            summary.documents[k] = w.num_documents
+            summary.tokens[k] = sum(s["num_tokens"] for s in shards)
+            meta = {
+                "format": FORMAT,
+                "version": 1,
+                "dtype": dtype,
+                "vocab_size": vocab,
+                "eos_id": eos,
+                "num_tokens": summary.tokens[k],
+                "num_documents": w.num_documents,
+                "shards": shards,
+            }
+            (work / k / TOKENIZER_FILE).write_text(tokenizer.to_str())
+            (work / k / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for k, out in outs.items():
+            if writers[k].num_documents:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                replace_dir(work / k, out)
+        remove_path(work)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _load_progress(work: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The resume state in ``work`` if it belongs to the same input and settings, else None. A work
+    folder of a live process is refused (two prepares of one folder at once)."""
+    from ratplus.io.lock import pid_alive
+
+    path = work / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    pid = progress.get("pid")
+    if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+        raise ValueError(f"{work} is being written by another prepare (pid {pid}); wait for it or stop it")
+    if progress.get("fingerprint") != fingerprint:
+        logger.info("ratplus: %s is from another input or settings; starting over", work)
+        return None
+    logger.info("ratplus: resuming the prepare in %s after %d documents", work, progress["documents_read"])
+    return progress
+
+
 def prepare_shards(
-    documents: Sequence[str],
+    documents: Iterable[str],
     tokenizer: Tokenizer,
     out_dir: str | Path,
     shard_tokens: int = 2**26,
@@ -69,76 +407,23 @@ def prepare_shards(
     overwrite: bool = False,
     show_progress: bool = True,
     desc: str = "tokenizing",
+    workers: int | None = None,
+    source: str = "",
 ) -> Path:
-    """Tokenize ``documents`` once into memory-mapped shards under ``out_dir`` (see module docstring).
-
-    Each document is followed by the tokenizer's EOS token. Shards hold ``shard_tokens`` tokens
-    (the last one fewer). The folder is built under a temporary name and renamed when complete, so
-    an interrupted run never leaves a folder that looks finished. Returns ``out_dir``.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if not any(d.strip() for d in documents):
-        raise ValueError("the corpus is empty (no non-blank document)")
-    vocab, eos = vocab_size(tokenizer), eos_id(tokenizer)
-    dtype = token_dtype(vocab, dtype)
-    np_dtype = TOKEN_DTYPES[dtype]
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    # A full disk or another write error removes the temporary folder; an older ``out`` stays.
-    needed = sum(len(d) for d in documents) // 2 * np.dtype(np_dtype).itemsize  # rough: 2 chars per token
-    with writing(out, partial=[tmp], needed=needed):
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        shards: list[dict[str, Any]] = []
-        pending: list[np.ndarray] = []
-        pending_len = 0
-
-        def flush(final: bool) -> None:
-            nonlocal pending, pending_len
-            while pending_len >= shard_tokens or (final and pending_len):
-                flat = np.concatenate(pending)
-                n = min(shard_tokens, len(flat))
-                name = f"shard_{len(shards):05d}.bin"
-                with open(tmp / name, "wb") as f:
-                    flat[:n].tofile(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                shards.append({"file": name, "num_tokens": int(n)})
-                pending, pending_len = ([flat[n:]] if n < len(flat) else []), len(flat) - n
-
-        batch = 256  # documents per encode_batch call (the Rust side parallelises within a call)
-        num_docs = 0
-        with tqdm(total=len(documents), desc=desc, unit="doc", disable=not show_progress) as bar:
-            for i in range(0, len(documents), batch):
-                chunk = [d for d in documents[i : i + batch] if d.strip()]
-                for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-                    ids = np.asarray([*enc.ids, eos], dtype=np.int64)
-                    if ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
-                        raise ValueError(f"token id {int(ids.max())} >= the tokenizer's vocab size {vocab}")
-                    pending.append(ids.astype(np_dtype))
-                    pending_len += len(ids)
-                    num_docs += 1
-                flush(final=False)
-                bar.update(min(batch, len(documents) - i))
-        flush(final=True)
-        meta = {
-            "format": FORMAT,
-            "version": 1,
-            "dtype": dtype,
-            "vocab_size": vocab,
-            "eos_id": eos,
-            "num_tokens": sum(s["num_tokens"] for s in shards),
-            "num_documents": num_docs,
-            "shards": shards,
-        }
-        (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out)
-    return out
+    """``prepare_splits`` with a single output folder (see there); returns ``out_dir``."""
+    prepare_splits(
+        documents,
+        tokenizer,
+        {"train": out_dir},
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+        overwrite=overwrite,
+        show_progress=show_progress,
+        workers=workers,
+        source=source,
+        desc=desc,
+    )
+    return Path(out_dir)
 
 
 class TokenDataset:

@@ -60,6 +60,7 @@ def optimizer_steps(
     grad_clip: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     info: D.DistInfo = D.SINGLE,
+    forward: torch.nn.Module | None = None,
 ) -> tuple[dict[str, float], float]:
     """The joint-training step of docs/DESIGN.md section 5, for any list of patterns.
 
@@ -69,7 +70,8 @@ def optimizer_steps(
     steps the LR scheduler once afterwards. ``batch``: this process's micro-batches (input_ids,
     labels), each (B, T) int64 on the model's device; ``n_targets``: non-ignored labels in the whole
     step over all processes (default: counted in ``batch``). Returns the mean loss per pattern (over
-    all processes) and the last gradient norm (before clipping)."""
+    all processes) and the last gradient norm (before clipping). ``forward``: the module the losses are
+    computed with when it is not ``model`` itself (its ``torch.compile`` wrapper)."""
     n_targets = n_targets or count_targets(batch)
     device = batch[0][0].device
     losses, grad_norm = {}, 0.0
@@ -77,7 +79,7 @@ def optimizer_steps(
         total = torch.zeros((), device=device)
         for i, (x, y) in enumerate(batch):
             with D.gradient_sync(model, info, enabled=i == len(batch) - 1):
-                loss = loss_sum(model, x, y, pattern, autocast) / n_targets
+                loss = loss_sum(model if forward is None else forward, x, y, pattern, autocast) / n_targets
                 # DDP / FSDP average gradients over processes; the loss is already the global mean
                 (loss * info.world_size).backward()
             total += loss.detach()

@@ -45,7 +45,7 @@ from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
-from ratplus.runtime import atomic_write_text, check_fits_memory, resolve_device, writing
+from ratplus.runtime import atomic_write_text, resolve_device, writing
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
@@ -59,6 +59,7 @@ from ratplus.train.data import (
     prepare_shards,
     read_sft_records,
 )
+from ratplus.train.memory import MemoryPlan, check_plan, plan_memory
 from ratplus.train.step import build_optimizer, count_targets, loss_sum, lr_factor, optimizer_steps
 
 logger = logging.getLogger("ratplus")
@@ -133,6 +134,53 @@ class _Log:
             self.tb.close()
 
 
+#: The prefix torch.compile's wrapper puts before every parameter name (the paper's checkpoints carry it).
+COMPILE_PREFIX = "_orig_mod."
+
+
+def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict keyed as the eager model: ``_orig_mod.`` dropped wherever it appears in a key."""
+    return {k.replace(COMPILE_PREFIX, ""): v for k, v in state.items()}
+
+
+def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
+def plan_run(
+    cfg: TrainConfig,
+    config: ModelConfig | None = None,
+    world_size: int | None = None,
+    device: torch.device | None = None,
+    step_patterns: list[str] | None = None,
+) -> MemoryPlan:
+    """The memory plan of ``cfg`` (``ratplus.train.memory``) per process: ``world_size`` processes
+    (default: torchrun's WORLD_SIZE), the model config (default: the one ``cfg`` names, before the
+    data fixes its vocabulary)."""
+    import os
+
+    config = config or _base_model_config(cfg)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or resolve_device(cfg.device)
+    if step_patterns is None:
+        step_patterns = ["sparse", "dense"] if cfg.joint_train else [cfg.train_pattern]
+    return plan_memory(
+        config,
+        micro_batch=max(1, cfg.batch_size // world),
+        seq_len=cfg.seq_len,
+        device=device,
+        checkpoint_every=cfg.activation_checkpointing,
+        processes=world,
+        mode=cfg.distributed if world > 1 else "none",
+        bf16=_uses_bf16(cfg, device),
+        sparse=plan_sparse(step_patterns),
+    )
+
+
+def plan_sparse(step_patterns: list[str]) -> bool:
+    return any(p != "dense" for p in step_patterns)
+
+
 def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
     return a is None or b is None or a.to_str() == b.to_str()
 
@@ -153,9 +201,6 @@ class _Run:
         # 1. architecture, patterns and lengths: all checked before any data is read
         config = _base_model_config(cfg)
         self.apply_re = config.apply_re
-        # weights, gradients and two AdamW moments in float32
-        check_fits_memory(16 * config.num_params(), f"training a {config.num_params():,}-parameter model", device)
-
         canonical = config.canonical_pattern  # "D4" and "D4-W0-P0" name the same pattern in logs
         # patterns trained in: dense / dilated / local only (top-k and SnapKV are inference-only)
         trainable = config.training_pattern
@@ -166,6 +211,8 @@ class _Run:
         self.step_patterns = (
             [self.sparse_pattern, "dense"] if cfg.joint_train else [trainable(cfg.train_pattern, "pattern (--pattern)")]
         )
+        # the memory plan, before any data is read (the vocabulary may still change with the data)
+        self._check_memory(config)
         default_eval = [*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]
         self.eval_patterns = list(dict.fromkeys(canonical(p) for p in (cfg.eval_patterns or default_eval)))
         if cfg.seq_len > config.max_seq_len:
@@ -222,12 +269,18 @@ class _Run:
         if data_vocab > config.vocab_size:
             raise ValueError(f"the data uses {data_vocab} token ids but the model's vocab_size is {config.vocab_size}")
         self.config = config
+        self.plan = self._check_memory(config)  # again with the data's vocabulary, before any weight exists
         torch.manual_seed(cfg.seed)  # same initial weights on every process (FSDP shards them as they are)
         model = RATPlusLM(config)
         if cfg.init_from is not None:
             weights = Path(cfg.init_from) / "model.safetensors"
-            load_into(model, load_state_dict_file(weights), source=str(weights))
+            load_into(model, strip_compile_prefix(load_state_dict_file(weights)), source=str(weights))
+        # checkpointing is set on the model itself, so it holds under DDP / FSDP2 wrapping and compile
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.model = D.wrap_model(model.to(self.device), info, self.device)
+        # the compiled forward is used for training steps only; self.model (eager names, no
+        # ``_orig_mod.``) is what checkpoints save and load, so compiled and eager runs resume each other
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
 
         # 4. optimisation
         per_step = cfg.batch_size * cfg.grad_accum
@@ -242,7 +295,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps, self.warmup_steps, cfg.lr, cfg.min_lr)
         )
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        use_bf16 = _uses_bf16(cfg, self.device)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         )
@@ -251,6 +304,12 @@ class _Run:
         self.last_eval: dict[str, float] = {}
 
     # -- setup helpers ---------------------------------------------------------------------------------
+
+    def _check_memory(self, config: ModelConfig) -> MemoryPlan:
+        """The memory plan per process; a run that cannot fit is refused with the numbers and options."""
+        plan = plan_run(self.cfg, config, self.info.world_size, self.device, self.step_patterns)
+        check_plan(plan, config, sparse=plan_sparse(self.step_patterns), grad_accum=self.cfg.grad_accum)
+        return plan
 
     def _resolve_data(self, config: ModelConfig) -> tuple[Path, Path | None]:
         cfg = self.cfg
@@ -382,7 +441,7 @@ class _Run:
         ]
         if differs:
             logger.warning("ratplus: resuming with different settings than the checkpoint: %s", ", ".join(differs))
-        D.load_full_state(self.model, ck.model_state, self.optimizer, ck.optimizer_state)
+        D.load_full_state(self.model, strip_compile_prefix(ck.model_state), self.optimizer, ck.optimizer_state)
         self.scheduler.load_state_dict({**ck.trainer_state["scheduler"], "lr_lambdas": [None]})
         self.stream.load_state_dict(ck.trainer_state["data"], ck.tensors)
         ckpt_io.set_rng_state(ck.trainer_state["rng"], ck.tensors)
@@ -413,6 +472,7 @@ class _Run:
             grad_clip=self.cfg.grad_clip,
             autocast=self.autocast,
             info=self.info,
+            forward=self.forward_model,
         )
         self.scheduler.step()
         return out
