@@ -32,7 +32,7 @@ def solo(model, ids: list[int], max_tokens: int, pattern: str) -> list[int]:
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, 150, (n,), generator=g).tolist()
+    lengths = torch.randint(3, 300, (n,), generator=g).tolist()  # some past 256: the pools grow
     return [torch.randint(0, 300, (t,), generator=g).tolist() for t in lengths]
 
 
@@ -94,7 +94,8 @@ def test_pattern_by_body_field_and_default(live, model):
 @pytest.mark.parametrize("pattern", [DENSE, D16])
 def test_sixteen_concurrent_clients_get_their_solo_greedy_tokens(live, model, pattern):
     """16 clients at once (max_batch 8: rows join and leave while others decode, the rest queue),
-    prompts of 3..150 tokens, 5..40 new tokens, half of them streaming: every row's tokens are
+    prompts of 3..300 tokens (the pool grows past 256 slots while rows run), 5..40 new tokens, half
+    of them streaming: every row's tokens are
     those ``ratplus.generate`` gives that prompt alone."""
     ps = prompts(16, seed=1)
     news = [5 + (7 * i) % 36 for i in range(16)]
@@ -285,7 +286,14 @@ def test_admission_by_kv_bytes_then_queue_then_429(model, tokenizer):
         gate = Gate(live.engine, rows=2)
         c = live.client()
         streams = [
-            c.completions.create(model=f"{NAME}:{D16}", prompt=p, max_tokens=20, temperature=0, stream=True)
+            c.completions.create(
+                model=f"{NAME}:{D16}",
+                prompt=p,
+                max_tokens=20,
+                temperature=0,
+                stream=True,
+                extra_body={"return_token_ids": True},  # a chunk per token, even one that ends mid-character
+            )
             for p in ps[:2]
         ]
         firsts = [next(iter(s)) for s in streams]  # both admitted: their prefill gave a first token
