@@ -221,6 +221,108 @@ def admission(server: Server, model: str, count: int, prompt_len: int, new_token
     }
 
 
+def soak(
+    server: Server, model_ids: list[str], seconds: float, clients: int, vocab: int, max_prompt: int, seed: int = 0
+) -> dict[str, Any]:
+    """``clients`` loops for ``seconds``: each round is a streamed request read to its end, a client
+    that hangs up after a few chunks, or a bad request (malformed JSON, an unknown model, a prompt
+    beyond the context) that must get its 4xx. Every request has a deadline: one that passes it is
+    counted as hung. Then the server must be idle again: nothing running or queued, no KV bytes."""
+    import random
+    import urllib.error
+    import urllib.request
+
+    import openai
+
+    counts = {"completed": 0, "disconnected": 0, "bad_refused": 0, "server_errors": 0, "hung": 0, "other_errors": 0}
+    rng = random.Random(seed)
+
+    def malformed() -> int:
+        req = urllib.request.Request(
+            f"{server.url}/v1/completions", data=b'{"model": ', headers={"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            return e.code
+        return 200
+
+    async def one(client, r: random.Random) -> None:
+        kind = r.random()
+        model = r.choice(model_ids)
+        prompt = [r.randrange(1, vocab) for _ in range(r.randint(4, max_prompt))]
+        try:
+            if kind < 0.1:  # a bad request: must be refused with 4xx, never 5xx or a hang
+                bad = r.randrange(3)
+                if bad == 0:
+                    status = await asyncio.to_thread(malformed)
+                    ok = status == 400
+                else:
+                    try:
+                        if bad == 1:
+                            await client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+                        else:
+                            await client.completions.create(model=model, prompt=prompt, max_tokens=10**6)
+                        ok = False
+                    except (openai.NotFoundError, openai.BadRequestError):
+                        ok = True
+                counts["bad_refused" if ok else "other_errors"] += 1
+                return
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=r.randint(4, 48), temperature=r.choice([0, 0.8]), stream=True
+            )
+            hang_up = r.randint(1, 8) if kind < 0.35 else None
+            n = 0
+            async for _ in stream:
+                n += 1
+                if hang_up is not None and n >= hang_up:
+                    await stream.close()
+                    counts["disconnected"] += 1
+                    return
+            counts["completed"] += 1
+        except openai.APITimeoutError:
+            counts["hung"] += 1
+        except openai.InternalServerError:
+            counts["server_errors"] += 1
+        except openai.RateLimitError:
+            counts["other_errors"] += 1
+
+    async def loop(i: int, deadline: float) -> None:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        r = random.Random(rng.random() + i)
+        try:
+            while time.monotonic() < deadline:
+                await one(client, r)
+        finally:
+            await client.close()
+
+    idle_rss = server.rss()
+    t0 = time.monotonic()
+    asyncio.run(asyncio.wait_for(_gather_loops(loop, clients, t0 + seconds), seconds + 900))
+    deadline = time.monotonic() + 120
+    while True:  # rows of clients that hung up go at the next step
+        m = server.metrics()
+        if (m["ratplus_requests_running"] == 0 and m["ratplus_requests_queued"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return {
+        **counts,
+        "seconds": time.monotonic() - t0,
+        "clients": clients,
+        "running_after": int(m["ratplus_requests_running"]),
+        "queued_after": int(m["ratplus_requests_queued"]),
+        "kv_bytes_in_use_after": int(m["ratplus_kv_bytes_in_use"]),
+        "kv_bytes_allocated_after": int(m["ratplus_kv_bytes_allocated"]),
+        "rss_before_bytes": idle_rss,
+        "rss_after_bytes": server.rss(),
+        "server_alive": server.proc.poll() is None,
+    }
+
+
+async def _gather_loops(loop, clients: int, deadline: float) -> None:
+    await asyncio.gather(*(loop(i, deadline) for i in range(clients)))
+
+
 def run(
     device: torch.device,
     dtype: torch.dtype,
@@ -235,6 +337,10 @@ def run(
     admission_len: int = 8192,
     server_threads: int = 1,
     compile: bool = False,
+    phases: list[str] | None = None,
+    soak_seconds: float = 600.0,
+    soak_clients: int = 64,
+    soak_prompt: int = 256,
 ) -> dict[str, Any]:
     """The benchmark (module docstring). ``device`` must be the CPU (the child server runs there)."""
     import logging
@@ -246,6 +352,10 @@ def run(
     if device.type != "cpu":
         raise ValueError("bench serve drives a CPU server here; run `ratplus serve --device cuda` by hand on a GPU")
     patterns = patterns or ["dense", "D16-W256-P4"]
+    phases = phases or ["throughput", "admission"]
+    unknown = set(phases) - {"throughput", "admission", "soak"}
+    if unknown:
+        raise ValueError(f"--phases: unknown {sorted(unknown)}; choose from throughput, admission, soak")
     clients = clients or [1, 4, 16, 64]
     with tempfile.TemporaryDirectory(prefix="ratplus-bench-serve-") as tmp:
         folder = (
@@ -259,22 +369,29 @@ def run(
                 raise ValueError(f"--{what}-len: {length} tokens exceed the model's max_seq_len={config.max_seq_len}")
         name = folder.resolve().name
         server = Server(folder, patterns, kv_memory, max([*clients, 64]), server_threads, compile)
+        rows, admit, soaked = [], [], None
         try:
             idle_rss = server.rss()
-            rows, admit = [], []
-            for p in patterns:
-                for n in clients:
-                    r = throughput(server, f"{name}:{p}", n, prompt_len, new_tokens, vocab)
-                    rows.append({"pattern": p, **r})
-                    print(f"  {p} x{n}: decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-            adm_new = 64
-            # the server's own figures (bench sits beside serve and does not import it)
             budget = int(server.metrics()["ratplus_kv_bytes_budget"])
-            per_req = {x["pattern"]: x["kv_bytes"] for x in server.get(f"/v1/patterns?prompt_tokens={admission_len}")}
-            for p in patterns:
-                fits = budget // per_req[p]
-                a = admission(server, f"{name}:{p}", min(fits + 4, 64), admission_len - adm_new, adm_new, vocab)
-                admit.append({"pattern": p, "kv_bytes_per_request": per_req[p], "formula_count": fits, **a})
+            if "throughput" in phases:
+                for p in patterns:
+                    for n in clients:
+                        r = throughput(server, f"{name}:{p}", n, prompt_len, new_tokens, vocab)
+                        rows.append({"pattern": p, **r})
+                        print(f"  {p} x{n}: decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            if "admission" in phases:
+                adm_new = 64
+                # the server's own figures (bench sits beside serve and does not import it)
+                per_req = {
+                    x["pattern"]: x["kv_bytes"] for x in server.get(f"/v1/patterns?prompt_tokens={admission_len}")
+                }
+                for p in patterns:
+                    fits = budget // per_req[p]
+                    a = admission(server, f"{name}:{p}", min(fits + 4, 64), admission_len - adm_new, adm_new, vocab)
+                    admit.append({"pattern": p, "kv_bytes_per_request": per_req[p], "formula_count": fits, **a})
+            if "soak" in phases:
+                ids = [f"{name}:{p}" for p in patterns]
+                soaked = soak(server, ids, soak_seconds, soak_clients, vocab, min(soak_prompt, config.max_seq_len // 2))
             end_rss = server.rss()
         finally:
             server.stop()
@@ -284,34 +401,40 @@ def run(
         f"server threads {server_threads}, compile {'on' if compile else 'off'}, "
         f"start-up {server.startup_seconds:.1f} s"
     )
-    print_table(
-        ["pattern", "clients", "decode tok/s", "e2e tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms",
-         "peak RSS MiB"],
-        [[r["pattern"], r["clients"], r["decode_tok_s"], r["e2e_tok_s"], r["ttft_p50_s"], r["ttft_p99_s"],
-          r["itl_p50_ms"], r["itl_p99_ms"], r["peak_rss_bytes"] / 2**20] for r in rows],
-    )  # fmt: skip
+    if rows:
+        print_table(
+            ["pattern", "clients", "decode tok/s", "e2e tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
+             "ITL p99 ms", "peak RSS MiB"],
+            [[r["pattern"], r["clients"], r["decode_tok_s"], r["e2e_tok_s"], r["ttft_p50_s"], r["ttft_p99_s"],
+              r["itl_p50_ms"], r["itl_p99_ms"], r["peak_rss_bytes"] / 2**20] for r in rows],
+        )  # fmt: skip
     for p in patterns:
         one = next((r for r in rows if r["pattern"] == p and r["clients"] == min(clients)), None)
         for r in rows:
             if r["pattern"] == p and one and r is not one:
                 print(f"{p}: {r['clients']} clients / {one['clients']}: "
                       f"{r['decode_tok_s'] / one['decode_tok_s']:.2f}x decode tokens/s")  # fmt: skip
-    print(f"\nadmission at {admission_len} tokens per request under --kv-memory {kv_memory} ({budget:,} B):")
-    print_table(
-        ["pattern", "KV bytes/request", "formula count", "admitted", "queued"],
-        [[a["pattern"], a["kv_bytes_per_request"], a["formula_count"], a["admitted"], a["queued"]] for a in admit],
-    )
+    if admit:
+        print(f"\nadmission at {admission_len} tokens per request under --kv-memory {kv_memory} ({budget:,} B):")
+        print_table(
+            ["pattern", "KV bytes/request", "formula count", "admitted", "queued"],
+            [[a["pattern"], a["kv_bytes_per_request"], a["formula_count"], a["admitted"], a["queued"]] for a in admit],
+        )
     if len(admit) > 1 and admit[0]["admitted"]:
         for a in admit[1:]:
             print(
                 f"{a['pattern']} admits {a['admitted'] / admit[0]['admitted']:.1f}x the requests "
                 f"{admit[0]['pattern']} does"
             )
+    if soaked is not None:
+        print(f"\nsoak: {soaked['seconds']:.0f} s, {soaked['clients']} clients over {', '.join(patterns)}")
+        print_table(list(soaked), [list(soaked.values())])
     record = {
         "bench": "serve", **environment(device, dtype), "model": name, "params": config.num_params(),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "server_threads": server_threads, "compile": compile,
         "startup_s": server.startup_seconds, "idle_rss_bytes": idle_rss, "end_rss_bytes": end_rss,
         "kv_memory": budget, "admission_len": admission_len, "throughput": rows, "admission": admit,
+        "soak": soaked,
     }  # fmt: skip
     emit_json(record, json_path)
     return record

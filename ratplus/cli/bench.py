@@ -94,6 +94,10 @@ def _add_serve(bsub) -> None:
     s.add_argument("--admission-len", type=int, default=8192, help="prompt + max_tokens of the admission count")
     s.add_argument("--server-threads", type=int, default=1, help="torch threads of the server process")
     s.add_argument("--compile", action="store_true", help="compile the server's decode step")
+    s.add_argument("--phases", type=names, default="throughput,admission", help="of throughput, admission, soak")
+    s.add_argument("--soak-seconds", type=float, default=600.0)
+    s.add_argument("--soak-clients", type=int, default=64)
+    s.add_argument("--soak-prompt", type=int, default=256, help="longest soak prompt (tokens)")
     add_machine_flags(s)
     s.set_defaults(func=_serve)
 
@@ -160,4 +164,5 @@ def _hf(args) -> int:
 
 def _serve(args) -> int:
     shape = picked(args, "ckpt", "preset", "patterns", "clients", "prompt_len", "new_tokens", "kv_memory")
-    return _run("serve", args, **shape, **picked(args, "admission_len", "server_threads", "compile"))
+    extra = picked(args, "admission_len", "server_threads", "compile", "phases", "soak_seconds", "soak_clients")
+    return _run("serve", args, **shape, **extra, soak_prompt=args.soak_prompt)

@@ -4,7 +4,8 @@ Shapes: B rows of a pool (running requests, rounded up), S cache slots, V vocab.
 
 One engine thread owns the model and every cache. Each iteration it
   1. admits queued requests in arrival order while their KV bytes (``admission.kv_bytes`` of
-     prompt + max_tokens) fit the budget and a row is free;
+     prompt + max_tokens) fit the budget and a row is free (a request that fits is admitted as it
+     arrives; the others when memory frees);
   2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the oldest admitted request, so a
      long prompt never stalls the running rows for more than one chunk;
   3. runs one decode step per pattern pool that has running rows, samples each row with its own
@@ -99,7 +100,7 @@ class Request:
 @dataclass
 class _Prefill:
     request: Request
-    cache: RATPlusCache
+    cache: RATPlusCache | None = None  # allocated when its prefill starts
     done: int = 0  # prompt tokens already in the cache
 
 
@@ -235,6 +236,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
             self._waiting.append(request)
+            self._admit()  # at once when it fits: /metrics counts it as running from now on
             self._cv.notify()
 
     def cancel(self, request: Request) -> None:
@@ -285,7 +287,7 @@ class Engine:
                 "kv_bytes_in_use": self.budget.in_use,
                 "kv_bytes_budget": self.budget.budget,
                 "kv_bytes_allocated": sum(p.nbytes() for p in self.pools.values())
-                + sum(f.cache.nbytes() for f in self._prefills),
+                + sum(f.cache.nbytes() for f in self._prefills if f.cache is not None),
                 "tokens_total": self.tokens_total,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "tokens_per_second": rate,
@@ -356,8 +358,7 @@ class Engine:
             if not self.budget.try_reserve(r.kv_bytes):
                 break  # first come, first served: a large request is not overtaken forever
             self._waiting.popleft()
-            cache = RATPlusCache(self.model.config, r.pattern, 1, r.length, device=self.device, dtype=self.dtype)
-            self._prefills.append(_Prefill(r, cache))
+            self._prefills.append(_Prefill(r))
             running += 1
         self.peak_running = max(self.peak_running, running)
 
@@ -377,6 +378,10 @@ class Engine:
 
     def _prefill_chunk(self, f: _Prefill) -> None:
         r = f.request
+        if f.cache is None:  # one row, built as ratplus.generate builds it for this request alone
+            cache = RATPlusCache(self.model.config, r.pattern, 1, r.length, device=self.device, dtype=self.dtype)
+            with self._cv:
+                f.cache = cache
         chunk = r.prompt[f.done : f.done + self.prefill_chunk]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits = self.model(ids, cache=f.cache)[:, -1]  # (1, V)
