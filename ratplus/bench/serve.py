@@ -305,6 +305,7 @@ def soak(
         if (m["ratplus_requests_running"] == 0 and m["ratplus_requests_queued"] == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    time.sleep(1.0)  # the engine hands freed heap pages back to the OS when it goes idle
     return {
         **counts,
         "seconds": time.monotonic() - t0,
@@ -368,7 +369,7 @@ def run(
             if length > config.max_seq_len:
                 raise ValueError(f"--{what}-len: {length} tokens exceed the model's max_seq_len={config.max_seq_len}")
         name = folder.resolve().name
-        server = Server(folder, patterns, kv_memory, max([*clients, 64]), server_threads, compile)
+        server = Server(folder, patterns, kv_memory, max([*clients, 256]), server_threads, compile)
         rows, admit, soaked = [], [], None
         try:
             idle_rss = server.rss()
@@ -387,7 +388,7 @@ def run(
                 }
                 for p in patterns:
                     fits = budget // per_req[p]
-                    a = admission(server, f"{name}:{p}", min(fits + 4, 64), admission_len - adm_new, adm_new, vocab)
+                    a = admission(server, f"{name}:{p}", min(fits + 4, 256), admission_len - adm_new, adm_new, vocab)
                     admit.append({"pattern": p, "kv_bytes_per_request": per_req[p], "formula_count": fits, **a})
             if "soak" in phases:
                 ids = [f"{name}:{p}" for p in patterns]

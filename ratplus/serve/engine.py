@@ -30,6 +30,7 @@ position 0 and are ignored.
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import logging
 import threading
@@ -115,6 +116,23 @@ def _copy_rows(dst: RATPlusCache, dst_rows: Any, src: RATPlusCache, src_rows: An
         for d, s in zip(d_layer.tensors(), s_layer.tensors(), strict=True):
             common = tuple(slice(0, min(a, b)) for a, b in zip(d.shape[1:], s.shape[1:]))
             d[(dst_rows, *common)] = s[(src_rows, *common)]
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps freed cache memory otherwise, so the
+    resident size would stay at its peak after a burst of requests). A no-op off glibc."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018  (raises AttributeError off glibc)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 class RowPool:
@@ -323,6 +341,7 @@ class Engine:
         return logits
 
     def _run(self) -> None:
+        was_busy = False
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -335,8 +354,12 @@ class Engine:
                         if self._state != "running":
                             self._state = "stopped"
                             return
+                        if was_busy:
+                            _trim_heap()
+                        was_busy = False
                         self._cv.wait(0.5)
                         continue
+                    was_busy = True
                 try:
                     self._iteration()
                 except Exception as e:  # a bug or an out-of-memory: end the running requests, keep serving
