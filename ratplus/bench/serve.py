@@ -66,11 +66,14 @@ class Server:
     """``python -m ratplus serve`` in a child process on a free port; stopped with SIGTERM."""
 
     def __init__(self, ckpt: Path, patterns: list[str], kv_memory: str, max_batch: int, threads: int, compile_: bool):
-        cmd = [sys.executable, "-m", "ratplus", "serve", "--ckpt", str(ckpt), "--port", "0"]
+        # the child runs this very copy of ratplus (an installed one elsewhere must not win)
+        root = str(Path(__file__).resolve().parents[2])
+        boot = f"import sys; sys.path.insert(0, {root!r}); from ratplus.cli import main; sys.exit(main())"
+        cmd = [sys.executable, "-c", boot, "serve", "--ckpt", str(ckpt), "--port", "0"]
         cmd += ["--patterns", ",".join(patterns), "--kv-memory", kv_memory, "--max-batch", str(max_batch)]
         cmd += ["--max-queue", "1024", "--threads", str(threads), "--log-level", "warning"]
         cmd += ["--compile" if compile_ else "--no-compile", "--device", "cpu"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path])}
+        env = dict(os.environ)
         t0 = time.perf_counter()
         # the server's log goes to a file: a pipe nobody reads would block it once full
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="ratplus-serve-", suffix=".log")  # noqa: SIM115

@@ -48,7 +48,8 @@ def test_sigterm_ends_in_flight_requests_with_an_error_event_and_exits(ckpt):
     event (no hang), new connections are refused, and the process exits after a clean shutdown (by
     the signal again: uvicorn re-raises it once shut down, so a supervisor sees how it ended)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ratplus", "serve", "--ckpt", str(ckpt), "--port", "0", "--patterns", D16]
+    boot = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ratplus.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", boot, "serve", "--ckpt", str(ckpt), "--port", "0", "--patterns", D16]
     proc = subprocess.Popen(
         [*cmd, "--shutdown-grace", "0", "--log-level", "info"], env=env, stderr=subprocess.PIPE, text=True
     )
