@@ -20,8 +20,10 @@ longest running request (S from its prompt + max_tokens rounded up to 256 tokens
 prefilled alone, into a one-row cache built exactly as ``ratplus.generate`` builds it (so its
 first token is generate's), then its row is copied into a free pool row: the slot of a token depends
 only on its position and the pattern's P, W, D (``SlotLayout``), not on the cache's length, so the
-copy is exact. A leaving row is replaced by the last running row (one row copy), keeping rows
-[0, n) dense; the pool is rebuilt smaller when a quarter or less of it runs, and freed when empty.
+copy is exact (a cache too short for P + W + 1 clamps W, but then no token has left the window yet
+and every token sits at slot = position in both). A leaving row is replaced by the last running
+row (one row copy), keeping rows [0, n) dense; the pool is rebuilt smaller when a quarter or less
+of it runs, and freed when empty.
 Every row decodes at its own position (``held``), so each row's tokens are those it would get alone
 (greedy; tests/serve compare with ``ratplus.generate``). Spare rows decode a dummy token at
 position 0 and are ignored.
