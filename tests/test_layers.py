@@ -1,4 +1,4 @@
-"""Imports point one way: config -> ops -> model -> io/generation -> train/hf -> eval -> bench/demo
+"""Imports point one way: config -> ops -> model -> io/generation -> train/hf -> eval -> bench/demo/serve
 -> cli (eval above train: the recall probe trains small models), with runtime (device, dtype,
 tables, JSON) a leaf that any layer may use. Every ``ratplus`` import in the package (function-level
 ones included) is read with ``ast``; a module may import its own package, lower layers, and nothing
@@ -26,6 +26,7 @@ LAYERS = {
     "eval": 5,  # the recall probe trains its models with ratplus.train.step
     "bench": 6,
     "demo": 6,
+    "serve": 6,  # the HTTP server: beside bench and demo, above generation and eval
     "cli": 7,
 }
 ENTRY_POINTS = {"__init__", "__main__"}  # the public API re-exports and `python -m ratplus`

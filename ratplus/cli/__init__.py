@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ratplus.cli.tune",
     "ratplus.cli.convert",
     "ratplus.cli.bench",
+    "ratplus.cli.serve",
 )
 
 

@@ -79,16 +79,49 @@ def add_parser(sub) -> None:
     h.add_argument("--no-peer", action="store_true", help="skip the same-size LlamaForCausalLM generate() rows")
     add_machine_flags(h, threads=True)
     h.set_defaults(func=_hf)
+    _add_serve(bsub)
+
+
+def _add_serve(bsub) -> None:
+    s = bsub.add_parser("serve", help="ratplus serve under N concurrent streaming clients, dense vs sparse")
+    s.add_argument("--ckpt", default=None, help="model folder (default: --preset with random weights)")
+    s.add_argument("--preset", default="125m")
+    s.add_argument("--patterns", type=names, default="dense,D16-W256-P4")
+    s.add_argument("--clients", type=ints, default=[1, 4, 16, 64])
+    s.add_argument("--prompt-len", type=int, default=4096)
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--kv-memory", default="2GiB")
+    s.add_argument("--admission-len", type=int, default=8192, help="prompt + max_tokens of the admission count")
+    s.add_argument("--server-threads", type=int, default=1, help="torch threads of the server process")
+    s.add_argument("--compile", action="store_true", help="compile the server's decode step")
+    s.add_argument("--phases", type=names, default="throughput,admission", help="of throughput, admission, soak")
+    s.add_argument("--soak-seconds", type=float, default=600.0)
+    s.add_argument("--soak-clients", type=int, default=64)
+    s.add_argument("--soak-prompt", type=int, default=256, help="longest soak prompt (tokens)")
+    add_machine_flags(s)
+    s.set_defaults(func=_serve)
 
 
 def _run(what: str, args: argparse.Namespace, **kwargs: Any) -> int:
     """``ratplus.bench.<what>.run(**kwargs)`` on the device, dtype and threads the flags name."""
     apply_threads(getattr(args, "threads", 0))
-    for flag in ("seq_lens", "context_lens", "model_batch"):
+    for flag in ("seq_lens", "context_lens", "model_batch", "clients"):
         values = getattr(args, flag, None)
         if values is not None and (not values or min(values) < 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive integers, got {values}")
-    for flag in ("heads", "head_dim", "batch", "repeats", "steps", "layer_len", "model_steps", "prompt_len"):
+    for flag in (
+        "heads",
+        "head_dim",
+        "batch",
+        "repeats",
+        "steps",
+        "layer_len",
+        "model_steps",
+        "prompt_len",
+        "new_tokens",
+        "admission_len",
+        "server_threads",
+    ):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -127,3 +160,9 @@ def _train(args) -> int:
 def _hf(args) -> int:
     shape = picked(args, "preset", "pattern", "batch", "prompt_len", "new_tokens", "repeats")
     return _run("hf", args, model_dir=args.model, peer=not args.no_peer, **shape)
+
+
+def _serve(args) -> int:
+    shape = picked(args, "ckpt", "preset", "patterns", "clients", "prompt_len", "new_tokens", "kv_memory")
+    extra = picked(args, "admission_len", "server_threads", "compile", "phases", "soak_seconds", "soak_clients")
+    return _run("serve", args, **shape, **extra, soak_prompt=args.soak_prompt)

@@ -1,0 +1,444 @@
+"""``ratplus bench serve``: the server under concurrent streaming clients, dense vs sparse side by side.
+
+One ``ratplus serve`` process (started here, on a free localhost port) serves one model with every
+pattern asked; clients are the official ``openai`` async client, streaming, greedy, one request
+each, prompts of random token ids (distinct per client). Per pattern and client count N:
+
+* output tokens/s, two ways: ``decode tok/s`` counts the tokens streamed while all N requests were
+  decoding at once (from the last first token to the first last token: the batched decode rate
+  with no prefill in it), ``e2e tok/s`` is every output token over the wall time (prefills included);
+* time to first token and inter-token latency (p50 / p99, from the chunk arrival times);
+* the server's peak resident memory during the run (``VmHWM``, reset before each run).
+
+Admission: at ``--admission-len`` tokens (prompt + max_tokens) under one ``--kv-memory``, the
+number of requests the server admits at once per pattern: more requests than fit are sent, the
+server's ``/metrics`` is read once all arrived (``requests_running`` admitted, the rest queued),
+then every client hangs up. Admission needs no prefill to finish, so this is cheap even for 8K
+prompts. The formula's count (budget // kv_bytes) is printed beside the measured one.
+
+Without ``--ckpt`` the model is a preset with random weights and a small BPE tokenizer (the
+prompts are token ids; the text is not looked at). Output: tables, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ratplus.config import ModelConfig
+from ratplus.runtime import emit_json, environment, print_table
+
+_TEXT = ["The quick brown fox jumps over the lazy dog while the server streams tokens to many clients."] * 8
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def make_folder(preset: str, max_seq_len: int, path: Path) -> Path:
+    """A model folder of the preset with random weights (seed 0) and a small BPE tokenizer."""
+    from ratplus.io.folder import save_pretrained
+    from ratplus.io.tokenizer import train_bpe
+    from ratplus.model.rat import RATPlusLM
+
+    tok = train_bpe(_TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset(preset, max_seq_len=max_seq_len, eos_token_id=0)
+    save_pretrained(RATPlusLM(config).eval(), path, tokenizer=tok)
+    return path
+
+
+class Server:
+    """``python -m ratplus serve`` in a child process on a free port; stopped with SIGTERM."""
+
+    def __init__(self, ckpt: Path, patterns: list[str], kv_memory: str, max_batch: int, threads: int, compile_: bool):
+        # the child runs this very copy of ratplus (an installed one elsewhere must not win)
+        root = str(Path(__file__).resolve().parents[2])
+        boot = f"import sys; sys.path.insert(0, {root!r}); from ratplus.cli import main; sys.exit(main())"
+        cmd = [sys.executable, "-c", boot, "serve", "--ckpt", str(ckpt), "--port", "0"]
+        cmd += ["--patterns", ",".join(patterns), "--kv-memory", kv_memory, "--max-batch", str(max_batch)]
+        cmd += ["--max-queue", "1024", "--threads", str(threads), "--log-level", "warning"]
+        cmd += ["--compile" if compile_ else "--no-compile", "--device", "cpu"]
+        env = dict(os.environ)
+        t0 = time.perf_counter()
+        # the server's log goes to a file: a pipe nobody reads would block it once full
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="ratplus-serve-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stderr=self.log_file, text=True)
+        self.url = None
+        deadline = time.monotonic() + 600
+        while self.url is None:
+            time.sleep(0.1)
+            log = Path(self.log_file.name).read_text()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ValueError("ratplus serve did not start:\n" + log)
+            m = re.search(r"listening on (http://\S+)", log)
+            self.url = m.group(1) if m else None
+        self.startup_seconds = time.perf_counter() - t0
+
+    def get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+            body = r.read().decode()
+        return json.loads(body)["data"] if path.startswith("/v1/") else body
+
+    def metrics(self) -> dict[str, float]:
+        text = self.get("/metrics")
+        return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+
+    def _status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def rss(self) -> int:
+        return self._status("VmRSS")
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def peak_rss(self) -> int:
+        return self._status("VmHWM")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n, length), generator=g).tolist()
+
+
+async def _stream(client, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    times: list[float] = []
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    async for chunk in stream:
+        ids = (chunk.choices[0].model_extra or {}).get("token_ids") if chunk.choices else None
+        if ids:
+            times += [time.perf_counter()] * len(ids)
+    return {"start": t0, "times": times}
+
+
+def throughput(server: Server, model: str, n: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, Any]:
+    """N concurrent streaming clients, one request each."""
+    import openai
+
+    prompts = _prompts(n, prompt_len, vocab, seed=n)
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=3600)
+        try:
+            return await asyncio.gather(*(_stream(client, model, p, new_tokens) for p in prompts))
+        finally:
+            await client.close()
+
+    server.reset_peak()
+    t0 = time.perf_counter()
+    runs = asyncio.run(main())
+    wall = time.perf_counter() - t0
+    firsts = [r["times"][0] for r in runs if r["times"]]
+    lasts = [r["times"][-1] for r in runs if r["times"]]
+    lo, hi = max(firsts), min(lasts)
+    in_window = sum(lo < t <= hi for r in runs for t in r["times"])
+    ttft = [r["times"][0] - r["start"] for r in runs if r["times"]]
+    itl = [b - a for r in runs for a, b in zip(r["times"], r["times"][1:])]
+    total = sum(len(r["times"]) for r in runs)
+    return {
+        "clients": n,
+        "output_tokens": total,
+        "decode_tok_s": in_window / (hi - lo) if hi > lo and in_window else float("nan"),
+        "e2e_tok_s": total / wall,
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "itl_p50_ms": 1000 * _percentile(itl, 50),
+        "itl_p99_ms": 1000 * _percentile(itl, 99),
+        "peak_rss_bytes": server.peak_rss(),
+        "wall_s": wall,
+    }
+
+
+def admission(server: Server, model: str, count: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
+    """Send ``count`` long requests at once; read how many the server admitted; hang up on all."""
+    import openai
+
+    prompts = _prompts(count, prompt_len, vocab, seed=7)
+
+    def finished(m: dict[str, float]) -> float:
+        return sum(v for k, v in m.items() if k.startswith("ratplus_requests_finished_total"))
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=3600)
+        before = finished(await asyncio.to_thread(server.metrics))
+        tasks = [asyncio.ensure_future(_stream(client, model, p, new_tokens)) for p in prompts]
+        deadline = time.monotonic() + 300
+        best = None
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            m = await asyncio.to_thread(server.metrics)
+            if best is None or m["ratplus_requests_running"] > best["ratplus_requests_running"]:
+                best = m
+            arrived = m["ratplus_requests_running"] + m["ratplus_requests_queued"] + finished(m) - before
+            if arrived >= count:
+                break
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+        return best
+
+    m = asyncio.run(main())
+    deadline = time.monotonic() + 600
+    while server.metrics()["ratplus_requests_running"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the cancelled rows go at the next step (after a prefill chunk at most)
+    return {
+        "admitted": int(m["ratplus_requests_running"]),
+        "queued": int(m["ratplus_requests_queued"]),
+        "kv_bytes_in_use": int(m["ratplus_kv_bytes_in_use"]),
+    }
+
+
+def soak(
+    server: Server, model_ids: list[str], seconds: float, clients: int, vocab: int, max_prompt: int, seed: int = 0
+) -> dict[str, Any]:
+    """``clients`` loops for ``seconds``: each round is a streamed request read to its end, a client
+    that hangs up after a few chunks, or a bad request (malformed JSON, an unknown model, a prompt
+    beyond the context) that must get its 4xx. Every request has a deadline: one that passes it is
+    counted as hung. Then the server must be idle again: nothing running or queued, no KV bytes."""
+    import random
+    import urllib.error
+    import urllib.request
+
+    import openai
+
+    counts = {"completed": 0, "disconnected": 0, "bad_refused": 0, "server_errors": 0, "hung": 0, "other_errors": 0}
+    rng = random.Random(seed)
+
+    def malformed() -> int:
+        req = urllib.request.Request(
+            f"{server.url}/v1/completions", data=b'{"model": ', headers={"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            return e.code
+        return 200
+
+    async def one(client, r: random.Random) -> None:
+        kind = r.random()
+        model = r.choice(model_ids)
+        prompt = [r.randrange(1, vocab) for _ in range(r.randint(4, max_prompt))]
+        try:
+            if kind < 0.1:  # a bad request: must be refused with 4xx, never 5xx or a hang
+                bad = r.randrange(3)
+                if bad == 0:
+                    status = await asyncio.to_thread(malformed)
+                    ok = status == 400
+                else:
+                    try:
+                        if bad == 1:
+                            await client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+                        else:
+                            await client.completions.create(model=model, prompt=prompt, max_tokens=10**6)
+                        ok = False
+                    except (openai.NotFoundError, openai.BadRequestError):
+                        ok = True
+                counts["bad_refused" if ok else "other_errors"] += 1
+                return
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=r.randint(4, 48), temperature=r.choice([0, 0.8]), stream=True
+            )
+            hang_up = r.randint(1, 8) if kind < 0.35 else None
+            n = 0
+            async for _ in stream:
+                n += 1
+                if hang_up is not None and n >= hang_up:
+                    await stream.close()
+                    counts["disconnected"] += 1
+                    return
+            counts["completed"] += 1
+        except openai.APITimeoutError:
+            counts["hung"] += 1
+        except openai.InternalServerError:
+            counts["server_errors"] += 1
+        except openai.RateLimitError:
+            counts["other_errors"] += 1
+
+    async def loop(i: int, deadline: float) -> None:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        r = random.Random(rng.random() + i)
+        try:
+            while time.monotonic() < deadline:
+                await one(client, r)
+        finally:
+            await client.close()
+
+    idle_rss = server.rss()
+    t0 = time.monotonic()
+    asyncio.run(asyncio.wait_for(_gather_loops(loop, clients, t0 + seconds), seconds + 900))
+    deadline = time.monotonic() + 120
+    while True:  # rows of clients that hung up go at the next step
+        m = server.metrics()
+        if (m["ratplus_requests_running"] == 0 and m["ratplus_requests_queued"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # the engine hands freed heap pages back to the OS when it goes idle
+    return {
+        **counts,
+        "seconds": time.monotonic() - t0,
+        "clients": clients,
+        "running_after": int(m["ratplus_requests_running"]),
+        "queued_after": int(m["ratplus_requests_queued"]),
+        "kv_bytes_in_use_after": int(m["ratplus_kv_bytes_in_use"]),
+        "kv_bytes_allocated_after": int(m["ratplus_kv_bytes_allocated"]),
+        "rss_before_bytes": idle_rss,
+        "rss_after_bytes": server.rss(),
+        "server_alive": server.proc.poll() is None,
+    }
+
+
+async def _gather_loops(loop, clients: int, deadline: float) -> None:
+    await asyncio.gather(*(loop(i, deadline) for i in range(clients)))
+
+
+def run(
+    device: torch.device,
+    dtype: torch.dtype,
+    json_path: str | None = None,
+    ckpt: str | None = None,
+    preset: str = "125m",
+    patterns: list[str] | None = None,
+    clients: list[int] | None = None,
+    prompt_len: int = 4096,
+    new_tokens: int = 64,
+    kv_memory: str = "2GiB",
+    admission_len: int = 8192,
+    server_threads: int = 1,
+    compile: bool = False,
+    phases: list[str] | None = None,
+    soak_seconds: float = 600.0,
+    soak_clients: int = 64,
+    soak_prompt: int = 256,
+) -> dict[str, Any]:
+    """The benchmark (module docstring). ``device`` must be the CPU (the child server runs there)."""
+    import logging
+
+    from ratplus.io.folder import load_config
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the openai client's one line per request
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    if device.type != "cpu":
+        raise ValueError("bench serve drives a CPU server here; run `ratplus serve --device cuda` by hand on a GPU")
+    patterns = patterns or ["dense", "D16-W256-P4"]
+    phases = phases or ["throughput", "admission"]
+    unknown = set(phases) - {"throughput", "admission", "soak"}
+    if unknown:
+        raise ValueError(f"--phases: unknown {sorted(unknown)}; choose from throughput, admission, soak")
+    clients = clients or [1, 4, 16, 64]
+    with tempfile.TemporaryDirectory(prefix="ratplus-bench-serve-") as tmp:
+        folder = (
+            Path(ckpt) if ckpt else make_folder(preset, max(prompt_len + new_tokens, admission_len), Path(tmp) / preset)
+        )
+        config = load_config(folder)
+        patterns = [config.canonical_pattern(p) for p in patterns]
+        vocab = config.vocab_size
+        for what, length in (("prompt", prompt_len + new_tokens), ("admission", admission_len)):
+            if length > config.max_seq_len:
+                raise ValueError(f"--{what}-len: {length} tokens exceed the model's max_seq_len={config.max_seq_len}")
+        name = folder.resolve().name
+        server = Server(folder, patterns, kv_memory, max([*clients, 256]), server_threads, compile)
+        rows, admit, soaked = [], [], None
+        try:
+            idle_rss = server.rss()
+            budget = int(server.metrics()["ratplus_kv_bytes_budget"])
+            if "throughput" in phases:
+                for p in patterns:
+                    for n in clients:
+                        r = throughput(server, f"{name}:{p}", n, prompt_len, new_tokens, vocab)
+                        rows.append({"pattern": p, **r})
+                        print(f"  {p} x{n}: decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            if "admission" in phases:
+                adm_new = 64
+                # the server's own figures (bench sits beside serve and does not import it)
+                per_req = {
+                    x["pattern"]: x["kv_bytes"] for x in server.get(f"/v1/patterns?prompt_tokens={admission_len}")
+                }
+                for p in patterns:
+                    fits = budget // per_req[p]
+                    a = admission(server, f"{name}:{p}", min(fits + 4, 256), admission_len - adm_new, adm_new, vocab)
+                    admit.append({"pattern": p, "kv_bytes_per_request": per_req[p], "formula_count": fits, **a})
+            if "soak" in phases:
+                ids = [f"{name}:{p}" for p in patterns]
+                soaked = soak(server, ids, soak_seconds, soak_clients, vocab, min(soak_prompt, config.max_seq_len // 2))
+            end_rss = server.rss()
+        finally:
+            server.stop()
+
+    print(
+        f"model {name} ({config.num_params() / 1e6:.0f}M params), prompt {prompt_len}, {new_tokens} new tokens, "
+        f"server threads {server_threads}, compile {'on' if compile else 'off'}, "
+        f"start-up {server.startup_seconds:.1f} s"
+    )
+    if rows:
+        print_table(
+            ["pattern", "clients", "decode tok/s", "e2e tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
+             "ITL p99 ms", "peak RSS MiB"],
+            [[r["pattern"], r["clients"], r["decode_tok_s"], r["e2e_tok_s"], r["ttft_p50_s"], r["ttft_p99_s"],
+              r["itl_p50_ms"], r["itl_p99_ms"], r["peak_rss_bytes"] / 2**20] for r in rows],
+        )  # fmt: skip
+    for p in patterns:
+        one = next((r for r in rows if r["pattern"] == p and r["clients"] == min(clients)), None)
+        for r in rows:
+            if r["pattern"] == p and one and r is not one:
+                print(f"{p}: {r['clients']} clients / {one['clients']}: "
+                      f"{r['decode_tok_s'] / one['decode_tok_s']:.2f}x decode tokens/s")  # fmt: skip
+    if admit:
+        print(f"\nadmission at {admission_len} tokens per request under --kv-memory {kv_memory} ({budget:,} B):")
+        print_table(
+            ["pattern", "KV bytes/request", "formula count", "admitted", "queued"],
+            [[a["pattern"], a["kv_bytes_per_request"], a["formula_count"], a["admitted"], a["queued"]] for a in admit],
+        )
+    if len(admit) > 1 and admit[0]["admitted"]:
+        for a in admit[1:]:
+            print(
+                f"{a['pattern']} admits {a['admitted'] / admit[0]['admitted']:.1f}x the requests "
+                f"{admit[0]['pattern']} does"
+            )
+    if soaked is not None:
+        print(f"\nsoak: {soaked['seconds']:.0f} s, {soaked['clients']} clients over {', '.join(patterns)}")
+        print_table(list(soaked), [list(soaked.values())])
+    record = {
+        "bench": "serve", **environment(device, dtype), "model": name, "params": config.num_params(),
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "server_threads": server_threads, "compile": compile,
+        "startup_s": server.startup_seconds, "idle_rss_bytes": idle_rss, "end_rss_bytes": end_rss,
+        "kv_memory": budget, "admission_len": admission_len, "throughput": rows, "admission": admit,
+        "soak": soaked,
+    }  # fmt: skip
+    emit_json(record, json_path)
+    return record

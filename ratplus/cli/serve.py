@@ -1,0 +1,134 @@
+"""``ratplus serve``: an OpenAI-compatible server over one model folder, one weight copy, several
+attention patterns (docs/guides/serve.md).
+
+    ratplus serve --ckpt PATH --patterns dense,D16-W256-P4 --port 8000 --kv-memory 4GiB
+
+``--port 0`` picks a free port; the line ``ratplus serve: listening on http://HOST:PORT`` says which.
+The decode step is compiled on CUDA by default (``--compile`` / ``--no-compile``); torch's compile
+cache is kept under ``~/.cache/ratplus/torchinductor`` (unless ``TORCHINDUCTOR_CACHE_DIR`` is set),
+so a restart reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ratplus.cli.common import names
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--ckpt", required=True, help="model folder (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument(
+        "--patterns",
+        type=names,
+        default=None,
+        help="comma-separated attention patterns to serve, e.g. dense,D16-W256-P4 (default: the folder's "
+        "default or adapted pattern, and dense)",
+    )
+    p.add_argument("--name", default=None, help="model name in the API (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests running at once")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get HTTP 429")
+    p.add_argument("--kv-memory", default="4GiB", help="KV-cache budget of the admitted requests (e.g. 4GiB, 512MB)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between decode steps")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    compile_ = p.add_mutually_exclusive_group()
+    compile_.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="compile the decode step (default on CUDA only: on CPU it costs seconds per shape)",
+    )
+    compile_.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    t0 = time.perf_counter()
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"ratplus serve needs the serve extra: pip install 'ratplus[serve]' ({e})") from e
+    import torch
+
+    from ratplus.cli.common import apply_threads
+    from ratplus.io.folder import load_config, load_pretrained, load_tokenizer
+    from ratplus.io.metadata import read_metadata
+    from ratplus.runtime import resolve_device, resolve_dtype
+    from ratplus.serve.admission import parse_bytes
+    from ratplus.serve.app import ServeState, create_app, load_chat_template, run_server
+    from ratplus.serve.engine import Engine
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.shutdown_grace < 0:
+        raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    kv_memory = parse_bytes(args.kv_memory)
+    apply_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    config = load_config(args.ckpt)  # a bad folder or pattern fails before the weights load
+    meta = read_metadata(args.ckpt)
+    specs = args.patterns or [s for s in (meta.default_pattern or meta.adapted_pattern, "dense") if s]
+    if isinstance(specs[0], list):
+        specs = [*specs[0], "dense"]
+    patterns = []
+    for spec in specs:
+        try:
+            canonical = config.canonical_pattern(spec)
+        except ValueError as e:
+            raise ValueError(f"--patterns: {e}") from e
+        if canonical not in patterns:
+            patterns.append(canonical)
+    tokenizer = load_tokenizer(args.ckpt)
+    if tokenizer is None:
+        raise ValueError(f"{args.ckpt} has no tokenizer.json; the server needs one to read and write text")
+    compile_ = device.type == "cuda" if args.compile is None else args.compile
+    if compile_:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "ratplus" / "torchinductor"))
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port} ({e.strerror})") from e
+    model = load_pretrained(args.ckpt, device=device, dtype=dtype)
+    engine = Engine(
+        model,
+        patterns,
+        kv_memory,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        compile=compile_,
+    )
+    t_load = time.perf_counter() - t0
+    if compile_:
+        with torch.inference_mode():
+            print(f"ratplus serve: compiled the decode step in {engine.warm_up():.1f} s", file=sys.stderr)
+    name = args.name or Path(args.ckpt).resolve().name
+    state = ServeState(engine, tokenizer, name, load_chat_template(args.ckpt))
+    app = create_app(state, shutdown_grace=args.shutdown_grace)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"ratplus serve: {name} on {device} ({dtype}), patterns {', '.join(patterns)}, kv-memory {kv_memory:,} B, "
+        f"compile {'on' if compile_ else 'off'}; loaded in {t_load:.1f} s, ready in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    print(f"ratplus serve: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+    sock.listen(2048)
+    run_server(app, sock, shutdown_grace=args.shutdown_grace, log_level=args.log_level)
+    return 0

@@ -1,0 +1,503 @@
+"""Continuous batching over generation's fixed-shape decode step (``RATPlusLM.decode_step``).
+
+Shapes: B rows of a pool (running requests, rounded up), S cache slots, V vocab.
+
+One engine thread owns the model and every cache. Each iteration it
+  1. admits queued requests in arrival order while their KV bytes (``admission.kv_bytes`` of
+     prompt + max_tokens) fit the budget and a row is free (a request that fits is admitted as it
+     arrives; the others when memory frees);
+  2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the oldest admitted request, so a
+     long prompt never stalls the running rows for more than one chunk;
+  3. runs one decode step per pattern pool that has running rows, samples each row with its own
+     settings, hands every token to its request, and retires finished or cancelled rows.
+Requests join and leave between steps; the HTTP side only queues requests and sets ``cancelled``.
+
+Why a pool of rows per pattern, not one cache per request or a growable batch: the decode step is
+one batched call over a ``RATPlusCache`` whose tensors are (B, h_kv, S, K), and that cache can drop
+rows (``select``, a full copy) but not add them. So each loaded pattern keeps one cache of B rows
+(B = the running rows rounded up to a power of two, at most ``max_batch``) with room for the
+longest running request (S from its prompt + max_tokens rounded up to 256 tokens). A request is
+prefilled alone, into a one-row cache built exactly as ``ratplus.generate`` builds it (so its
+first token is generate's), then its row is copied into a free pool row: the slot of a token depends
+only on its position and the pattern's P, W, D (``SlotLayout``), not on the cache's length, so the
+copy is exact (a cache too short for P + W + 1 clamps W, but then no token has left the window yet
+and every token sits at slot = position in both). A leaving row is replaced by the last running
+row (one row copy), keeping rows [0, n) dense; the pool is rebuilt smaller when a quarter or less
+of it runs, and freed when empty.
+Every row decodes at its own position (``held``), so each row's tokens are those it would get alone
+(greedy; tests/serve compare with ``ratplus.generate``). Spare rows decode a dummy token at
+position 0 and are ignored.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ratplus.generation import sample_next
+from ratplus.model.cache import RATPlusCache
+from ratplus.model.rat import RATPlusLM
+from ratplus.serve.admission import KVBudget, kv_bytes
+
+logger = logging.getLogger("ratplus")
+
+#: Cache lengths are rounded up to this many tokens, so requests of similar length share a pool
+#: without a rebuild each time one arrives.
+LENGTH_QUANTUM = 256
+
+#: An event for a request's sink: ("token", id), ("end", finish_reason) or ("error", message).
+Event = tuple[str, Any]
+
+_ids = itertools.count(1)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue`` (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining or stopped (HTTP 503)."""
+
+
+@dataclass
+class Request:
+    """One generation: token ids in, events out through ``sink`` (called from the engine thread).
+
+    ``sink`` gets every new token, then exactly one terminal event (``end`` with the finish
+    reason ``stop`` / ``length`` / ``cancelled``, or ``error``)."""
+
+    prompt: list[int]
+    max_tokens: int
+    pattern: str
+    sink: Callable[[Event], None]
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    kv_bytes: int = 0
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+    finish_reason: str | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_end: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens the request's cache must hold: prompt + max_tokens."""
+        return len(self.prompt) + self.max_tokens
+
+
+@dataclass
+class _Prefill:
+    request: Request
+    cache: RATPlusCache | None = None  # allocated when its prefill starts
+    done: int = 0  # prompt tokens already in the cache
+
+
+def _rows_bucket(n: int, max_rows: int) -> int:
+    return min(max_rows, 1 << (n - 1).bit_length())
+
+
+def _copy_rows(dst: RATPlusCache, dst_rows: Any, src: RATPlusCache, src_rows: Any) -> None:
+    """Copy cache rows (an int or a slice on each side) over the slots both caches have: slots hold
+    the same positions in both (``SlotLayout`` depends on P, W, D only while a row's tokens fit)."""
+    for d_layer, s_layer in zip(dst.layers, src.layers, strict=True):
+        for d, s in zip(d_layer.tensors(), s_layer.tensors(), strict=True):
+            common = tuple(slice(0, min(a, b)) for a, b in zip(d.shape[1:], s.shape[1:]))
+            d[(dst_rows, *common)] = s[(src_rows, *common)]
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps freed cache memory otherwise, so the
+    resident size would stay at its peak after a burst of requests). A no-op off glibc."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018  (raises AttributeError off glibc)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
+class RowPool:
+    """The running rows of one pattern (module docstring): a cache of B rows, rows [0, n) in use."""
+
+    def __init__(self, engine: Engine, pattern: str):
+        self.engine, self.pattern = engine, pattern
+        self.cache: RATPlusCache | None = None
+        self.rows: list[Request] = []
+        self.held: list[int] = []  # tokens in the cache per row
+        self.next: list[int] = []  # the token each row feeds to the next step
+
+    def nbytes(self) -> int:
+        cache = self.cache  # read once: the engine thread may free it meanwhile
+        return 0 if cache is None else cache.nbytes()
+
+    def _rebuild(self, rows: int, length: int) -> None:
+        e = self.engine
+        length = min(e.model.config.max_seq_len, -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+        new = RATPlusCache(e.model.config, self.pattern, rows, length, device=e.device, dtype=e.dtype)
+        if self.cache is not None and self.rows:
+            _copy_rows(new, slice(0, len(self.rows)), self.cache, slice(0, len(self.rows)))
+        self.cache = new
+
+    def add(self, request: Request, solo: RATPlusCache, token: int) -> None:
+        """Move a prefilled one-row cache into row n and queue its first token for the next step."""
+        n = len(self.rows)
+        length = max([request.length] + [r.length for r in self.rows])
+        if self.cache is None or n + 1 > self.cache.batch_size or request.length > self.cache.max_len:
+            self._rebuild(_rows_bucket(n + 1, self.engine.max_batch), length)
+        _copy_rows(self.cache, n, solo, 0)
+        self.rows.append(request)
+        self.held.append(len(request.prompt))
+        self.next.append(token)
+
+    def remove(self, i: int) -> None:
+        """Free row i: the last running row moves into it (one row copy)."""
+        last = len(self.rows) - 1
+        if i != last:
+            _copy_rows(self.cache, i, self.cache, last)
+            self.rows[i], self.held[i], self.next[i] = self.rows[last], self.held[last], self.next[last]
+        del self.rows[last], self.held[last], self.next[last]
+        if not self.rows:
+            self.cache = None  # back to no memory at all while the pattern is idle
+        elif 4 * len(self.rows) <= self.cache.batch_size:
+            self._rebuild(_rows_bucket(len(self.rows), self.engine.max_batch), max(r.length for r in self.rows))
+
+    def step(self) -> torch.Tensor:
+        """One decode step of every running row: logits (n, V)."""
+        e, n = self.engine, len(self.rows)
+        B = self.cache.batch_size
+        tokens = torch.tensor(self.next + [0] * (B - n), dtype=torch.long).view(B, 1).to(e.device)
+        held = torch.tensor(self.held + [0] * (B - n), dtype=torch.long).to(e.device)
+        logits = e.decode_step(tokens, self.cache, held)
+        self.held = [h + 1 for h in self.held]
+        return logits[:n]
+
+
+class Engine:
+    """The batching loop in its own thread (module docstring). Thread-safe API: ``submit``,
+    ``cancel``, ``snapshot``, ``drain``, ``stop``."""
+
+    def __init__(
+        self,
+        model: RATPlusLM,
+        patterns: list[str],
+        kv_memory: int,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        compile: bool = False,
+    ):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = model.embedding.wte.weight.dtype
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.budget = KVBudget(kv_memory)
+        for p in patterns:
+            if any(g.is_topk or g.is_snapkv for layer in model.config.resolve_pattern(p) for g, _ in layer.groups):
+                raise ValueError(f"--patterns: {p} has no fixed-shape decode step (top-k, SnapKV); serve slot patterns")
+        self.pools = {p: RowPool(self, p) for p in patterns}
+        # dynamic=None: the first shape compiles static, a second one (rows, slots) compiles dynamic once
+        self._compiled = torch.compile(model.decode_step_core, dynamic=None) if compile else None
+        self.warm_up_seconds = 0.0
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefills: list[_Prefill] = []
+        self._cv = threading.Condition()
+        self._state = "new"  # new -> running -> draining -> stopped
+        self._deadline = float("inf")
+        self._thread: threading.Thread | None = None
+        # figures for /metrics
+        self.tokens_total = 0
+        self.prompt_tokens_total = 0
+        self.finished: collections.Counter[str] = collections.Counter()
+        self.ttft_sum, self.ttft_count = 0.0, 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self.peak_running = 0
+
+    # ---- the API the HTTP side calls (any thread) ------------------------------------------------
+    def request_bytes(self, pattern: str, length: int) -> int:
+        return kv_bytes(self.model.config, pattern, length, self.dtype)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises ``QueueFull`` or ``ShuttingDown``. Its sink gets the events."""
+        if request.pattern not in self.pools:
+            raise ValueError(f"pattern {request.pattern!r} is not loaded; loaded: {', '.join(self.pools)}")
+        if request.temperature > 0:
+            request.generator = torch.Generator(device=self.device)
+            if request.seed is None:
+                request.generator.seed()
+            else:
+                request.generator.manual_seed(request.seed)
+        with self._cv:
+            if self._state not in ("new", "running"):
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._admit()  # at once when it fits: /metrics counts it as running from now on
+            self._cv.notify()
+
+    def cancel(self, request: Request) -> None:
+        """The client is gone: its row and memory are freed before the next step."""
+        request.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def start(self) -> None:
+        with self._cv:
+            self._state = "running"
+        self._thread = threading.Thread(target=self._run, name="ratplus-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self, grace: float) -> None:
+        """Stop accepting; queued requests end with an error now, running ones may finish within
+        ``grace`` seconds, then end with an error."""
+        with self._cv:
+            if self._state in ("new", "running"):
+                self._state = "draining"
+                self._deadline = time.monotonic() + grace
+                while self._waiting:
+                    self._fail(self._waiting.popleft(), "the server is shutting down")
+            self._cv.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.drain(0.0)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures /metrics and /health report."""
+        with self._cv:
+            now = time.monotonic()
+            while self._recent and self._recent[0][0] < now - 10:
+                self._recent.popleft()
+            span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
+            rate = sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
+            return {
+                "state": self._state,
+                "running": len(self._prefills) + sum(len(p.rows) for p in self.pools.values()),
+                "running_per_pattern": {k: len(p.rows) for k, p in self.pools.items()},
+                "queued": len(self._waiting),
+                "kv_bytes_in_use": self.budget.in_use,
+                "kv_bytes_budget": self.budget.budget,
+                "kv_bytes_allocated": sum(p.nbytes() for p in self.pools.values())
+                + sum(f.cache.nbytes() for f in self._prefills if f.cache is not None),
+                "tokens_total": self.tokens_total,
+                "prompt_tokens_total": self.prompt_tokens_total,
+                "tokens_per_second": rate,
+                "ttft_seconds_sum": self.ttft_sum,
+                "ttft_seconds_count": self.ttft_count,
+                "finished": dict(self.finished),
+                "peak_running": self.peak_running,
+            }
+
+    def warm_up(self) -> float:
+        """Run the decode step once per pattern at 1 and 2 rows (compiling it, when compiled: the
+        second shape makes torch compile the batch dimension dynamic). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        for pattern in self.pools:
+            for rows in (1, 2):
+                cache = RATPlusCache(self.model.config, pattern, rows, LENGTH_QUANTUM, self.device, self.dtype)
+                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                self.decode_step(tokens, cache, torch.zeros(rows, dtype=torch.long, device=self.device))
+        self.warm_up_seconds = time.perf_counter() - t0
+        return self.warm_up_seconds
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def decode_step(self, tokens: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self.model.decode_step(tokens, cache, held)
+        cache.begin_fixed_step(held)
+        try:
+            logits = self._compiled(tokens, cache, held)
+        except BaseException:
+            cache.end_fixed_step(ok=False)
+            raise
+        cache.end_fixed_step()
+        return logits
+
+    def _run(self) -> None:
+        was_busy = False
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    if self._state == "draining" and time.monotonic() >= self._deadline:
+                        self._abort_all("the server is shutting down")
+                    self._drop_cancelled()
+                    self._admit()
+                    busy = bool(self._prefills) or any(p.rows for p in self.pools.values())
+                    if not busy:
+                        if self._state != "running":
+                            self._state = "stopped"
+                            return
+                        if was_busy:
+                            _trim_heap()
+                        was_busy = False
+                        self._cv.wait(0.5)
+                        continue
+                    was_busy = True
+                try:
+                    self._iteration()
+                except Exception as e:  # a bug or an out-of-memory: end the running requests, keep serving
+                    logger.exception("ratplus serve: the engine step failed; ending the running requests")
+                    with self._cv:
+                        self._abort_all(f"internal error in the engine step: {type(e).__name__}")
+
+    def _iteration(self) -> None:
+        if self._prefills:
+            self._prefill_chunk(self._prefills[0])
+        for pool in self.pools.values():
+            if pool.rows:
+                self._decode(pool)
+
+    def _admit(self) -> None:
+        running = len(self._prefills) + sum(len(p.rows) for p in self.pools.values())
+        while self._waiting and running < self.max_batch:
+            r = self._waiting[0]
+            if not self.budget.try_reserve(r.kv_bytes):
+                break  # first come, first served: a large request is not overtaken forever
+            self._waiting.popleft()
+            self._prefills.append(_Prefill(r))
+            running += 1
+        self.peak_running = max(self.peak_running, running)
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._end(r, "cancelled", reserved=False)
+        for f in [f for f in self._prefills if f.request.cancelled]:
+            self._prefills.remove(f)
+            self._end(f.request, "cancelled")
+        for pool in self.pools.values():
+            for i in reversed(range(len(pool.rows))):
+                if pool.rows[i].cancelled:
+                    r = pool.rows[i]
+                    pool.remove(i)
+                    self._end(r, "cancelled")
+
+    def _prefill_chunk(self, f: _Prefill) -> None:
+        r = f.request
+        if f.cache is None:  # one row, built as ratplus.generate builds it for this request alone
+            cache = RATPlusCache(self.model.config, r.pattern, 1, r.length, device=self.device, dtype=self.dtype)
+            with self._cv:
+                f.cache = cache
+        chunk = r.prompt[f.done : f.done + self.prefill_chunk]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=f.cache)[:, -1]  # (1, V)
+        f.done += len(chunk)
+        if f.done < len(r.prompt):
+            return
+        self.prompt_tokens_total += len(r.prompt)
+        token = self._sample(r, logits)[0]
+        keep = self._deliver(r, token)
+        with self._cv:  # from prefill to pool in one step, as /metrics sees it
+            self._prefills.remove(f)
+            if keep:
+                self.pools[r.pattern].add(r, f.cache, token)
+
+    def _decode(self, pool: RowPool) -> None:
+        logits = pool.step()
+        tokens = self._sample_rows(pool.rows, logits)
+        done = []
+        for i, (r, t) in enumerate(zip(pool.rows, tokens)):
+            if self._deliver(r, t):
+                pool.next[i] = t
+            else:
+                done.append(i)
+        with self._cv:
+            for i in reversed(done):
+                pool.remove(i)
+            now = time.monotonic()
+            self._recent.append((now, len(tokens)))
+            while self._recent and self._recent[0][0] < now - 10:
+                self._recent.popleft()
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> list[int]:
+        return sample_next(logits, r.temperature, None, r.top_p, r.generator).tolist()
+
+    def _sample_rows(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        """Greedy rows in one argmax; sampled rows one by one with their own settings and generator."""
+        tokens = logits.argmax(dim=-1)
+        for i, r in enumerate(rows):
+            if r.temperature > 0:
+                tokens[i] = sample_next(logits[i : i + 1], r.temperature, None, r.top_p, r.generator)[0]
+        return tokens.tolist()
+
+    def _deliver(self, r: Request, token: int) -> bool:
+        """Hand one token to its request; False when the request is finished (its row must go)."""
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+            self.ttft_sum += r.t_first - r.t_submit
+            self.ttft_count += 1
+        if r.cancelled:
+            self._end(r, "cancelled")
+            return False
+        if token in r.stop_ids:
+            self._end(r, "stop")
+            return False
+        r.tokens.append(token)
+        self.tokens_total += 1
+        r.sink(("token", token))
+        if len(r.tokens) >= r.max_tokens:
+            self._end(r, "length")
+            return False
+        return True
+
+    def _end(self, r: Request, reason: str, reserved: bool = True) -> None:
+        if r.done:
+            return
+        r.done, r.finish_reason, r.t_end = True, reason, time.perf_counter()
+        if reserved:
+            self.budget.release(r.kv_bytes)
+        self.finished[reason] += 1
+        r.sink(("end", reason))
+
+    def _fail(self, r: Request, message: str, reserved: bool = False) -> None:
+        if r.done:
+            return
+        r.done, r.finish_reason, r.t_end = True, "error", time.perf_counter()
+        if reserved:
+            self.budget.release(r.kv_bytes)
+        self.finished["error"] += 1
+        r.sink(("error", message))
+
+    def _abort_all(self, message: str) -> None:
+        """End every admitted request with an error and free every cache (caller holds the lock)."""
+        for f in self._prefills:
+            self._fail(f.request, message, reserved=True)
+        self._prefills.clear()
+        for pool in self.pools.values():
+            for r in pool.rows:
+                self._fail(r, message, reserved=True)
+            pool.rows, pool.held, pool.next, pool.cache = [], [], [], None
+        while self._waiting:
+            self._fail(self._waiting.popleft(), message)
+
+
+__all__ = ["Engine", "QueueFull", "Request", "RowPool", "ShuttingDown"]

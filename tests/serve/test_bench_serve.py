@@ -1,0 +1,47 @@
+"""``ratplus bench serve`` end to end on the tiny preset: the server process, the clients, the
+admission count against the formula, a short soak (no request lost, hung or answered with 5xx;
+the server idle with no KV bytes afterwards), one JSON line last."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+for _name in ("fastapi", "uvicorn", "openai"):
+    pytest.importorskip(_name, reason="needs the serve extra: pip install 'ratplus[serve]'")
+
+from ratplus.cli import main  # noqa: E402
+
+
+def _record(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_serve_small(capsys):
+    argv = ["bench", "serve", "--preset", "tiny", "--clients", "1,3", "--prompt-len", "40", "--new-tokens", "12"]
+    argv += ["--kv-memory", "200KiB", "--admission-len", "150", "--phases", "throughput,admission,soak"]
+    argv += ["--soak-seconds", "4", "--soak-clients", "8", "--soak-prompt", "40"]
+    assert main(argv) == 0
+    rec = _record(capsys)
+    assert [(r["pattern"], r["clients"]) for r in rec["throughput"]] == [
+        ("dense", 1), ("dense", 3), ("D16-W256-P4", 1), ("D16-W256-P4", 3)
+    ]  # fmt: skip
+    for r in rec["throughput"]:
+        assert 0 < r["output_tokens"] <= 12 * r["clients"] and r["e2e_tok_s"] > 0 and r["peak_rss_bytes"] > 0
+    for a in rec["admission"]:
+        assert a["admitted"] == a["formula_count"] == 200 * 1024 // a["kv_bytes_per_request"]
+        assert a["kv_bytes_in_use"] == a["admitted"] * a["kv_bytes_per_request"]
+    s = rec["soak"]
+    assert s["completed"] > 0 and s["hung"] == s["server_errors"] == s["other_errors"] == 0
+    assert s["running_after"] == s["queued_after"] == s["kv_bytes_in_use_after"] == s["kv_bytes_allocated_after"] == 0
+    assert s["server_alive"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--phases", "warmup"], "--phases"), (["--clients", "0"], "--clients"), (["--device", "meta"], "")],
+)
+def test_bench_serve_bad_flags(capsys, extra, needle):
+    assert main(["bench", "serve", "--preset", "tiny", *extra]) == 2
+    assert "ratplus bench serve: error:" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""The playground page in a real headless Chromium (Debian's chromium + chromedriver, driven by
+selenium): type a prompt, submit, and both patterns' outputs stream in, each equal to its solo
+greedy continuation, with its KV bytes and tokens/s shown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+for _name in ("fastapi", "uvicorn", "openai"):
+    pytest.importorskip(_name, reason="needs the serve extra: pip install 'ratplus[serve]'")
+
+from ratplus.generation import generate  # noqa: E402
+from tests.serve.conftest import D16, DENSE, live_server  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT = os.environ.get("RATPLUS_PLAYGROUND_SCREENSHOT")  # where to keep a screenshot (docs)
+
+
+def _browser():
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install 'ratplus[browser]'")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="ratplus-chromium-")
+    # this machine has no network beyond localhost: no background connections, no first-run pages
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,900", f"--user-data-dir={profile}"):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options), profile
+
+
+def test_playground_streams_both_patterns(model, tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prompt = "Once upon a time there was"
+    ids = tokenizer.encode(prompt).ids
+    want = {}
+    for pattern in (DENSE, D16):
+        out = generate(model, [ids], 24, pattern=pattern)[0, len(ids) :].tolist()
+        eos = model.config.eos_token_id
+        want[pattern] = tokenizer.decode(out[: out.index(eos)] if eos in out else out)
+
+    driver, profile = _browser()
+    try:
+        with live_server(model, tokenizer) as live:
+            driver.get(live.url + "/")
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".col")) == 2)
+            box = driver.find_element(By.ID, "prompt")
+            box.clear()
+            box.send_keys(prompt)
+            tokens = driver.find_element(By.ID, "max_tokens")
+            tokens.clear()
+            tokens.send_keys("24")
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d: all(c.get_attribute("data-done") for c in d.find_elements(By.CSS_SELECTOR, ".col")))
+            for col in driver.find_elements(By.CSS_SELECTOR, ".col"):
+                pattern = col.get_attribute("data-pattern")
+                shown = col.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent")
+                assert shown == want[pattern]
+                stats = col.find_element(By.CSS_SELECTOR, ".stats").text
+                kv = live.engine.request_bytes(pattern, len(ids) + 24)
+                assert f"KV {kv / 1024:.1f} KiB" in stats and "tokens/s" in stats
+            if SCREENSHOT:
+                Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
+                driver.save_screenshot(SCREENSHOT)
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
