@@ -227,6 +227,7 @@ _MAX_MATMUL_NEAR = 16
 
 class _SegmentedAttention(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # records the (disabled) autocast state for backward
     def forward(ctx, q, k, v, plan: _Plan, scale: float):
         B, H, T, K = q.shape
         q3, k3, v3 = (x.view(B * H, T, K) for x in (q, k, v))  # (N, T, K), N = B * H
@@ -293,6 +294,7 @@ class _SegmentedAttention(torch.autograd.Function):
         return out.view(B, H, T, K)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dout):
         q3, k3, v3, out, lse = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
@@ -376,11 +378,18 @@ def dilated_attention_cpu(
     if not (q.shape == k.shape == v.shape):
         raise ValueError("dilated_attention_cpu needs q, k, v of one shape (B, H, T, K)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.is_autocast_enabled(q.device.type):
+        # Under CPU autocast this op runs in float32, as autocast runs its float32-policy ops: the layer
+        # hands over q, k~ after RoPE in float32 and v in bf16, the log-sum-exp merges need float32, and
+        # on these CPUs bf16 matmuls are far slower than float32 ones. The output is float32.
+        q, k, v = q.float(), k.float(), v.float()
     T = q.shape[-2]
     plan = _Plan(
         T, pattern, block_size or default_block_size(pattern), group_size or default_group_size(T), q.dtype, q.device
     )
-    return _SegmentedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, float(scale))
+    # Autocast stays off inside: it would recast the flash op's q, k, v but not the plan's additive masks.
+    with torch.autocast(q.device.type, enabled=False):
+        return _SegmentedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, float(scale))
 
 
 __all__ = ["default_block_size", "dilated_attention_cpu", "sparse_attention_blocked"]
