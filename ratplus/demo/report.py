@@ -328,13 +328,11 @@ def _recall_section(recall: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
-    import matplotlib
+def plot_ppl_by_pattern(results: dict[str, Any], path: str | Path) -> Path:
+    """Each adapted pattern's held-out PPL over the model's own dense PPL, both models (``results["ppl"]``)."""
+    from ratplus.eval.plots import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
+    plt = _pyplot()
     # each bar runs from the model's own dense PPL (1.0) to the pattern's ratio: the differences are a few
     # percent, so the axis is zoomed to them and every bar carries its value
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -370,11 +368,15 @@ def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     ax.set_title("Sparse inference after short adaptation (1.0 = the model's own dense PPL)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    paths.append(out / "ppl_by_pattern.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return Path(path)
 
+
+def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
     from ratplus.eval.plots import plot_budget, plot_recall
+
+    paths = [plot_ppl_by_pattern(results, out / "ppl_by_pattern.png")]
 
     rec = results["recall"]
     b = rec["adapt_budget"]
