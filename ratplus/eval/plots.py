@@ -104,6 +104,8 @@ def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: flo
             va="bottom",
             fontsize=fontsize,
             color=color,
+            # a label pushed away from its point keeps a thin line to it
+            arrowprops=None if abs(choice[1]) < 12 else {"arrowstyle": "-", "lw": 0.5, "color": color},
         )
 
 
