@@ -114,13 +114,21 @@ def test_recall_stage_config_follows_the_demo_budget(tmp_path, monkeypatch):
 
     monkeypatch.setattr(recall, "run_recall_probe", fake_probe)
     demo = Demo(
-        DemoConfig(out_dir=str(tmp_path), progress=False, recall_steps=700, recall_lr=5e-4, recall_adapt_steps=9)
+        DemoConfig(
+            out_dir=str(tmp_path),
+            progress=False,
+            recall_steps=700,
+            recall_lr=5e-4,
+            recall_adapt_steps=9,
+            recall_seed=3,
+        )
     )
     with pytest.raises(RuntimeError, match="stop"):
         demo.recall()
     cfg = seen["cfg"]
     assert (cfg.steps, cfg.lr, cfg.adapt_steps, cfg.adapt_lr_mult, cfg.adapt_constant_lr) == (700, 5e-4, 9, 1.0, True)
     assert cfg.adapt_patterns == ["D16", "local-W16-P0"] and not cfg.joint_train
+    assert (cfg.seed, cfg.threads) == (3, 1)  # its own seed; one thread, as its recipe was measured
 
 
 def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
@@ -213,3 +221,78 @@ def test_demo_cli_rejects_a_non_positive_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path), "--corpus", "gutenberg"])
     assert "invalid choice: 'gutenberg'" in capsys.readouterr().err
+
+
+def test_recall_stage_pins_its_threads_and_restores_them(tmp_path, monkeypatch):
+    """The recall recipe was measured at one thread and its result moves with the summation order, so the
+    stage runs at ``recall_threads`` whatever the caller set, gives the same figures under 1 and 2 caller
+    threads, and leaves the caller's setting as it was."""
+    import torch
+
+    import ratplus.eval.recall as recall
+    from ratplus.demo.pipeline import Demo
+
+    seen = []
+    real_pretrain = recall.pretrain
+
+    def pretrain(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(recall, "pretrain", pretrain)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            cfg = DemoConfig.quick(out_dir=str(tmp_path / str(caller)), progress=False, recall_steps=8)
+            rec = Demo(cfg).recall()
+            assert torch.get_num_threads() == caller and rec["threads"] == 1
+            results[caller] = [(r["pattern"], r["acc"], r["acc_adapted"], r["first_query"]) for r in rec["rows"]]
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
+    assert results[1] == results[2]
+
+
+def test_report_compares_with_the_documented_seeds(tmp_path, monkeypatch):
+    import ratplus.demo.report as report
+
+    monkeypatch.setattr(
+        report,
+        "DOCUMENTED",
+        {"RAT+ D16-W0-P0 PPL / its dense PPL": (1.005, 1.012, 1.02), "recall D16 % (adapted)": (85.0, 92.0, 99.0)},
+    )
+    res = _results(101.0, 140.0, RECALL_OK)
+    res["config"] = {**res["config"], **report.DOCUMENTED_PPL_CONFIG, **report.DOCUMENTED_RECALL_CONFIG}
+    res["targets"] = check_targets(res)
+    write_report(tmp_path, res)
+    text = (tmp_path / "report.md").read_text()
+    assert "| RAT+ D16-W0-P0 PPL / its dense PPL | 1.010 | 1.012 | 1.005 - 1.020 (3 seeds) | yes |" in text
+    assert "| recall D16 % (adapted) | 90.0 | 92.0 | 85.0 - 99.0 (3 seeds) | yes |" in text
+    # another budget is not compared with figures measured at the default one
+    res["config"]["pretrain_tokens"] = 1000
+    res["config"]["recall_steps"] = 50
+    write_report(tmp_path, res)
+    assert "## This run against the documented seeds" not in (tmp_path / "report.md").read_text()
+
+
+def test_budget_plot_labels_do_not_overlap():
+    """Points of several methods at the same bytes and nearly the same PPL (the demo's D16, W12 and C5
+    rows) each get a label, and no two label boxes overlap."""
+    from ratplus.eval.plots import _place_labels, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(544.0, 144.0 + 0.01 * i, f"pattern-{i}", "C0") for i in range(5)] + [(2080.0, 143.0, "D4", "C1")]
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.set_xscale("log")
+    fig.canvas.draw()
+    _place_labels(ax, points)
+    fig.canvas.draw()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t) for t in ax.texts]  # the text alone, without a leader line
+    plt.close(fig)
+    assert len(boxes) == len(points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

@@ -38,6 +38,15 @@ def add_parser(sub) -> None:
         type=float,
         help=f"fraction of RAT+'s pretraining batches trained dense only first (default {DemoConfig.dense_warmup})",
     )
+    p.add_argument(
+        "--seed", type=int, help=f"seed of the pretraining, adaptation and sampling stages (default {DemoConfig.seed})"
+    )
+    p.add_argument(
+        "--recall-seed",
+        type=int,
+        help=f"recall probe seed (default {DemoConfig.recall_seed}); the probe runs on "
+        f"{DemoConfig.recall_threads} torch thread whatever the machine, so a seed gives the same figures anywhere",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
@@ -50,7 +59,7 @@ def _run(args) -> int:
             if not value > 0:  # also refuses nan
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
             kw[name] = value
-    for name in ("corpus", "joint_pattern", "dense_warmup"):
+    for name in ("corpus", "joint_pattern", "dense_warmup", "seed", "recall_seed"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     resolve_device(args.device)  # an unknown or unavailable --device fails before any work

@@ -39,7 +39,11 @@ def add_parser(sub) -> None:
     from ratplus.eval.niah import DEFAULT_DEPTHS, DEFAULT_MAX_NEW_TOKENS
     from ratplus.eval.ppl import DEFAULT_PATTERNS
 
-    ev = sub.add_parser("eval", help="evaluation: perplexity, needle in a haystack, LongBench, lm-eval")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluation: perplexity (ppl), quality vs KV-cache bytes (budget), the MQAR recall probe (recall), "
+        "needle in a haystack (niah, niah-data), LongBench, lm-eval",
+    )
     esub = ev.add_subparsers(dest="what", metavar="WHAT")
     esub.required = True
 

@@ -23,6 +23,7 @@ Shapes: B windows per batch, T window length, V vocab.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,9 +33,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig, PatternSpec
-from ratplus.eval.common import EvalModel, warn_if_not_adapted
+from ratplus.eval.common import EvalModel
 from ratplus.eval.ppl import TokenStream, _windows, token_stream
 from ratplus.model.cache import RATPlusCache
+
+logger = logging.getLogger("ratplus")
 
 DILATIONS = (4, 8, 16, 32, 64)
 SINKS = 4  # StreamingLLM's attention sinks
@@ -153,8 +156,19 @@ def evaluate_budget(
             names.insert(0, "dense")  # the reference of kv_frac
         stream = token_stream(texts, em.require_tokenizer("the budget comparison"), em.eos_id, max_tokens)
         own: list[dict[str, Any]] = []
+        # the comparison is zero-shot by design: one line per model names the unadapted patterns, not one each
+        unadapted = [n for n in names if em.status(n).startswith("not adapted")]
+        if unadapted:
+            logger.warning(
+                "%s: %d of %d patterns not adapted (%s): %s; the budget comparison scores them zero-shot",
+                em.name,
+                len(unadapted),
+                len(names),
+                em.status(unadapted[0]).removeprefix("not adapted (").removesuffix(")"),
+                ", ".join(unadapted),
+            )
         for name in names:
-            status = warn_if_not_adapted(em, name)
+            status = em.status(name)
             r = budget_nll(em.model, stream, name, ctx, score_tokens, batch_size, None, progress, f"{em.name} {name}")
             if r["tokens"] == 0:
                 raise ValueError("no scored tokens: every target follows an EOS; give longer documents")

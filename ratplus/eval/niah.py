@@ -123,7 +123,7 @@ def resolve_tasks(tasks: str | Iterable[str] | None) -> list[NiahTask]:
 
 
 def _wheel_file(package: str, name: str) -> Path:
-    hint = f"NIAH word keys need the '{package}' wheel (pip install --no-deps {package})"
+    hint = f"NIAH word keys need the '{package}' wheel (pip install 'ratplus[data]', or pip install {package})"
     for path in wheel_files(package, lambda f: f.endswith(f"/{name}"), hint):
         return path
     raise FileNotFoundError(f"the installed '{package}' wheel has no {name}")

@@ -82,30 +82,78 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
     return save_figure(fig, path, dpi=120)
 
 
+def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: float = 7) -> None:
+    """Label each (x, y, text, color) point next to it without two labels overlapping: each label takes
+    the first of a few offsets around its point whose box (estimated from the text length) collides with
+    no label placed before and no marker. Call after the axes' scales and limits are final."""
+    fig = ax.figure
+    px = fig.dpi / 72  # pixels per point
+    h, char_w = fontsize * px * 1.2, fontsize * px * 0.6
+    offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 12), (5, -20), (-5, 12), (-5, -20), (5, 21), (5, -29)]
+    marks = [ax.transData.transform((x, y)) for x, y, _, _ in points]
+    boxes = [(mx - 4, my - 4, mx + 4, my + 4) for mx, my in marks]  # the markers themselves
+    for (x, y, text, color), (mx, my) in zip(points, marks):
+        w = char_w * len(text)
+        choice = offsets[0]
+        for dx, dy in offsets:
+            x0 = mx + dx * px if dx > 0 else mx + dx * px - w
+            box = (x0, my + dy * px, x0 + w, my + dy * px + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                choice = (dx, dy)
+                boxes.append(box)
+                break
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=choice,
+            ha="left" if choice[0] > 0 else "right",
+            va="bottom",
+            fontsize=fontsize,
+            color=color,
+            # a label pushed away from its point keeps a thin line to it
+            arrowprops=None if abs(choice[1]) < 12 else {"arrowstyle": "-", "lw": 0.5, "color": color},
+        )
+
+
+def _short(pattern: str) -> str:
+    """A pattern name without its empty window and sinks: ``D16-W0-P0`` -> ``D16``."""
+    return pattern.replace("-W0-P0", "")
+
+
 def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
-    """``metric`` against KV-cache bytes per token (log x), one line per model and method (rows of
-    ``ratplus.eval.budget``), each point labelled with its pattern. Returns the PNG path."""
+    """``metric`` against KV-cache bytes per token (log x): one panel per model (their PPLs differ too much
+    to share a y-axis), one line and marker per method (rows of ``ratplus.eval.budget``), each point
+    labelled with its pattern where the label does not hide another one. Returns the PNG path."""
     plt = _pyplot()
 
     if not rows:
         raise ValueError("no results to plot")
-    lines: dict[str, list[dict[str, Any]]] = {}
+    models: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        lines.setdefault(f"{r['model']}: {r['method']}", []).append(r)
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for name, rs in lines.items():
-        rs = sorted(rs, key=lambda r: r["kv_bytes_per_token"])
-        xs, ys = [r["kv_bytes_per_token"] for r in rs], [r[metric] for r in rs]
-        (line,) = ax.plot(xs, ys, marker="o", label=name, linestyle="-" if len(rs) > 1 else "none")
-        for r, x, y in zip(rs, xs, ys):
-            ax.annotate(
-                r["pattern"], (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color()
-            )
-    ax.set_xscale("log")
-    ax.set_xlabel("KV-cache bytes per token of context")
-    ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        models.setdefault(r["model"], []).append(r)
+    methods = list(dict.fromkeys(r["method"] for r in rows))  # one colour and marker per method, all panels
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    markers = dict(zip(methods, "osD^vP*X"))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+    for ax, (model, rs) in zip(axes[0], models.items()):
+        labels = []
+        for method in methods:
+            mine = sorted((r for r in rs if r["method"] == method), key=lambda r: r["kv_bytes_per_token"])
+            if not mine:
+                continue
+            xs, ys = [r["kv_bytes_per_token"] for r in mine], [r[metric] for r in mine]
+            ax.plot(xs, ys, marker=markers[method], color=colors[method], label=method, ls="-" if len(mine) > 1 else "")
+            labels += [(x, y, _short(r["pattern"]), colors[method]) for r, x, y in zip(mine, xs, ys)]
+        ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.12)
+        ax.set_xlabel("KV-cache bytes per token of context")
+        ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
+        ax.set_title(model, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+        fig.canvas.draw()  # final limits: the labels are placed in screen space
+        _place_labels(ax, labels)
     seq_len, score = rows[0].get("seq_len"), rows[0].get("score_tokens")
     fig.suptitle(f"held-out {metric} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
     return save_figure(fig, path, dpi=120)
@@ -139,16 +187,21 @@ def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | Non
         rs.sort(key=lambda r: r["dilation"])
         xs = [r["dilation"] for r in rs]
         (line,) = ax.plot(xs, [100 * r["acc"] for r in rs], ls="--", marker="o", label=f"{name} zero-shot")
-        if any(r.get("acc_adapted") is not None for r in rs):
-            ys = [r["acc"] if r["dilation"] == 1 else r.get("acc_adapted") for r in rs]
-            pts = [(r["dilation"], 100 * y) for r, y in zip(rs, ys) if y is not None]
-            ax.plot(*zip(*pts), ls="-", marker="s", color=line.get_color(), label=f"{name} adapted")
+        adapted = [r for r in rs if r.get("acc_adapted") is not None]
+        if adapted:  # markers only: the dilations between them were not adapted, so no line joins them
+            xs, ys = [r["dilation"] for r in adapted], [100 * r["acc_adapted"] for r in adapted]
+            ax.plot(xs, ys, ls="", marker="s", ms=8, color=line.get_color(), label=f"{name} adapted")
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{y:.1f}%", (x, y), textcoords="offset points", xytext=(6, -4), fontsize=8)
         ctrl = next((r for r in rows if r["model"] == name and r["pattern"] == control), None)
         if ctrl is not None:
             y = ctrl["acc_adapted"] if ctrl.get("acc_adapted") is not None else ctrl["acc"]
-            ax.axhline(100 * y, color=line.get_color(), ls=":", label=f"{name} {control}")
+            how = "adapted" if ctrl.get("acc_adapted") is not None else "zero-shot"
+            ax.axhline(100 * y, color=line.get_color(), ls=":", label=f"{name} {control} ({how}), the control")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("dilation D (1 = dense)")
+    ds = sorted({r["dilation"] for r in rows if r["kind"] == "dilated"})
+    ax.set_xticks(ds, ["dense" if d == 1 else f"D{d}" for d in ds])
+    ax.set_xlabel("dilation D")
     ax.set_ylabel("answers right (%)")
     ax.set_ylim(-2, 102)
     ax.grid(True, alpha=0.3)

