@@ -19,6 +19,7 @@ dense training, joint training and every sparse inference pattern.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -380,17 +381,24 @@ class RATPlusLM(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids hold token id {bad} outside [0, vocab_size={self.config.vocab_size})")
 
-    def decode_step(self, token: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
+    def decode_step(
+        self,
+        token: torch.Tensor,
+        cache: RATPlusCache,
+        held: torch.Tensor,
+        core: Callable[[torch.Tensor, RATPlusCache, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """One fixed-shape decode step: token (B, 1) int64 after ``held`` (B,) int64 cached tokens per
         row (on the model's device). Returns the next-token logits (B, V).
 
         Same result as ``self(token, cache=cache)[:, -1]`` (the reference), but with no host reads and
         no branching on values, so ``torch.compile`` can capture ``decode_step_core`` as one graph.
         Nothing is validated per token: ``ratplus.generation`` checks the inputs once per call. The
-        cache must ``supports_fixed_step`` and have room for the token."""
+        cache must ``supports_fixed_step`` and have room for the token. ``core``: the tensor work to run
+        instead of ``decode_step_core``, e.g. ``torch.compile(model.decode_step_core)``."""
         cache.begin_fixed_step(held)
         try:
-            logits = self.decode_step_core(token, cache, held)
+            logits = (core or self.decode_step_core)(token, cache, held)
         except BaseException:
             cache.end_fixed_step(ok=False)
             raise

@@ -331,16 +331,7 @@ class Engine:
 
     # ---- the engine thread -------------------------------------------------------------------------
     def decode_step(self, tokens: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
-        if self._compiled is None:
-            return self.model.decode_step(tokens, cache, held)
-        cache.begin_fixed_step(held)
-        try:
-            logits = self._compiled(tokens, cache, held)
-        except BaseException:
-            cache.end_fixed_step(ok=False)
-            raise
-        cache.end_fixed_step()
-        return logits
+        return self.model.decode_step(tokens, cache, held, core=self._compiled)
 
     def _run(self) -> None:
         was_busy = False
