@@ -97,7 +97,7 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup", type=float, default=_S, help="warmup fraction of the steps")
     t.add_argument("--distributed", choices=["ddp", "fsdp"], default=_S, help="under torchrun (WORLD_SIZE > 1)")
     t.add_argument("--tensorboard", action="store_true", default=_S)
-    t.add_argument("--dry-run", action="store_true", help="print the memory plan (and whether it fits here), then stop")
+    _dry_run(t)
     t.set_defaults(func=_train)
 
     a = sub.add_parser("adapt", help="resolution adaptation of a pretrained model to one sparse pattern")
@@ -105,6 +105,7 @@ def add_parser(sub) -> None:
     a.add_argument("--pattern", required=True, help="target pattern, e.g. D16-W256-P4")
     _common(a, data_help="token shards (default: the pretraining data recorded in the model)")
     a.add_argument("--tokens", type=int, default=_S, help="token budget (default: 1%% of pretraining)")
+    _dry_run(a)
     a.set_defaults(func=_adapt)
 
     s = sub.add_parser("sft", help="supervised fine-tuning on prompt/answer JSONL, answers-only loss")
@@ -117,7 +118,12 @@ def add_parser(sub) -> None:
     s.add_argument("--resume", nargs="?", const=True, default=_S, help="continue from the latest (or given) checkpoint")
     s.add_argument("--no-progress", dest="progress", action="store_false", default=_S)
     _speed(s)
+    _dry_run(s)
     s.set_defaults(func=_sft)
+
+
+def _dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan (and whether it fits here), then stop")
 
 
 _COMMON = {
@@ -289,15 +295,9 @@ def _train(args) -> int:
         given["model_overrides"] = {**base.model_overrides, **dict(args.set)}
     cfg = dataclasses.replace(base, **given)
     if args.dry_run:
-        from ratplus.train.memory import check_plan
-        from ratplus.train.trainer import _base_model_config, plan_run, plan_sparse
+        from ratplus.train.trainer import plan_only
 
-        cfg.validate()
-        config = _base_model_config(cfg)
-        plan = plan_run(cfg, config)
-        print(plan.table())
-        patterns = ["sparse", "dense"] if cfg.joint_train else [cfg.train_pattern]
-        check_plan(plan, config, plan_sparse(patterns), cfg.grad_accum)  # refuses with the options
+        plan_only(cfg)  # prints the plan; refuses with the options when it cannot fit
         return 0
     _print_main(train(cfg))
     return 0
@@ -306,7 +306,9 @@ def _train(args) -> int:
 def _adapt(args) -> int:
     from ratplus.train.trainer import adapt
 
-    _print_main(adapt(args.ckpt, args.pattern, **_given(args)))
+    result = adapt(args.ckpt, args.pattern, dry_run=args.dry_run, **_given(args))
+    if not args.dry_run:
+        _print_main(result)
     return 0
 
 
@@ -315,5 +317,8 @@ def _sft(args) -> int:
 
     given = _given(args)
     given.pop("sft_data", None)
-    _print_main(sft(args.ckpt, args.data, pattern=args.pattern, **{k: v for k, v in given.items() if k != "data"}))
+    rest = {k: v for k, v in given.items() if k != "data"}
+    result = sft(args.ckpt, args.data, pattern=args.pattern, dry_run=args.dry_run, **rest)
+    if not args.dry_run:
+        _print_main(result)
     return 0

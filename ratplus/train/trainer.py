@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -591,6 +591,18 @@ def train(cfg: TrainConfig) -> Path:
         D.shutdown(info)
 
 
+def plan_only(cfg: TrainConfig, show: Callable[[str], Any] = print) -> MemoryPlan:
+    """``--dry-run``: validate ``cfg``, ``show`` its memory plan per process, and refuse (with the
+    numbers and the options that fit) a run that cannot fit; nothing is read, written or allocated."""
+    cfg.validate()
+    config = _base_model_config(cfg)
+    patterns = ["sparse", "dense"] if cfg.joint_train else [cfg.train_pattern]
+    plan = plan_run(cfg, config, step_patterns=patterns)
+    show(plan.table())
+    check_plan(plan, config, plan_sparse(patterns), cfg.grad_accum)
+    return plan
+
+
 def adapt(
     ckpt: str | Path,
     pattern: str,
@@ -599,13 +611,15 @@ def adapt(
     lr: float | None = None,
     steps: int | None = None,
     tokens: int | None = None,
+    dry_run: bool = False,
     **overrides: Any,
-) -> Path:
+) -> Path | MemoryPlan:
     """Resolution adaptation (docs/DESIGN.md section 5): continue ``ckpt`` in ``pattern`` only, joint
     training off, LR 0.1x the pretraining peak, no warmup, cosine to min_lr, random windows.
 
     Length: ``steps`` or ``tokens``; by default 1% of the tokens the model was pretrained on. Data:
-    the pretraining data recorded in the model's metadata unless ``data`` is given."""
+    the pretraining data recorded in the model's metadata unless ``data`` is given. ``dry_run``: only
+    the memory plan (``plan_only``)."""
     meta = read_metadata(ckpt)
     if steps is None and tokens is None:
         seen = meta.tokens_seen
@@ -633,7 +647,7 @@ def adapt(
     )
     if cfg.data is not None and Path(cfg.data).name == "train" and (Path(cfg.data).parent / "val").is_dir():
         cfg.val_data = cfg.val_data or str(Path(cfg.data).parent / "val")
-    return train(cfg)
+    return plan_only(cfg) if dry_run else train(cfg)
 
 
 def sft(
@@ -646,11 +660,13 @@ def sft(
     lr: float = 1e-5,
     weight_decay: float = 0.01,
     batch_size: int = 32,
+    dry_run: bool = False,
     **overrides: Any,
-) -> Path:
+) -> Path | MemoryPlan:
     """Supervised fine-tuning with the loss on answer tokens only (docs/DESIGN.md section 5: 4 epochs,
     LR 1e-5, weight decay 0.01, batch 32). ``pattern``: the pattern trained in (default: the model's
-    adapted pattern, else dense). Records longer than ``seq_len`` (default: the model's max) are refused."""
+    adapted pattern, else dense). Records longer than ``seq_len`` (default: the model's max) are refused.
+    ``dry_run``: only the memory plan (``plan_only``)."""
     meta = read_metadata(ckpt)
     config = load_config(ckpt)
     cfg = TrainConfig(
@@ -673,4 +689,4 @@ def sft(
             **overrides,
         }
     )
-    return train(cfg)
+    return plan_only(cfg) if dry_run else train(cfg)

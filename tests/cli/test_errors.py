@@ -114,6 +114,11 @@ CASES = [
     ),
     (["generate", "--ckpt", "{root}/runfolder", "--prompt-ids", "1"], "generate", "its trained model is"),
     ([*P[:2], "--ckpt", "{root}/running", *P[4:]], "eval ppl", "training run folder without a final model"),
+    (
+        ["adapt", "--ckpt", "{root}/model", "--pattern", "D4", "--steps", "1", "--batch-size", "100000", "--dry-run"],
+        "adapt",
+        "the memory plan needs about",
+    ),
     # inference-only patterns refused wherever a model is trained (they would silently train dense)
     ([*T, "--sparse-pattern", "snapkv-C16-O4"], "train", "is inference-only (SnapKV)"),
     ([*T, "--sparse-pattern", "topk-B16-K2"], "train", "is inference-only (top-k blocks)"),
@@ -220,3 +225,14 @@ def test_a_diverged_run_is_one_line(files, monkeypatch, capsys):
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == "ratplus train: error: loss is nan at step 3; lower the learning rate", lines
+
+
+@pytest.mark.parametrize("command", ["adapt", "sft"])
+def test_dry_run_prints_the_plan_and_writes_nothing(files, capsys, command):
+    """adapt and sft take --dry-run like train: the memory plan is printed, no output folder is made."""
+    out = files / f"dry_{command}"
+    extra = ["--pattern", "D4", "--steps", "1"] if command == "adapt" else ["--data", str(files / "sft.jsonl")]
+    assert main([command, "--ckpt", str(files / "model"), *extra, "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "total per process" in printed and "-> fits" in printed
+    assert not out.exists()
