@@ -17,13 +17,14 @@ then every client hangs up. Admission needs no prefill to finish, so this is che
 prompts. The formula's count (budget // kv_bytes) is printed beside the measured one.
 
 Peer (``--peer``): the same-size transformers ``LlamaForCausalLM`` (``ratplus.bench.decode.llama_peer``,
-random weights, saved with ``save_pretrained`` and the same BPE tokenizer) served by ``transformers
+random weights, saved with ``save_pretrained`` and a word-level tokenizer) served by ``transformers
 serve --continuous-batching --device cpu`` (its paged-attention continuous batching) in a second
 child process, driven by the same clients, client counts, prompts and ``max_tokens`` right after the
 ratplus rows. ``transformers serve`` takes text prompts only, so the peer's tokenizer is word-level
 (token ``i`` is the word ``t{i}``): a peer prompt is the ratplus prompt's ids as words, served as
-exactly those ids (checked from the usage chunk). Its stream carries text, one chunk per token, and
-``output_tokens`` is the server's own usage count. Its EOS is off, so every request runs ``max_tokens``.
+exactly those ids (their count recorded from the usage chunk). Its stream carries text, one chunk per token, and
+``output_tokens`` is the server's own usage count. Its EOS is off, so every request runs
+``max_tokens``; one short request warms it up first.
 
 Without ``--ckpt`` the model is a preset with random weights and a small BPE tokenizer (the
 prompts are token ids; the text is not looked at). Output: tables, then one JSON line.
@@ -188,6 +189,19 @@ class PeerServer(Server):
             except OSError:
                 continue
         self.startup_seconds = time.perf_counter() - t0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short request: the engine's first one pays for setting itself up (its paged cache),
+        which the ratplus server pays at start-up; neither belongs in the first client's TTFT."""
+        import urllib.request
+
+        body = json.dumps({"model": self.model_id, "prompt": "t1 t2 t3 t4", "max_tokens": 2}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            r.read()
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
