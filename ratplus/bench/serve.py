@@ -24,7 +24,9 @@ ratplus rows. ``transformers serve`` takes text prompts only, so the peer's toke
 (token ``i`` is the word ``t{i}``): a peer prompt is the ratplus prompt's ids as words, served as
 exactly those ids (their count recorded from the usage chunk). Its stream carries text, one chunk per token, and
 ``output_tokens`` is the server's own usage count. Its EOS is off, so every request runs
-``max_tokens``; one short request warms it up first.
+``max_tokens``; one short request warms it up first. Its paged cache holds ``max(clients)`` requests
+of prompt + ``max_tokens`` (by default it would take most of the machine's free RAM); its peak RSS
+sums the server and its engine process.
 
 Without ``--ckpt`` the model is a preset with random weights and a small BPE tokenizer (the
 prompts are token ids; the text is not looked at). Output: tables, then one JSON line.
@@ -160,7 +162,7 @@ def make_peer_folder(config: ModelConfig, max_len: int, path: Path) -> Path:
 class PeerServer(Server):
     """``transformers serve FOLDER --continuous-batching --device cpu`` in a child process, offline."""
 
-    def __init__(self, folder: Path, max_len: int, threads: int):
+    def __init__(self, folder: Path, max_len: int, threads: int, max_requests: int):
         import socket
         import urllib.request
 
@@ -170,6 +172,9 @@ class PeerServer(Server):
         boot = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
         cmd = [sys.executable, "-c", boot, "serve", str(folder), "--continuous-batching", "--device", "cpu"]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len), "--log-level", "warning"]
+        # its paged cache is sized from free memory by default (about 0.8 of the machine's RAM on a CPU, all
+        # touched): give it the blocks the clients need, one request of max_len per client, as ratplus's pool
+        cmd += ["--cb-block-size", "256", "--cb-num-blocks", str(max_requests * -(-max_len // 256))]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
         self.model_id = str(folder)
         t0 = time.perf_counter()
@@ -190,6 +195,28 @@ class PeerServer(Server):
                 continue
         self.startup_seconds = time.perf_counter() - t0
         self._warm_up()
+
+    def _pids(self) -> list[int]:
+        """The server and its children: the model runs in a spawned engine process."""
+        pids, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(c) for c in task.read_text().split()]
+        return pids
+
+    def _status(self, key: str) -> int:
+        total = 0
+        for pid in self._pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+    def reset_peak(self) -> None:
+        for pid in self._pids():
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
 
     def _warm_up(self) -> None:
         """One short request: the engine's first one pays for setting itself up (its paged cache),
@@ -497,7 +524,7 @@ def run(
         peer_startup = None
         if peer and "throughput" in phases:  # after the ratplus server is gone: the two never share the cores
             peer_folder = make_peer_folder(config, prompt_len + new_tokens + 8, Path(tmp) / "llama-peer")
-            peer_server = PeerServer(peer_folder, prompt_len + new_tokens + 8, server_threads)
+            peer_server = PeerServer(peer_folder, prompt_len + new_tokens + 8, server_threads, max(clients))
             peer_startup = peer_server.startup_seconds
             try:
                 for n in clients:
