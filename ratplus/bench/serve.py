@@ -145,8 +145,11 @@ def make_peer_folder(config: ModelConfig, max_len: int, path: Path) -> Path:
     ``transformers serve``, with a word-level tokenizer of the model's vocabulary: token ``i`` is the
     word ``t{i}``, so a prompt of ids is its words joined by spaces (exactly those ids served) and
     every generated token streams as one text chunk (no byte fragments held back)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:
+        raise ValueError(f"--peer needs transformers (pip install 'ratplus[hf]'): {e}") from e
 
     from ratplus.bench.decode import llama_peer
 
