@@ -102,7 +102,7 @@ def _add_serve(bsub) -> None:
     s.add_argument(
         "--peer", action=argparse.BooleanOptionalAction, default=False,
         help="also serve the same-size transformers Llama with `transformers serve --continuous-batching` "
-        "and drive it with the same clients (throughput rows; off by default: its start-up takes ~30 s)",
+        "and drive it with the same clients (throughput rows; off by default: a second server, run after)",
     )  # fmt: skip
     s.set_defaults(func=_serve)
 
