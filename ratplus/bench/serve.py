@@ -16,6 +16,18 @@ server's ``/metrics`` is read once all arrived (``requests_running`` admitted, t
 then every client hangs up. Admission needs no prefill to finish, so this is cheap even for 8K
 prompts. The formula's count (budget // kv_bytes) is printed beside the measured one.
 
+Peer (``--peer``): the same-size transformers ``LlamaForCausalLM`` (``ratplus.bench.decode.llama_peer``,
+random weights, saved with ``save_pretrained`` and a word-level tokenizer) served by ``transformers
+serve --continuous-batching --device cpu`` (its paged-attention continuous batching) in a second
+child process, driven by the same clients, client counts, prompts and ``max_tokens`` right after the
+ratplus rows. ``transformers serve`` takes text prompts only, so the peer's tokenizer is word-level
+(token ``i`` is the word ``t{i}``): a peer prompt is the ratplus prompt's ids as words, served as
+exactly those ids (their count recorded from the usage chunk). Its stream carries text, one chunk per token, and
+``output_tokens`` is the server's own usage count. Its EOS is off, so every request runs
+``max_tokens``; one short request warms it up first. Its paged cache holds ``max(clients)`` requests
+of prompt + ``max_tokens`` (by default it would take most of the machine's free RAM); its peak RSS
+sums the server and its engine process.
+
 Without ``--ckpt`` the model is a preset with random weights and a small BPE tokenizer (the
 prompts are token ids; the text is not looked at). Output: tables, then one JSON line.
 """
@@ -39,6 +51,7 @@ import torch
 from ratplus.config import ModelConfig
 from ratplus.runtime import emit_json, environment, print_table
 
+PEER_ROW = "llama (transformers serve)"
 _TEXT = ["The quick brown fox jumps over the lazy dog while the server streams tokens to many clients."] * 8
 
 
@@ -127,30 +140,139 @@ class Server:
         self.log_file.close()
 
 
+def make_peer_folder(config: ModelConfig, max_len: int, path: Path) -> Path:
+    """The same-size ``LlamaForCausalLM`` (random weights, seed 0, EOS off) saved the transformers way for
+    ``transformers serve``, with a word-level tokenizer of the model's vocabulary: token ``i`` is the
+    word ``t{i}``, so a prompt of ids is its words joined by spaces (exactly those ids served) and
+    every generated token streams as one text chunk (no byte fragments held back)."""
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:
+        raise ValueError(f"--peer needs transformers (pip install 'ratplus[hf]'): {e}") from e
+
+    from ratplus.bench.decode import llama_peer
+
+    model = llama_peer(config, max_len, torch.device("cpu"), torch.float32)
+    model.generation_config.eos_token_id = None  # every request runs its max_tokens, as the ratplus rows' prompts do
+    model.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(path)
+    return path
+
+
+class PeerServer(Server):
+    """``transformers serve FOLDER --continuous-batching --device cpu`` in a child process, offline."""
+
+    def __init__(self, folder: Path, max_len: int, threads: int, max_requests: int):
+        import socket
+        import urllib.request
+
+        with socket.socket() as s:  # transformers serve has no port 0: take a free one and hand it over
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        boot = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+        cmd = [sys.executable, "-c", boot, "serve", str(folder), "--continuous-batching", "--device", "cpu"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len), "--log-level", "warning"]
+        # its paged cache is sized from free memory by default (about 0.8 of the machine's RAM on a CPU, all
+        # touched): give it the blocks the clients need, one request of max_len per client, as ratplus's pool
+        cmd += ["--cb-block-size", "256", "--cb-num-blocks", str(max_requests * -(-max_len // 256))]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+        self.model_id = str(folder)
+        t0 = time.perf_counter()
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="transformers-serve-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=self.log_file, text=True)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            time.sleep(0.2)
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = Path(self.log_file.name).read_text()
+                self.stop()
+                raise ValueError("transformers serve did not start:\n" + log[-4000:])
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=5):
+                    break
+            except OSError:
+                continue
+        self.startup_seconds = time.perf_counter() - t0
+        self._warm_up()
+
+    def _pids(self) -> list[int]:
+        """The server and its children: the model runs in a spawned engine process."""
+        pids, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(c) for c in task.read_text().split()]
+        return pids
+
+    def _status(self, key: str) -> int:
+        total = 0
+        for pid in self._pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+    def reset_peak(self) -> None:
+        for pid in self._pids():
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def _warm_up(self) -> None:
+        """One short request: the engine's first one pays for setting itself up (its paged cache),
+        which the ratplus server pays at start-up; neither belongs in the first client's TTFT."""
+        import urllib.request
+
+        body = json.dumps({"model": self.model_id, "prompt": "t1 t2 t3 t4", "max_tokens": 2}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            r.read()
+
+
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (n, length), generator=g).tolist()
 
 
-async def _stream(client, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+async def _stream(client, model: str, prompt: list[int] | str, max_tokens: int) -> dict[str, Any]:
+    """One streamed greedy request; a text prompt is the peer's (text chunks, usage from its last chunk)."""
     t0 = time.perf_counter()
     times: list[float] = []
+    text = isinstance(prompt, str)
+    extra = {"stream_options": {"include_usage": True}} if text else {"extra_body": {"return_token_ids": True}}
     stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-        extra_body={"return_token_ids": True},
-    )  # fmt: skip
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, **extra
+    )
+    usage = None
     async for chunk in stream:
-        ids = (chunk.choices[0].model_extra or {}).get("token_ids") if chunk.choices else None
+        usage = chunk.usage or usage
+        if not chunk.choices:
+            continue
+        if text:
+            if chunk.choices[0].text:
+                times.append(time.perf_counter())
+            continue
+        ids = (chunk.choices[0].model_extra or {}).get("token_ids")
         if ids:
             times += [time.perf_counter()] * len(ids)
-    return {"start": t0, "times": times}
+    out: dict[str, Any] = {"start": t0, "times": times}
+    if usage is not None:
+        out |= {"tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens}
+    return out
 
 
-def throughput(server: Server, model: str, n: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, Any]:
-    """N concurrent streaming clients, one request each."""
+def throughput(
+    server: Server, model: str, n: int, prompt_len: int, new_tokens: int, vocab: int, prompts: list | None = None
+) -> dict[str, Any]:
+    """N concurrent streaming clients, one request each (``prompts``: the peer's text prompts)."""
     import openai
 
-    prompts = _prompts(n, prompt_len, vocab, seed=n)
+    prompts = prompts or _prompts(n, prompt_len, vocab, seed=n)
 
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=3600)
@@ -169,9 +291,11 @@ def throughput(server: Server, model: str, n: int, prompt_len: int, new_tokens: 
     in_window = sum(lo < t <= hi for r in runs for t in r["times"])
     ttft = [r["times"][0] - r["start"] for r in runs if r["times"]]
     itl = [b - a for r in runs for a, b in zip(r["times"], r["times"][1:])]
-    total = sum(len(r["times"]) for r in runs)
+    total = sum(r.get("tokens", len(r["times"])) for r in runs)
+    served = [r["prompt_tokens"] for r in runs if "prompt_tokens" in r]
     return {
         "clients": n,
+        **({"prompt_tokens_served": served} if served else {}),
         "output_tokens": total,
         "decode_tok_s": in_window / (hi - lo) if hi > lo and in_window else float("nan"),
         "e2e_tok_s": total / wall,
@@ -345,6 +469,7 @@ def run(
     soak_seconds: float = 600.0,
     soak_clients: int = 64,
     soak_prompt: int = 256,
+    peer: bool = False,
 ) -> dict[str, Any]:
     """The benchmark (module docstring). ``device`` must be the CPU (the child server runs there)."""
     import logging
@@ -399,6 +524,20 @@ def run(
             end_rss = server.rss()
         finally:
             server.stop()
+        peer_startup = None
+        if peer and "throughput" in phases:  # after the ratplus server is gone: the two never share the cores
+            peer_folder = make_peer_folder(config, prompt_len + new_tokens + 8, Path(tmp) / "llama-peer")
+            peer_server = PeerServer(peer_folder, prompt_len + new_tokens + 8, server_threads, max(clients))
+            peer_startup = peer_server.startup_seconds
+            try:
+                for n in clients:
+                    # the very ids of the ratplus rows, as the words of the peer's tokenizer
+                    texts = [" ".join(f"t{i}" for i in ids) for ids in _prompts(n, prompt_len, vocab, seed=n)]
+                    r = throughput(peer_server, peer_server.model_id, n, prompt_len, new_tokens, vocab, texts)
+                    rows.append({"pattern": PEER_ROW, **r})
+                    print(f"  {PEER_ROW} x{n}: decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            finally:
+                peer_server.stop()
 
     print(
         f"model {name} ({config.num_params() / 1e6:.0f}M params), prompt {prompt_len}, {new_tokens} new tokens, "
@@ -412,7 +551,16 @@ def run(
             [[r["pattern"], r["clients"], r["decode_tok_s"], r["e2e_tok_s"], r["ttft_p50_s"], r["ttft_p99_s"],
               r["itl_p50_ms"], r["itl_p99_ms"], r["peak_rss_bytes"] / 2**20] for r in rows],
         )  # fmt: skip
-    for p in patterns:
+    if peer_startup is not None:
+        print(f"peer: {PEER_ROW} = the same-size LlamaForCausalLM under `transformers serve --continuous-batching "
+              f"--device cpu`, start-up {peer_startup:.1f} s")  # fmt: skip
+        for p in patterns:
+            for n in clients:
+                mine = next(r for r in rows if r["pattern"] == p and r["clients"] == n)
+                other = next(r for r in rows if r["pattern"] == PEER_ROW and r["clients"] == n)
+                print(f"{p} / peer at {n} clients: {mine['decode_tok_s'] / other['decode_tok_s']:.2f}x decode tok/s, "
+                      f"{mine['e2e_tok_s'] / other['e2e_tok_s']:.2f}x e2e tok/s")  # fmt: skip
+    for p in [*patterns, *([PEER_ROW] if peer_startup is not None else [])]:
         one = next((r for r in rows if r["pattern"] == p and r["clients"] == min(clients)), None)
         for r in rows:
             if r["pattern"] == p and one and r is not one:
@@ -438,7 +586,9 @@ def run(
         "prompt_len": prompt_len, "new_tokens": new_tokens, "server_threads": server_threads, "compile": compile,
         "startup_s": server.startup_seconds, "idle_rss_bytes": idle_rss, "end_rss_bytes": end_rss,
         "kv_memory": budget, "admission_len": admission_len, "throughput": rows, "admission": admit,
-        "soak": soaked,
+        "soak": soaked, "peer": None if peer_startup is None else {
+            "row": PEER_ROW, "server": "transformers serve --continuous-batching --device cpu",
+            "startup_s": peer_startup, "model": "LlamaForCausalLM (same size, random weights)"},
     }  # fmt: skip
     emit_json(record, json_path)
     return record

@@ -99,6 +99,11 @@ def _add_serve(bsub) -> None:
     s.add_argument("--soak-clients", type=int, default=64)
     s.add_argument("--soak-prompt", type=int, default=256, help="longest soak prompt (tokens)")
     add_machine_flags(s)
+    s.add_argument(
+        "--peer", action=argparse.BooleanOptionalAction, default=False,
+        help="also serve the same-size transformers Llama with `transformers serve --continuous-batching` "
+        "and drive it with the same clients (throughput rows; off by default: a second server, run after)",
+    )  # fmt: skip
     s.set_defaults(func=_serve)
 
 
@@ -165,4 +170,4 @@ def _hf(args) -> int:
 def _serve(args) -> int:
     shape = picked(args, "ckpt", "preset", "patterns", "clients", "prompt_len", "new_tokens", "kv_memory")
     extra = picked(args, "admission_len", "server_threads", "compile", "phases", "soak_seconds", "soak_clients")
-    return _run("serve", args, **shape, **extra, soak_prompt=args.soak_prompt)
+    return _run("serve", args, **shape, **extra, soak_prompt=args.soak_prompt, peer=args.peer)
