@@ -236,16 +236,33 @@ def test_sigkill_midway_then_rerun_gives_identical_shards(tmp_path, docs):
     ref = tmp_path / "ref"
     subprocess.run([*argv, "--out", str(ref)], env=env, check=True, capture_output=True, timeout=300)
     out = tmp_path / "run"
-    proc = subprocess.Popen([*argv, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "train.partial" / "progress.json"
+    # The killed run stalls (in the child) at its first write after a completed shard is on record, so
+    # the SIGKILL lands midway however fast the machine is: no race between the prepare and the poll.
+    stall = (
+        "import json, pathlib, sys, time\n"
+        "import ratplus.train.data as d\n"
+        f"progress = pathlib.Path({str(progress)!r})\n"
+        "real = d._SplitWriter.add\n"
+        "def add(self, ids):\n"
+        "    if progress.is_file() and json.loads(progress.read_text())['splits']['train']['shards']:\n"
+        "        time.sleep(3600)\n"
+        "    real(self, ids)\n"
+        "d._SplitWriter.add = add\n"
+        "from ratplus.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    child = [sys.executable, "-c", stall, *argv[3:], "--out", str(out)]
+    proc = subprocess.Popen(child, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if progress.is_file() and json.loads(progress.read_text())["splits"]["train"]["shards"]:
             break
         time.sleep(0.05)
+    assert proc.poll() is None, "the prepare ended before a shard was on record"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert progress.is_file(), "the prepare finished before it could be killed midway"
+    assert progress.is_file()
     done = subprocess.run([*argv, "--out", str(out)], env=env, check=True, capture_output=True, text=True, timeout=300)
     assert "resumed after" in done.stdout
     for split in ("train", "val"):
