@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 TopKScoring = Literal["quest", "moba"]
+#: FFN kinds: the paper's GELU MLP, and Llama's SwiGLU (imported models).
+FFN_ACTS = ("gelu", "swiglu")
 #: Bound on any pattern size (D, W, P, block size, top-k): larger values cannot describe a real context.
 MAX_PATTERN_SIZE = 2**31 - 1
 
@@ -365,6 +367,12 @@ class ModelConfig:
     k, v (and the forget gate f) are projected for the KV heads only, the recurrence runs on them, and
     the queries of a group of ``num_heads / num_kv_heads`` consecutive heads share one KV head.
     ``max_seq_len`` bounds training/prefill length and RoPE positions; longer input raises.
+
+    Imported Llama-family models (``ratplus.hf.llama``) need three more knobs, whose defaults are the
+    paper's: ``ffn_act="swiglu"`` (fc2(silu(gate) * up), fc1 packing the gate rows then the up rows),
+    ``ffn_dim`` (an explicit FFN width; None = ``ffn_mult * d_model``) and ``gate_bias`` (a learnable
+    bias on the forget-gate logits, which uptraining sets very negative so the recurrence starts as an
+    identity: docs/DESIGN.md section 9). ``rope_base`` is Llama's ``rope_theta``.
     """
 
     vocab_size: int = 32000
@@ -380,6 +388,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     eos_token_id: int | None = None
+    ffn_act: Literal["gelu", "swiglu"] = "gelu"
+    ffn_dim: int | None = None
+    gate_bias: bool = False
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -402,9 +413,16 @@ class ModelConfig:
             value = getattr(self, name)
             if not is_real(value) or not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
                 raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
-        for name in ("apply_re", "tie_embeddings"):
+        if self.ffn_act not in FFN_ACTS:
+            raise ValueError(f"ffn_act must be one of {', '.join(FFN_ACTS)}, got {self.ffn_act!r}")
+        dim = self.ffn_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"ffn_dim must be a positive int or null (= ffn_mult x d_model), got {dim!r}")
+        for name in ("apply_re", "tie_embeddings", "gate_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.gate_bias and not self.apply_re:
+            raise ValueError("gate_bias is a bias of the forget gate: it needs apply_re=True")
         eos = self.eos_token_id
         if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
             raise ValueError(f"eos_token_id must be an int or null, got {self.eos_token_id!r}")
@@ -429,15 +447,18 @@ class ModelConfig:
 
     @property
     def d_ffn(self) -> int:
-        return self.ffn_mult * self.d_model
+        """FFN hidden width: ``ffn_dim``, else ``ffn_mult x d_model``."""
+        return self.ffn_dim if self.ffn_dim is not None else self.ffn_mult * self.d_model
 
     def num_params(self) -> int:
         """Closed-form parameter count (tied head): V*C + L*(c*C^2 + 2C) + C (+ V*C if untied),
         with c = 5 + 1 + 2*ffn_mult for RAT+ (14 at ffn_mult 4) and one C^2 less for the baseline.
-        With GQA the k, v (and f) rows of in_proj shrink from C to num_kv_heads x K each."""
+        With GQA the k, v (and f) rows of in_proj shrink from C to num_kv_heads x K each; SwiGLU has three
+        FFN matrices instead of two; ``gate_bias`` adds num_kv_heads x K per layer."""
         C, V, L = self.d_model, self.vocab_size, self.num_layers
         in_rows = 2 * C + (3 if self.apply_re else 2) * self.kv_dim
-        per_layer = in_rows * C + C * C + 2 * self.d_ffn * C + 2 * C
+        ffn_mats = 3 if self.ffn_act == "swiglu" else 2
+        per_layer = in_rows * C + C * C + ffn_mats * self.d_ffn * C + 2 * C + (self.kv_dim if self.gate_bias else 0)
         total = V * C + L * per_layer + C
         if not self.tie_embeddings:
             total += V * C

@@ -1,5 +1,10 @@
-"""``ratplus convert``: native <-> Hugging Face folders and import of the paper's checkpoints
-(``ratplus.hf.convert``; imported when the command runs, since it needs ``transformers``)."""
+"""``ratplus convert``: native <-> Hugging Face folders, import of the paper's checkpoints and of
+Llama-family models (a Hugging Face folder or a GGUF file; ``ratplus.hf.llama``), all in
+``ratplus.hf.convert`` (imported when the command runs, since it needs ``transformers``).
+
+    ratplus convert --from-hf path/to/llama-folder models/llama
+    ratplus convert --from-hf path/to/folder --gguf-file model.Q4_1.gguf models/llama
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ _PASSED_AS_IS = (
     "eos_token_id",
     "trust_pickle",
     "overwrite",
+    "from_hf",
+    "gguf_file",
 )
 PAPER_HEAD_DIM = 128  # the reference import's default head size (ratplus.hf.convert.PAPER_HEAD_DIM)
 
@@ -26,12 +33,17 @@ PAPER_HEAD_DIM = 128  # the reference import's default head size (ratplus.hf.con
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints: native <-> Hugging Face folder, import the paper's .pth checkpoints",
+        help="convert checkpoints: native <-> Hugging Face folder, import the paper's .pth or a Llama-family model",
         description=(
-            "Checkpoint conversion: native folder <-> Hugging Face folder, and import of the paper's checkpoints."
+            "Checkpoint conversion: native folder <-> Hugging Face folder, import of the paper's checkpoints, and "
+            "import of Llama-family models (Hugging Face folder or GGUF file) as exact ratplus models."
         ),
     )
-    p.add_argument("src", help="native folder, Hugging Face folder, or a reference checkpoint file (.pth/.safetensors)")
+    p.add_argument(
+        "src",
+        help="native folder, Hugging Face folder (RAT+ or Llama-family), GGUF file, or a reference checkpoint "
+        "file (.pth/.safetensors)",
+    )
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=("native", "hf"), default=None, help="output format (default: the other one)")
     p.add_argument("--pattern", default=None, help="default attention pattern to record, e.g. D16-W256-P4")
@@ -54,6 +66,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--eos-token-id", type=int, default=None, help="reference import: EOS id (default 2 for vocab 32000)"
     )
+    p.add_argument(
+        "--from-hf",
+        action="store_true",
+        help="SRC is a Llama-family Hugging Face folder (or GGUF file) to import; refuse anything else",
+    )
+    p.add_argument("--gguf-file", default=None, help="import this GGUF file (a name inside SRC, or a path)")
     p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
     p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in DST")

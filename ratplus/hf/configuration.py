@@ -32,6 +32,9 @@ NATIVE_FIELDS = (
     "norm_eps",
     "init_std",
     "eos_token_id",
+    "ffn_act",
+    "ffn_dim",
+    "gate_bias",
 )
 
 
@@ -67,6 +70,9 @@ class RATPlusConfig(PreTrainedConfig):
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    ffn_act: str = "gelu"  # "swiglu" for imported Llama-family models
+    ffn_dim: int | None = None  # None = ffn_mult x d_model
+    gate_bias: bool = False
     attention_pattern: str = "dense"
     preset: str = "custom"
     bos_token_id: int | None = None

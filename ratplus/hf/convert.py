@@ -411,36 +411,57 @@ def _has_module(util: Any, name: str) -> bool:
 
 # ---- folder conversions ---------------------------------------------------------------------------
 def folder_kind(path: str | Path) -> str:
-    """``"reference"`` for a checkpoint file, ``"hf"`` for a folder whose config.json has
+    """``"reference"`` for a checkpoint file, ``"llama"`` for a GGUF file or a Hugging Face folder of a
+    Llama-family model (imported by ``ratplus.hf.llama``), ``"hf"`` for a folder whose config.json has
     ``model_type: ratplus``, ``"native"`` for a native model folder."""
+    from ratplus.hf.llama import LLAMA_TYPES, PACKAGE_PREFIX
+
+    if str(path).startswith(PACKAGE_PREFIX):
+        return "llama"
     p = Path(path)
     if p.is_file():
-        return "reference"
+        return "llama" if p.suffix.lower() == ".gguf" else "reference"
     if not p.is_dir():
         raise FileNotFoundError(f"not found: {p}")
     cfg = p / CONFIG_FILE
     if not cfg.is_file():
         raise FileNotFoundError(f"{p} has no {CONFIG_FILE}: neither a native nor a Hugging Face model folder")
-    model_type = read_json(cfg).get("model_type")
+    record = read_json(cfg, "model config")
+    if not isinstance(record, dict):
+        raise ValueError(f"{cfg} holds a JSON {type(record).__name__}, not an object of config fields")
+    model_type = record.get("model_type")
     if model_type is None:
         return "native"
+    if model_type in LLAMA_TYPES:
+        return "llama"
     if model_type != "ratplus":
-        raise ValueError(f"{cfg} has model_type {model_type!r}, not 'ratplus': not a RAT+ model")
+        raise ValueError(
+            f"{cfg} has model_type {model_type!r}: neither a RAT+ model nor a Llama-family one "
+            f"({', '.join(LLAMA_TYPES)}) that ratplus imports"
+        )
     return "hf"
 
 
-def save_native(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
+def save_native(
+    model: RATPlusLM,
+    dst: str | Path,
+    tokenizer: Any = None,
+    pattern: PatternSpec = None,
+    extra_metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write a native folder; a non-dense ``pattern`` is recorded as ``adapted_pattern`` metadata, or as
-    ``default_pattern`` when it is inference-only (top-k, SnapKV: no model is adapted to those)."""
-    metadata = None
+    ``default_pattern`` when it is inference-only (top-k, SnapKV: no model is adapted to those).
+    ``extra_metadata``: more metadata keys (an import's provenance); ``extra_files``: more text files."""
+    fields: dict[str, Any] = dict(extra_metadata or {})
     if pattern is not None:
         text = model.config.canonical_pattern(pattern)
         layers = model.config.resolve_pattern(pattern)
         if text != "dense":
             inference_only = any(p.inference_only for layer in layers for p, _ in layer.groups)
-            field = "default_pattern" if inference_only else "adapted_pattern"
-            metadata = ModelMetadata(**{field: text}).to_dict(drop_none=True)
-    return save_pretrained(model, dst, tokenizer=tokenizer, metadata=metadata)
+            fields["default_pattern" if inference_only else "adapted_pattern"] = text
+    metadata = ModelMetadata.from_dict(fields).to_dict(drop_none=True) if fields else None
+    return save_pretrained(model, dst, tokenizer=tokenizer, metadata=metadata, extra_files=extra_files)
 
 
 def save_hf(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: PatternSpec = None) -> Path:
@@ -484,17 +505,23 @@ def convert(
     tokenizer: str | Path | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    from_hf: bool = False,
+    gguf_file: str | Path | None = None,
     **reference: Any,
 ) -> tuple[str, str]:
     """Convert ``src`` into a ``to`` (``"native"`` / ``"hf"``) folder at ``dst``; returns (from, to).
 
-    Default ``to``: ``"native"`` from a Hugging Face folder, ``"hf"`` otherwise. ``pattern``: the
-    default attention pattern to record (None = keep the source's). ``tokenizer``: a tokenizer file
-    or folder to save beside the weights (reference checkpoints carry none). ``reference``: the
-    options of ``load_reference_checkpoint`` (num_heads, head_dim, max_seq_len, eos_token_id,
-    trust_pickle), used when ``src`` is a reference checkpoint."""
-    kind = folder_kind(src)
-    to = to or ("native" if kind == "hf" else "hf")
+    Default ``to``: ``"native"`` from a Hugging Face folder (RAT+ or Llama-family) or a GGUF file,
+    ``"hf"`` otherwise. ``pattern``: the default attention pattern to record (None = keep the
+    source's). ``tokenizer``: a tokenizer file or folder to save beside the weights (reference
+    checkpoints carry none). ``from_hf`` / ``gguf_file``: ``src`` is a Llama-family Hugging Face
+    folder (or the folder of ``gguf_file``) to import (``ratplus.hf.llama``); an error otherwise.
+    ``reference``: the options of ``load_reference_checkpoint`` (num_heads, head_dim, max_seq_len,
+    eos_token_id, trust_pickle), used when ``src`` is a reference checkpoint."""
+    kind = "llama" if gguf_file is not None else folder_kind(src)
+    if from_hf and kind != "llama":
+        raise ValueError(f"--from-hf: {src} is a {kind} model, not a Llama-family Hugging Face folder or GGUF file")
+    to = to or ("native" if kind in ("hf", "llama") else "hf")
     if to not in ("native", "hf"):
         raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
     out = Path(dst)
@@ -503,7 +530,15 @@ def convert(
     if (out / CONFIG_FILE).exists() and not overwrite:
         raise ValueError(f"{out} already holds a model ({CONFIG_FILE}); pass --overwrite to replace it")
     tok = load_tokenizer_file(tokenizer) if tokenizer is not None else None
-    if kind == "reference":
+    extra_metadata: dict[str, Any] | None = None
+    extra_files: dict[str, str] | None = None
+    if kind == "llama":
+        from ratplus.hf.llama import TOKENIZER_CONFIG_FILE, import_llama
+
+        model, tokenizer_files, extra_metadata = import_llama(src, gguf_file, dtype or torch.float32)
+        extra_files = {TOKENIZER_CONFIG_FILE: tokenizer_files.config_text()}
+        tok = tok if tok is not None else tokenizer_files.tokenizer
+    elif kind == "reference":
         if tok is not None and reference.get("eos_token_id") is None:
             # LLaMA-2's EOS; None when the tokenizer has no such token
             reference["eos_token_id"] = tok.token_to_id("</s>")
@@ -536,7 +571,10 @@ def convert(
     whole = not out.exists() or (out / CONFIG_FILE).exists()
     target = out.with_name(f".{out.name}.tmp-{os.getpid()}") if whole else out
     with writing(out, partial=[target] if whole else []):
-        (save_native if to == "native" else save_hf)(model, target, tok, pattern)
+        if to == "native":
+            save_native(model, target, tok, pattern, extra_metadata, extra_files)
+        else:
+            save_hf(model, target, tok, pattern)
         if whole:
             out.parent.mkdir(parents=True, exist_ok=True)
             replace_dir(target, out)

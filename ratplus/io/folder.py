@@ -63,8 +63,10 @@ def save_pretrained(
     path: str | Path,
     tokenizer: Any = None,
     metadata: ModelMetadata | dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a model folder (see module docstring). ``tokenizer``: a ``tokenizers.Tokenizer`` or None.
+    ``extra_files``: more text files by name (an imported model's ``tokenizer_config.json``).
     The manifest covers the files written here (other files already in the folder stay unlisted)."""
     from safetensors.torch import save
 
@@ -78,6 +80,9 @@ def save_pretrained(
     if metadata is not None:
         atomic_write_text(out / METADATA_FILE, metadata_json(metadata))
         written.append(METADATA_FILE)
+    for name, text in (extra_files or {}).items():
+        atomic_write_text(out / name, text)
+        written.append(name)
     write_manifest(out, written)
     return out
 

@@ -71,6 +71,9 @@ class RATPlusLayer(nn.Module):
         self.split_sizes = [C, C] + [config.kv_dim] * (3 if config.apply_re else 2)
         self.in_proj = nn.Linear(C, sum(self.split_sizes), bias=False)
         self.out_proj = nn.Linear(C, C, bias=False)
+        # A bias on the forget-gate logits only (``gate_bias``): a dense model gains the recurrence with
+        # f rows zero and this bias very negative, so g ~ 0 and k~ = k, v~ = v at the start (uptraining).
+        self.fgate_bias = nn.Parameter(torch.zeros(config.kv_dim)) if config.gate_bias else None
 
     def project(self, x: torch.Tensor):
         """x (B, T, C) -> o (B, T, C); q (B, H, T, K); k, v (B, Hkv, T, K); g (B, Hkv, T, K) float32 or None."""
@@ -79,7 +82,12 @@ class RATPlusLayer(nn.Module):
         o, q, k, v = parts[:4]
         heads = lambda t, n: t.view(B, T, n, self.head_dim).transpose(1, 2)  # noqa: E731  (B, n, T, K)
         Hkv = self.num_kv_heads
-        g = heads(torch.sigmoid(_at_least_fp32(parts[4])), Hkv) if self.apply_re else None
+        g = None
+        if self.apply_re:
+            f = _at_least_fp32(parts[4])
+            if self.fgate_bias is not None:
+                f = f + self.fgate_bias
+            g = heads(torch.sigmoid(f), Hkv)
         return o, heads(q, self.num_heads), heads(k, Hkv), heads(v, Hkv), g
 
     def recur(
@@ -140,16 +148,24 @@ class RATPlusLayer(nn.Module):
 
 
 class FFN(nn.Module):
-    """fc2(GELU(fc1(RMSNorm(x)))), exact GELU, no bias (the paper's ``hidden_layer``)."""
+    """fc2(GELU(fc1(RMSNorm(x)))), exact GELU, no bias (the paper's ``hidden_layer``).
+
+    ``ffn_act="swiglu"`` (imported Llama-family models): fc1 packs the gate rows then the up rows
+    (2F, C) and the block is fc2(silu(gate) * up), Llama's MLP with one matmul for both inputs."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.swiglu = config.ffn_act == "swiglu"
         self.ln = RMSNorm(config.d_model, config.norm_eps)
-        self.fc1 = nn.Linear(config.d_model, config.d_ffn, bias=False)
+        self.fc1 = nn.Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ffn, bias=False)
         self.fc2 = nn.Linear(config.d_ffn, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.ln(x))))
+        h = self.fc1(self.ln(x))  # (B, T, F), or (B, T, 2F) for SwiGLU
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, F) each
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h))
 
 
 class Block(nn.Module):

@@ -102,6 +102,8 @@ class MemoryPlan:
 def layer_activation_bytes(config: ModelConfig, sparse: bool, bf16: bool) -> int:
     """Bytes one block saves for backward per token (module docstring's coefficients)."""
     C, F, H, kv = config.d_model, config.d_ffn, config.num_heads, config.kv_dim
+    if config.ffn_act == "swiglu":
+        F *= 2  # fc1's output is 2F wide, and silu(gate) and silu(gate) * up are saved beside it
     if bf16:
         n = 38 * C + 4 * F + 12 * H + (14 * kv if config.apply_re else 0)
     else:

@@ -208,11 +208,17 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path):
         load_checkpoint_file(tmp_path / "nodict.pth")
     with pytest.raises(FileNotFoundError):
         load_checkpoint_file(tmp_path / "missing.pth")
-    other = tmp_path / "llama"
+    other = tmp_path / "gpt2"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type 'llama', not 'ratplus'"):
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2': neither a RAT[+] model nor a Llama-family"):
         convert(other, tmp_path / "out")
+    llama = tmp_path / "llama"  # a Llama config without weights: imported, refused when the weights are read
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="cannot load the weights"):
+        convert(llama, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_safetensors_reference_checkpoint(tmp_path, ids):
