@@ -2,6 +2,7 @@
 
     ratplus generate --ckpt PATH --pattern D16-W256-P4 --prompt "Once upon a time"
     ratplus generate --ckpt PATH --prompt-ids 1,2,3        # folders without tokenizer.json
+    ratplus generate --ckpt PATH --chat --prompt "What is the capital of France?"
 
 The pattern defaults to the folder's ``metadata.json`` ``default_pattern`` (recorded by
 ``ratplus tune-pattern --record``), else its ``adapted_pattern`` (the pattern it was
@@ -26,6 +27,13 @@ def add_parser(sub) -> None:
     prompt.add_argument("--prompt", help="prompt text (needs the folder's tokenizer.json)")
     prompt.add_argument("--prompt-ids", type=token_ids, help="prompt as comma-separated token ids")
     p.add_argument(
+        "--chat",
+        action="store_true",
+        help="--prompt is a user message: wrap it in the folder's chat template (tokenizer_config.json, as "
+        "ratplus serve does) and print only the reply",
+    )
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
+    p.add_argument(
         "--pattern",
         default=None,
         help="attention pattern, e.g. D16-W256-P4 (default: recorded default, adapted or dense)",
@@ -45,15 +53,27 @@ def _run(args) -> int:
     from ratplus.generation import generate
     from ratplus.io.folder import load_pretrained, load_tokenizer
     from ratplus.io.metadata import read_metadata
+    from ratplus.io.tokenizer import chat_prompt, load_chat_template
     from ratplus.runtime import resolve_device
 
     device = resolve_device(args.device)
     model = load_pretrained(args.ckpt, device=device)
     tokenizer = load_tokenizer(args.ckpt)
+    if (args.chat or args.system is not None) and args.prompt is None:
+        raise ValueError("--chat / --system take the user's message as --prompt (text), not --prompt-ids")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
     if args.prompt is not None:
         if tokenizer is None:
             raise ValueError(f"{args.ckpt} has no tokenizer.json: give the prompt as --prompt-ids 1,2,3")
-        prompt = tokenizer.encode(args.prompt).ids
+        text = args.prompt
+        if args.chat:
+            messages = ([("system", args.system)] if args.system is not None else []) + [("user", args.prompt)]
+            eos = model.config.eos_token_id
+            text = chat_prompt(
+                load_chat_template(args.ckpt), messages, None if eos is None else tokenizer.id_to_token(eos)
+            )
+        prompt = tokenizer.encode(text).ids
         if not prompt:
             raise ValueError("the prompt encodes to no tokens")
     else:
@@ -72,6 +92,8 @@ def _run(args) -> int:
 
     new_ids: list[int] = []
     shown = tokenizer.decode(prompt) if tokenizer is not None else " ".join(map(str, prompt)) + " |"
+    if args.chat:
+        shown = ""  # the reply alone; the template's markup is not echoed
 
     def stream(tokens: torch.Tensor) -> None:
         nonlocal shown
@@ -83,7 +105,9 @@ def _run(args) -> int:
             return
         # decode prompt + continuation each time: spacing depends on the neighbours, and a token may
         # complete a multi-byte character
-        text = tokenizer.decode(prompt + new_ids)
+        text = tokenizer.decode(new_ids if args.chat else prompt + new_ids)
+        if text.endswith("\ufffd"):
+            return  # a multi-byte character split across tokens: wait for the token that completes it
         if text.startswith(shown):
             print(text[len(shown) :], end="", flush=True)
             shown = text

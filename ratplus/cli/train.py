@@ -1,4 +1,4 @@
-"""CLI: ``ratplus data prepare``, ``ratplus train``, ``ratplus adapt``, ``ratplus sft``.
+"""CLI: ``ratplus data prepare``, ``ratplus train``, ``ratplus uptrain``, ``ratplus adapt``, ``ratplus sft``.
 
 Thin: parse, call ``ratplus.train`` functions, print. Options left out keep the library defaults
 (``TrainConfig``), so ``--config run.json`` plus a few flags works as expected.
@@ -99,6 +99,28 @@ def add_parser(sub) -> None:
     t.add_argument("--tensorboard", action="store_true", default=_S)
     _dry_run(t)
     t.set_defaults(func=_train)
+
+    u = sub.add_parser(
+        "uptrain",
+        help="add the recurrence to a dense model (e.g. an imported Llama) and train it jointly",
+        description="Uptraining: the dense model's attention layers gain the RAT+ recurrence with their forget "
+        "gates closed (the same function at step 0), then joint training (a D64 step and a dense step per batch).",
+    )
+    u.add_argument("--init", required=True, help="dense model folder (apply_re false), e.g. from convert --from-hf")
+    u.add_argument(
+        "--gate-init",
+        type=float,
+        default=_S,
+        help="initial forget-gate bias: sigmoid(-12) = 6e-6 keeps k~ = k, v~ = v at the start (default -12)",
+    )
+    _common(
+        u, data_help="token shards made with the model's tokenizer (data prepare --tokenizer FOLDER/tokenizer.json)"
+    )
+    u.add_argument("--tokens", type=int, default=_S, help="token budget (instead of --steps)")
+    u.add_argument("--sparse-pattern", default=_S, help="sparse branch of joint training (default D64)")
+    u.add_argument("--warmup", type=float, default=_S, help="warmup fraction of the steps (default 0.05)")
+    _dry_run(u)
+    u.set_defaults(func=_uptrain)
 
     a = sub.add_parser("adapt", help="resolution adaptation of a pretrained model to one sparse pattern")
     a.add_argument("--ckpt", required=True, help="model folder (a run's final/ or a checkpoint)")
@@ -300,6 +322,15 @@ def _train(args) -> int:
         plan_only(cfg)  # prints the plan; refuses with the options when it cannot fit
         return 0
     _print_main(train(cfg))
+    return 0
+
+
+def _uptrain(args) -> int:
+    from ratplus.train.trainer import uptrain
+
+    result = uptrain(args.init, dry_run=args.dry_run, **_given(args))
+    if not args.dry_run:
+        _print_main(result)
     return 0
 
 

@@ -38,6 +38,7 @@ import torch
 
 from ratplus.config import ModelConfig
 from ratplus.io.folder import CONFIG_FILE
+from ratplus.io.tokenizer import TOKENIZER_CONFIG_FILE as TOKENIZER_CONFIG_FILE  # re-exported for convert
 from ratplus.model.rat import RATPlusLM
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 LLAMA_TYPES = ("llama", "mistral")
 #: GGUF ``general.architecture`` values transformers reads as a Llama-layout model.
 GGUF_LLAMA_ARCHS = ("llama", "mistral")
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 @dataclass

@@ -8,6 +8,10 @@ Three sources, none of which downloads anything:
 * ``load_tokenizer_file``: any local ``tokenizer.json`` (e.g. a LLaMA tokenizer the user has).
 
 ``eos_id`` finds the end-of-document token that ``data prepare`` appends after every document.
+
+Chat prompts (``ratplus generate --chat``, ``ratplus serve``): the folder's ``tokenizer_config.json``
+``chat_template`` (a Jinja template, as in Hugging Face folders; imported models keep theirs), else
+the plain format ``System: ...\n\nUser: ...\n\nAssistant:``.
 """
 
 from __future__ import annotations
@@ -150,6 +154,47 @@ def folder_tokenizer(folder: str | Path) -> Tokenizer | None:
     """The ``tokenizer.json`` of a folder (model folder, token shards), or None when it has none."""
     p = Path(folder) / TOKENIZER_FILE
     return load_tokenizer_file(p) if p.is_file() else None
+
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+
+
+def load_chat_template(folder: str | Path) -> str | None:
+    """``chat_template`` of the folder's ``tokenizer_config.json``, if any."""
+    path = Path(folder) / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable JSON object ({e})") from e
+    return template if isinstance(template, str) else None
+
+
+def plain_chat_prompt(messages: list[tuple[str, str]]) -> str:
+    """The plain chat format (module docstring) for (role, text) pairs."""
+    return "".join(f"{_ROLE_NAMES[role]}: {text}\n\n" for role, text in messages) + "Assistant:"
+
+
+def chat_prompt(template: str | None, messages: list[tuple[str, str]], eos_token: str | None = None) -> str:
+    """The prompt text of (role, text) pairs, ending where the assistant's reply starts: ``template``
+    rendered in a sandbox (Hugging Face's conventions: ``messages``, ``add_generation_prompt``), or the
+    plain format when it is None. A template that fails raises ValueError."""
+    if template is None:
+        return plain_chat_prompt(messages)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": r, "content": t} for r, t in messages],
+            add_generation_prompt=True,
+            eos_token=eos_token,
+            bos_token="",
+        )
+    except Exception as e:  # a template may raise anything (its own raise_exception, undefined names)
+        raise ValueError(f"the chat template failed: {e}") from e
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:

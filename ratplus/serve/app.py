@@ -29,7 +29,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -38,6 +37,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ratplus.io.tokenizer import chat_prompt
+from ratplus.io.tokenizer import load_chat_template as load_chat_template  # re-exported: the CLI imports it here
+from ratplus.io.tokenizer import plain_chat_prompt as plain_chat_prompt  # re-exported: tests import it here
 from ratplus.serve.engine import Engine, QueueFull, ShuttingDown
 from ratplus.serve.engine import Request as EngineRequest
 from ratplus.serve.page import PAGE
@@ -134,24 +136,6 @@ class ChatBody(_Sampling):
 
 
 # ---- text ------------------------------------------------------------------------------------------
-def plain_chat_prompt(messages: list[tuple[str, str]]) -> str:
-    """The documented plain chat format (module docstring)."""
-    names = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-    return "".join(f"{names[role]}: {text}\n\n" for role, text in messages) + "Assistant:"
-
-
-def load_chat_template(folder: str | Path) -> str | None:
-    """``chat_template`` of the folder's ``tokenizer_config.json``, if any."""
-    path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    try:
-        template = json.loads(path.read_text()).get("chat_template")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not a readable JSON object ({e})") from e
-    return template if isinstance(template, str) else None
-
-
 class TextStream:
     """Generated tokens -> text pieces, with stop strings: text that could be the start of a stop
     string is held back until it is not; a stop string ends the text before it. Each piece is the
@@ -250,21 +234,11 @@ class ServeState:
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         pairs = [(m.role, m.text()) for m in messages]
-        if self.chat_template is None:
-            return plain_chat_prompt(pairs)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         eos = None if self.config.eos_token_id is None else self.tokenizer.id_to_token(self.config.eos_token_id)
         try:
-            return env.from_string(self.chat_template).render(
-                messages=[{"role": r, "content": t} for r, t in pairs],
-                add_generation_prompt=True,
-                eos_token=eos,
-                bos_token="",
-            )
-        except Exception as e:
-            raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from e
+            return chat_prompt(self.chat_template, pairs, eos)
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from e
 
     def build(self, body: _Sampling, ids: list[int], max_tokens: int | None, sink) -> EngineRequest:
         pattern = self.resolve_pattern(body.model, body.pattern)

@@ -88,10 +88,12 @@ def write_model_folder(
     tokenizer: Any = None,
     metadata: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    model_files: dict[str, str] | None = None,
 ) -> Path:
     """Atomically write a model folder (``save_pretrained`` format) plus ``extra_files`` and a manifest.
 
-    ``model_state``: full CPU weights keyed by parameter name (e.g. ``distributed.full_model_state``)."""
+    ``model_state``: full CPU weights keyed by parameter name (e.g. ``distributed.full_model_state``).
+    ``model_files``: text files that belong to the model (``tokenizer_config.json`` with a chat template)."""
     final = Path(path)
     tmp = _tmp_name(final)
     needed = sum(v.numel() * v.element_size() for v in model_state.values()) * 2  # weights + optimizer, roughly
@@ -105,7 +107,7 @@ def write_model_folder(
         with torch.device("meta"):
             shell = RATPlusLM(config)
         shell.load_state_dict(with_tied_keys(config, model_state), strict=True, assign=True)
-        save_pretrained(shell, tmp, tokenizer=tokenizer, metadata=metadata)
+        save_pretrained(shell, tmp, tokenizer=tokenizer, metadata=metadata, extra_files=model_files)
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(tmp / name, data)
         _publish(tmp, final)
@@ -175,6 +177,7 @@ def save_checkpoint(
     train_config: dict[str, Any],
     tokenizer: Any = None,
     metadata: dict[str, Any] | None = None,
+    model_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``<root>/step_XXXXXXX`` atomically (see module docstring). ``trainer_state`` must be
     JSON-serialisable; ``tensors`` (data generator, RNG) join the optimizer tensors in safetensors."""
@@ -190,7 +193,7 @@ def save_checkpoint(
         STATE_FILE: (json.dumps(state_js, indent=1) + "\n").encode(),
         TRAIN_CONFIG_FILE: (json.dumps(train_config, indent=2, sort_keys=True) + "\n").encode(),
     }
-    return write_model_folder(checkpoint_dir(root, step), config, model_state, tokenizer, metadata, extra)
+    return write_model_folder(checkpoint_dir(root, step), config, model_state, tokenizer, metadata, extra, model_files)
 
 
 @dataclass

@@ -30,6 +30,10 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False  # apply_re=False: the gated attention baseline (fresh models only)
     init_from: str | None = None
+    # uptraining: init_from is a dense model (apply_re=False, e.g. an imported Llama) that gains the
+    # recurrence, its forget gate starting closed (bias gate_init; ratplus.model.uptrain)
+    uptrain: bool = False
+    gate_init: float = -12.0
     # data: a shard folder, or a folder with train/ and val/ shard folders; None = bundled Shakespeare
     data: str | None = None
     val_data: str | None = None
@@ -131,6 +135,12 @@ class TrainConfig:
                 raise ValueError("joint training is for pretraining; set joint_train=False for SFT")
         elif self.steps is None and self.tokens is None:
             raise ValueError("give the length of the run: steps or tokens")
+        if not isinstance(self.uptrain, bool):
+            raise ValueError(f"uptrain must be true or false, got {self.uptrain!r}")
+        if not is_real(self.gate_init) or not math.isfinite(self.gate_init):
+            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
+        if self.uptrain and (self.init_from is None or self.task != "pretrain"):
+            raise ValueError("uptrain adds the recurrence to a dense model: it needs task 'pretrain' and init_from")
         if self.task == "adapt" and self.init_from is None:
             raise ValueError("task 'adapt' needs init_from (the pretrained model folder)")
         check_learning_rate(self.lr, "lr")

@@ -43,8 +43,9 @@ from ratplus.io.folder import load_config, load_into, load_state_dict_file
 from ratplus.io.lock import folder_lock
 from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
-from ratplus.io.tokenizer import get_tokenizer, load_tokenizer_file
+from ratplus.io.tokenizer import TOKENIZER_CONFIG_FILE, get_tokenizer, load_tokenizer_file
 from ratplus.model.rat import RATPlusLM
+from ratplus.model.uptrain import GATE_INIT, add_recurrence, recurrent_config
 from ratplus.runtime import atomic_write_text, resolve_device, writing
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
@@ -80,6 +81,10 @@ def _base_model_config(cfg: TrainConfig) -> ModelConfig:
             config = ModelConfig.from_dict({**config.to_dict(), **cfg.model_overrides})
         if cfg.baseline and config.apply_re:
             raise ValueError(f"baseline=True but the model at {p} is a RAT+ model (apply_re=True)")
+        if cfg.uptrain:
+            if config.apply_re:
+                raise ValueError(f"uptrain: the model at {p} already has the recurrence (apply_re=True)")
+            config = recurrent_config(config)
         return config
     if p.suffix == ".json":
         config = ModelConfig.load(p)
@@ -230,9 +235,13 @@ class _Run:
 
         # 2. data (the bundled corpus is tokenized on first use, by rank 0)
         self.init_tokenizer = None
+        self.model_files: dict[str, str] = {}  # carried into every folder this run writes
         if cfg.init_from is not None:
             p = Path(cfg.init_from) / "tokenizer.json"
             self.init_tokenizer = load_tokenizer_file(p) if p.is_file() else None
+            chat = Path(cfg.init_from) / TOKENIZER_CONFIG_FILE  # an imported model's chat template
+            if chat.is_file():
+                self.model_files[TOKENIZER_CONFIG_FILE] = chat.read_text(encoding="utf-8")
         self.val: TokenDataset | None = None
         if cfg.task == "sft":
             if self.init_tokenizer is None:
@@ -274,7 +283,10 @@ class _Run:
         model = RATPlusLM(config)
         if cfg.init_from is not None:
             weights = Path(cfg.init_from) / "model.safetensors"
-            load_into(model, strip_compile_prefix(load_state_dict_file(weights)), source=str(weights))
+            state = strip_compile_prefix(load_state_dict_file(weights))
+            if cfg.uptrain:  # the dense weights plus closed forget gates: the same function at step 0
+                state = add_recurrence(state, load_config(cfg.init_from), cfg.gate_init)
+            load_into(model, state, source=str(weights))
         # checkpointing is set on the model itself, so it holds under DDP / FSDP2 wrapping and compile
         model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.model = D.wrap_model(model.to(self.device), info, self.device)
@@ -361,7 +373,7 @@ class _Run:
         adapted = self.step_patterns[-1] if trained_sparse else source.adapted_pattern
         inherited_lr = source.peak_lr if source.peak_lr is not None else cfg.lr
         return ModelMetadata(
-            task=cfg.task,
+            task="uptrain" if cfg.uptrain else cfg.task,
             adapted_pattern=adapted,
             joint_train=cfg.joint_train,
             sparse_pattern=self.sparse_pattern if cfg.joint_train else None,
@@ -397,6 +409,7 @@ class _Run:
                 self.resolved(),
                 tokenizer=self.tokenizer,
                 metadata=self.metadata(),
+                model_files=self.model_files,
             )
             ckpt_io.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
         D.barrier(self.info)
@@ -572,7 +585,9 @@ class _Run:
         final = self.out / "final"
         model_state = D.full_model_state(self.model)
         if info.is_main:
-            ckpt_io.write_model_folder(final, self.config, model_state, self.tokenizer, self.metadata())
+            ckpt_io.write_model_folder(
+                final, self.config, model_state, self.tokenizer, self.metadata(), model_files=self.model_files
+            )
             logger.info("ratplus: model written to %s", final)
         D.barrier(info)
         self.log.close()
@@ -647,6 +662,45 @@ def adapt(
     )
     if cfg.data is not None and Path(cfg.data).name == "train" and (Path(cfg.data).parent / "val").is_dir():
         cfg.val_data = cfg.val_data or str(Path(cfg.data).parent / "val")
+    return plan_only(cfg) if dry_run else train(cfg)
+
+
+#: Uptraining's default peak LR: a quarter of pretraining's 8e-4, since the weights are already trained.
+UPTRAIN_LR = 2e-4
+
+
+def uptrain(
+    ckpt: str | Path,
+    out_dir: str | Path | None = None,
+    gate_init: float = GATE_INIT,
+    dry_run: bool = False,
+    **overrides: Any,
+) -> Path | MemoryPlan:
+    """Add the recurrence to the dense model ``ckpt`` (``apply_re=False``, e.g. an imported Llama) and
+    train it jointly (docs/DESIGN.md section 9): the step-0 model computes the dense model's function
+    (forget gates closed at ``gate_init``), then each batch takes the sparse D64 step and the dense step
+    as in pretraining. Length (``steps`` or ``tokens``) and data are required; peak LR ``UPTRAIN_LR``,
+    5% warmup. ``dry_run``: only the memory plan (``plan_only``)."""
+    meta = read_metadata(ckpt)
+    cfg = TrainConfig(
+        **{
+            "task": "pretrain",
+            "model": str(ckpt),
+            "init_from": str(ckpt),
+            "uptrain": True,
+            "gate_init": gate_init,
+            "out_dir": str(out_dir or f"{Path(ckpt).resolve()}-uptrain"),
+            "data": meta.data,
+            "lr": UPTRAIN_LR,
+            **({"seq_len": meta.seq_len} if meta.seq_len is not None else {}),
+            **overrides,
+        }
+    )
+    if cfg.data is None:
+        raise ValueError(
+            f"{ckpt} records no training data: give data (token shards made with its tokenizer: ratplus data "
+            f"prepare --tokenizer {Path(ckpt) / 'tokenizer.json'} ...)"
+        )
     return plan_only(cfg) if dry_run else train(cfg)
 
 
