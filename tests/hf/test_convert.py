@@ -211,7 +211,7 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path):
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2': neither a RAT[+] model nor a Llama-family"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2': neither a RAT\+ model nor a Llama-family"):
         convert(other, tmp_path / "out")
     llama = tmp_path / "llama"  # a Llama config without weights: imported, refused when the weights are read
     llama.mkdir()

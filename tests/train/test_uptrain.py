@@ -1,0 +1,122 @@
+"""Uptraining (ratplus.model.uptrain, ``ratplus uptrain``): a dense model gains the recurrence and
+computes the same function at step 0; the run joint-trains it, lowers the sparse loss, and writes a
+RAT+ folder that keeps the source's tokenizer files; bad starts are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ratplus.cli import main
+from ratplus.config import ModelConfig
+from ratplus.io.folder import load_metadata, load_pretrained, save_pretrained
+from ratplus.model.rat import RATPlusLM
+from ratplus.model.uptrain import add_recurrence, recurrent_config
+from ratplus.train.trainer import uptrain
+
+CHAT = json.dumps({"chat_template": "{{ messages[0]['content'] }}", "eos_token": "<|endoftext|>"})
+
+
+def dense_llama_like(vocab: int, seed: int = 0) -> RATPlusLM:
+    """What an imported Llama looks like: no recurrence, SwiGLU, GQA, zero output-gate rows."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=vocab,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=128,
+        apply_re=False,
+        ffn_act="swiglu",
+        ffn_dim=48,
+        tie_embeddings=False,
+    )
+    model = RATPlusLM(config)
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.seq_layer.in_proj.weight[: config.d_model] = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("gate_init", [-12.0, -16.0])
+def test_step_zero_computes_the_dense_function(gate_init):
+    dense = dense_llama_like(300)
+    recurrent = RATPlusLM(recurrent_config(dense.config)).eval()
+    recurrent.load_state_dict(add_recurrence(dense.state_dict(), dense.config, gate_init))
+    ids = torch.randint(0, 300, (2, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = dense(ids), recurrent(ids)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-4 * scale  # g = sigmoid(gate_init) leaks that fraction of k~_{t-1}
+    # and the gates are what the init says: W_f = 0, bias = gate_init
+    layer = recurrent.backbone.layers[0].seq_layer
+    assert torch.equal(layer.fgate_bias, torch.full((16,), gate_init))
+    assert layer.in_proj.weight[-16:].abs().sum() == 0
+
+
+def test_a_model_with_the_recurrence_or_a_bad_gate_is_refused():
+    dense = dense_llama_like(300)
+    with pytest.raises(ValueError, match="already has the recurrence"):
+        recurrent_config(recurrent_config(dense.config))
+    with pytest.raises(ValueError, match="gate_init must be a finite number"):
+        add_recurrence(dense.state_dict(), dense.config, float("nan"))
+    with pytest.raises(ValueError, match=r"gate_bias .* needs apply_re=True"):
+        ModelConfig(apply_re=False, gate_bias=True)
+
+
+def test_uptrain_run_lowers_the_sparse_loss_and_keeps_the_tokenizer_files(tmp_path, data_dir, tokenizer, capsys):
+    src = tmp_path / "dense"
+    save_pretrained(
+        dense_llama_like(tokenizer.get_vocab_size()),
+        src,
+        tokenizer=tokenizer,
+        extra_files={"tokenizer_config.json": CHAT},
+    )
+    out = tmp_path / "up"
+    args = [
+        "uptrain",
+        "--init",
+        str(src),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "12",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--eval-interval",
+        "0",
+        "--no-progress",
+    ]
+    assert main([*args, "--dry-run"]) == 0
+    assert "fits" in capsys.readouterr().out and not out.exists()
+    assert main(args) == 0
+    final = load_pretrained(out / "final")
+    assert final.config.apply_re and final.config.gate_bias and final.config.ffn_act == "swiglu"
+    meta = load_metadata(out / "final")
+    assert meta["task"] == "uptrain" and meta["sparse_pattern"] == "D64-W0-P0" and meta["init_from"] == str(src)
+    assert (out / "final" / "tokenizer_config.json").read_text() == CHAT
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    sparse = [r["losses"]["D64-W0-P0"] for r in log if "losses" in r]
+    assert len(sparse) == 12 and sum(sparse[-3:]) < sum(sparse[:3])
+    bias = final.backbone.layers[0].seq_layer.fgate_bias
+    assert not torch.equal(bias, torch.full_like(bias, -12.0))  # the gate is trained
+
+
+def test_uptrain_refuses_a_rat_model_and_missing_data(tmp_path, tokenizer, data_dir):
+    torch.manual_seed(0)
+    rat = RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
+    save_pretrained(rat, tmp_path / "rat", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="already has the recurrence"):
+        uptrain(tmp_path / "rat", data=str(data_dir), steps=1, out_dir=str(tmp_path / "o"), dry_run=True)
+    save_pretrained(dense_llama_like(tokenizer.get_vocab_size()), tmp_path / "dense", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="records no training data"):
+        uptrain(tmp_path / "dense", steps=1)
