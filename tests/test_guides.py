@@ -23,7 +23,7 @@ from ratplus.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 # in the order they are run: each later guide starts from the folders of docs/guides/train.md
 RUN_ORDER = ("train", "generate", "evaluate", "huggingface")
-GUIDES = (*RUN_ORDER, "recall", "demo")
+GUIDES = (*RUN_ORDER, "recall", "demo", "bring-your-own-model")
 BLOCK = re.compile(r"(?:^(<!--[^\n]*-->)\n)?^```(bash|python)\n(.*?)^```", re.M | re.S)
 FULL_SIZE = re.compile(r"<!-- full-size: exercised by (.+?) -->")
 
