@@ -197,3 +197,31 @@ def test_gguf_of_another_architecture_or_truncated_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"truncated or damaged|cannot read GGUF"):
         convert(tmp_path / "cut.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_and_uptrained_models_run_through_the_hf_wrapper(tokenizer, tmp_path):
+    """SwiGLU, ffn_dim and the gate bias survive native -> HF -> native, and the HF model computes
+    what the native one does (the round trip a user takes to fine-tune with Trainer / TRL)."""
+    from transformers import AutoModelForCausalLM
+
+    from ratplus.io.folder import save_pretrained
+    from ratplus.model.rat import RATPlusLM
+    from ratplus.model.uptrain import add_recurrence, recurrent_config
+
+    src = save_llama(llama(tokenizer, tie_word_embeddings=False), tokenizer, tmp_path / "llama")
+    convert(src, tmp_path / "dense", from_hf=True)
+    dense = load_pretrained(tmp_path / "dense")
+    up = RATPlusLM(recurrent_config(dense.config)).eval()
+    up.load_state_dict(add_recurrence(dense.state_dict(), dense.config, gate_init=-2.0))  # an open gate
+    save_pretrained(up, tmp_path / "up")
+    ids = torch.randint(0, dense.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(4))
+    for name, native in (("dense", dense), ("up", up)):
+        convert(tmp_path / name, tmp_path / f"{name}-hf", to="hf")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-hf").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, native(ids), rtol=1e-5, atol=1e-5)
+        convert(tmp_path / f"{name}-hf", tmp_path / f"{name}-back", to="native")
+        back = load_pretrained(tmp_path / f"{name}-back")
+        assert back.config == native.config
+        for (key, a), b in zip(back.state_dict().items(), native.state_dict().values(), strict=True):
+            assert torch.equal(a, b), key
