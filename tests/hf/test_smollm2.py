@@ -109,13 +109,14 @@ def test_chat_reply_is_the_same_from_generate_hf_and_serve(folder, model, refere
 
     pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
-    from tests.serve.conftest import NAME, live_server
+    from tests.serve.conftest import live_server
 
     tok = load_tokenizer(folder)
     assert chat_prompt(load_chat_template(folder), [("user", QUESTION)], "<|im_end|>") == prompt
-    with live_server(model, tok, patterns=("dense",), kv_memory=1 << 29, chat_template=load_chat_template(folder)) as s:
+    template = load_chat_template(folder)
+    with live_server(model, tok, ("dense",), 1 << 29, chat_template=template, name="smollm2") as s:
         reply = s.client().chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0
+            model="smollm2", messages=[{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0
         )
     assert reply.choices[0].message.content.strip() == hf_reply
     assert reply.choices[0].finish_reason == "stop"
@@ -134,3 +135,52 @@ def test_uptrained_model_starts_at_the_source_function(folder, model):
     with torch.no_grad():
         dense, uptrained = model(ids), recurrent.eval()(ids)
     assert (uptrained - dense).abs().max().item() <= 1e-3
+
+
+@pytest.mark.browser
+def test_playground_shows_real_text(model, folder):
+    """The playground in headless Chromium with the real model: both patterns' replies stream in,
+    each equal to its solo greedy continuation. RATPLUS_PLAYGROUND_SCREENSHOT=path keeps a picture."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ratplus.generation import generate
+    from tests.serve.conftest import live_server
+    from tests.serve.test_browser import SCREENSHOT, _browser
+
+    tok = load_tokenizer(folder)
+    prompt = "The three largest cities of France are"
+    patterns = ("dense", "local-W16-P4")
+    ids = tok.encode(prompt).ids
+    want = {}
+    for pattern in patterns:
+        out = generate(model, [ids], 40, pattern=pattern)[0, len(ids) :].tolist()
+        want[pattern] = tok.decode(out[: out.index(2)] if 2 in out else out)
+    assert want["dense"] != want["local-W16-P4"]  # a 16-token window forgets the prompt's start
+
+    driver, profile = _browser()
+    try:
+        with live_server(model, tok, patterns=patterns, kv_memory=1 << 29, name="smollm2") as live:
+            driver.get(live.url + "/")
+            wait = WebDriverWait(driver, 120)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".col")) == 2)
+            box = driver.find_element(By.ID, "prompt")
+            box.clear()
+            box.send_keys(prompt)
+            tokens = driver.find_element(By.ID, "max_tokens")
+            tokens.clear()
+            tokens.send_keys("40")
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d: all(c.get_attribute("data-done") for c in d.find_elements(By.CSS_SELECTOR, ".col")))
+            for col in driver.find_elements(By.CSS_SELECTOR, ".col"):
+                shown = col.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent")
+                assert shown == want[col.get_attribute("data-pattern")]
+            if SCREENSHOT:
+                driver.save_screenshot(SCREENSHOT)
+    finally:
+        driver.quit()
+        import shutil
+
+        shutil.rmtree(profile, ignore_errors=True)

@@ -85,7 +85,13 @@ class Live:
 
 @contextlib.contextmanager
 def live_server(
-    model, tokenizer, patterns=(DENSE, D16), kv_memory: int = 1 << 30, chat_template: str | None = None, **engine_kw
+    model,
+    tokenizer,
+    patterns=(DENSE, D16),
+    kv_memory: int = 1 << 30,
+    chat_template: str | None = None,
+    name: str = NAME,
+    **engine_kw,
 ) -> Iterator[Live]:
     """uvicorn in a thread on a socket bound to port 0 (no fixed port); stopped and joined on exit."""
     import uvicorn
@@ -94,7 +100,7 @@ def live_server(
     from ratplus.serve.engine import Engine
 
     engine = Engine(model, list(patterns), kv_memory, **engine_kw)
-    state = ServeState(engine, tokenizer, NAME, chat_template)
+    state = ServeState(engine, tokenizer, name, chat_template)
     app = create_app(state, shutdown_grace=1.0)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
