@@ -143,12 +143,9 @@ def test_playground_shows_real_text(model, folder):
     each equal to its solo greedy continuation. RATPLUS_PLAYGROUND_SCREENSHOT=path keeps a picture."""
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     from ratplus.generation import generate
     from tests.serve.conftest import live_server
-    from tests.serve.test_browser import SCREENSHOT, _browser
+    from tests.serve.test_browser import run_playground
 
     tok = load_tokenizer(folder)
     prompt = "The three largest cities of France are"
@@ -160,27 +157,6 @@ def test_playground_shows_real_text(model, folder):
         want[pattern] = tok.decode(out[: out.index(2)] if 2 in out else out)
     assert want["dense"] != want["local-W16-P4"]  # a 16-token window forgets the prompt's start
 
-    driver, profile = _browser()
-    try:
-        with live_server(model, tok, patterns=patterns, kv_memory=1 << 29, name="smollm2") as live:
-            driver.get(live.url + "/")
-            wait = WebDriverWait(driver, 120)
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".col")) == 2)
-            box = driver.find_element(By.ID, "prompt")
-            box.clear()
-            box.send_keys(prompt)
-            tokens = driver.find_element(By.ID, "max_tokens")
-            tokens.clear()
-            tokens.send_keys("40")
-            driver.find_element(By.ID, "submit").click()
-            wait.until(lambda d: all(c.get_attribute("data-done") for c in d.find_elements(By.CSS_SELECTOR, ".col")))
-            for col in driver.find_elements(By.CSS_SELECTOR, ".col"):
-                shown = col.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent")
-                assert shown == want[col.get_attribute("data-pattern")]
-            if SCREENSHOT:
-                driver.save_screenshot(SCREENSHOT)
-    finally:
-        driver.quit()
-        import shutil
-
-        shutil.rmtree(profile, ignore_errors=True)
+    with live_server(model, tok, patterns=patterns, kv_memory=1 << 29, name="smollm2") as live:
+        columns = run_playground(live.url, prompt, 40, columns=2, timeout=180)
+    assert {pattern: shown for pattern, (shown, _) in columns.items()} == want

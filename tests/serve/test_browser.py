@@ -42,9 +42,6 @@ def _browser():
 
 
 def test_playground_streams_both_patterns(model, tokenizer):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     prompt = "Once upon a time there was"
     ids = tokenizer.encode(prompt).ids
     want = {}
@@ -53,30 +50,45 @@ def test_playground_streams_both_patterns(model, tokenizer):
         eos = model.config.eos_token_id
         want[pattern] = tokenizer.decode(out[: out.index(eos)] if eos in out else out)
 
+    with live_server(model, tokenizer) as live:
+        columns = run_playground(live.url, prompt, 24, columns=2)
+        for pattern, (shown, stats) in columns.items():
+            assert shown == want[pattern]
+            kv = live.engine.request_bytes(pattern, len(ids) + 24)
+            assert f"KV {kv / 1024:.1f} KiB" in stats and "tokens/s" in stats
+
+
+def run_playground(url: str, prompt: str, max_tokens: int, columns: int, timeout: float = 60) -> dict[str, tuple]:
+    """Open the playground at ``url`` in headless Chromium, submit ``prompt``, wait until every one of
+    its ``columns`` pattern columns is done; returns pattern -> (output text, stats line). Keeps a
+    screenshot at $RATPLUS_PLAYGROUND_SCREENSHOT when set."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver, profile = _browser()
     try:
-        with live_server(model, tokenizer) as live:
-            driver.get(live.url + "/")
-            wait = WebDriverWait(driver, 60)
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".col")) == 2)
-            box = driver.find_element(By.ID, "prompt")
-            box.clear()
-            box.send_keys(prompt)
-            tokens = driver.find_element(By.ID, "max_tokens")
-            tokens.clear()
-            tokens.send_keys("24")
-            driver.find_element(By.ID, "submit").click()
-            wait.until(lambda d: all(c.get_attribute("data-done") for c in d.find_elements(By.CSS_SELECTOR, ".col")))
-            for col in driver.find_elements(By.CSS_SELECTOR, ".col"):
-                pattern = col.get_attribute("data-pattern")
-                shown = col.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent")
-                assert shown == want[pattern]
-                stats = col.find_element(By.CSS_SELECTOR, ".stats").text
-                kv = live.engine.request_bytes(pattern, len(ids) + 24)
-                assert f"KV {kv / 1024:.1f} KiB" in stats and "tokens/s" in stats
-            if SCREENSHOT:
-                Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
-                driver.save_screenshot(SCREENSHOT)
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, timeout)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".col")) == columns)
+        box = driver.find_element(By.ID, "prompt")
+        box.clear()
+        box.send_keys(prompt)
+        tokens = driver.find_element(By.ID, "max_tokens")
+        tokens.clear()
+        tokens.send_keys(str(max_tokens))
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: all(c.get_attribute("data-done") for c in d.find_elements(By.CSS_SELECTOR, ".col")))
+        found = {
+            col.get_attribute("data-pattern"): (
+                col.find_element(By.CSS_SELECTOR, ".out").get_attribute("textContent"),
+                col.find_element(By.CSS_SELECTOR, ".stats").text,
+            )
+            for col in driver.find_elements(By.CSS_SELECTOR, ".col")
+        }
+        if SCREENSHOT:
+            Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(SCREENSHOT)
+        return found
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
