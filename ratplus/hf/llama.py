@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ratplus.config import ModelConfig
+from ratplus.hf.convert import model_from_state_dict
 from ratplus.io.folder import CONFIG_FILE
 from ratplus.io.tokenizer import TOKENIZER_CONFIG_FILE as TOKENIZER_CONFIG_FILE  # re-exported for convert
 from ratplus.model.rat import RATPlusLM
@@ -292,32 +293,16 @@ def load_llama_source(src: str | Path, gguf_file: str | Path | None = None, dtyp
 
 
 def import_llama(
-    src: str | Path, gguf_file: str | Path | None = None, dtype: torch.dtype = torch.float32, source_model: Any = None
+    src: str | Path, gguf_file: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[RATPlusLM, TokenizerFiles, dict[str, Any]]:
     """(native model in eval mode, tokenizer files, provenance) for a Llama-family folder or GGUF file.
-
-    ``source_model``: an already loaded transformers model of ``src`` (tests share one)."""
-    if source_model is None:
-        source_model, folder, gguf = load_llama_source(src, gguf_file, dtype)
-    else:
-        folder, gguf = resolve_source(src, gguf_file)
+    The weights are copies: training the result leaves the source model untouched."""
+    source_model, folder, gguf = load_llama_source(src, gguf_file, dtype)
     name = Path(gguf).stem if gguf else folder.name
     config = llama_model_config(source_model.config, name=name)
     tokenizer = read_tokenizer(folder, gguf)
-    if tokenizer.tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model's "
-            f"vocabulary is {config.vocab_size}"
-        )
-    state = llama_state_to_native(source_model.state_dict(), config)
-    with torch.device("meta"):
-        model = RATPlusLM(config)
-    state = {k: v.detach().to(dtype).clone() for k, v in state.items()}
-    if config.tie_embeddings:
-        state["head.lm_head.weight"] = state["embedding.wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.head.lm_head.weight = model.embedding.wte.weight
+    state = {k: v.detach().clone() for k, v in llama_state_to_native(source_model.state_dict(), config).items()}
+    model = model_from_state_dict(config, state, dtype, source=str(folder / gguf if gguf else folder))
     provenance = {
         "imported_from": str((folder / gguf) if gguf else folder),
         "source_format": "gguf" if gguf else "hf",
