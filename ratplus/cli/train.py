@@ -169,6 +169,7 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--data", default=_S, help=data_help)
     p.add_argument("--val-data", default=_S, help="validation token shards")
     p.add_argument("--min-lr", type=float, default=_S)
+    p.add_argument("--adam-eps", type=float, default=_S, help="Adam's epsilon (default 1e-8; uptrain 1e-12)")
     p.add_argument("--grad-clip", type=float, default=_S)
     p.add_argument("--eval-interval", type=int, default=_S)
     p.add_argument("--eval-batches", type=int, default=_S)

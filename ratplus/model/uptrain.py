@@ -7,8 +7,9 @@ The recurrence k~_t = g_t k~_{t-1} + (1 - g_t) k_t is the identity (k~ = k) when
 gate is g = sigmoid(f) with f = W_f h (+ ``fgate_bias`` with ``gate_bias=True``): W_f = 0 and a bias of
 ``gate_init`` (default -12, g = 6.1e-6) make it nearly the identity for every input, so the uptrained
 model's logits start within 1e-3 of the dense model's (4e-4 on SmolLM2-135M; -10 gives 3e-3).
-Training then learns W_f and the bias (Adam's step does not scale with the small gradient through the
-saturated sigmoid, as long as that gradient stays above Adam's eps).
+Training then learns W_f and the bias. Their gradients pass through sigmoid'(-12) = 6e-6 and sit near
+Adam's default eps (1e-8), which shrinks their steps about 50-fold; ``ratplus uptrain`` runs Adam with
+eps 1e-12 so they take normal normalised steps (``ratplus.train.trainer.UPTRAIN_ADAM_EPS``).
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class TrainConfig:
     warmup: float = 0.05  # fraction of the steps
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     # RAT+ recipe
     joint_train: bool = True
@@ -137,6 +138,8 @@ class TrainConfig:
             raise ValueError("give the length of the run: steps or tokens")
         if not isinstance(self.uptrain, bool):
             raise ValueError(f"uptrain must be true or false, got {self.uptrain!r}")
+        if not is_real(self.adam_eps) or not 0 < self.adam_eps < 1:
+            raise ValueError(f"adam_eps must be a number in (0, 1), got {self.adam_eps!r}")
         if not is_real(self.gate_init) or not math.isfinite(self.gate_init):
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
         if self.uptrain and (self.init_from is None or self.task != "pretrain"):
