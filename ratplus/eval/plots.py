@@ -146,6 +146,9 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
             ax.plot(xs, ys, marker=markers[method], color=colors[method], label=method, ls="-" if len(mine) > 1 else "")
             labels += [(x, y, _short(r["pattern"]), colors[method]) for r, x, y in zip(mine, xs, ys)]
         ax.set_xscale("log")
+        values = [r[metric] for r in rs if r[metric] > 0]
+        if metric == "ppl" and values and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # one collapsed method (PPL in the thousands) would flatten the others
         ax.margins(x=0.12, y=0.12)
         ax.set_xlabel("KV-cache bytes per token of context")
         ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
