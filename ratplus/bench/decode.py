@@ -19,6 +19,12 @@ Two measurements, each dense versus sparse side by side in one run:
    tokens/s if every step read the weights once plus the cache's bytes at the read bandwidth
    measured in the same run (a matrix-vector product over a weight-sized matrix).
 
+With ``ckpt`` (``--ckpt FOLDER``) the whole-model line is a real model instead: its real prefill of
+English prose and greedy decode at each prompt length, tokens/s per pattern, next to transformers'
+``LlamaForCausalLM`` of the same weights and llama.cpp on its GGUF (``--peer``; llama.cpp only when
+``llama-cpp-python`` is installed), with its own parity checks first (``ratplus.bench.engines``).
+``layer=False`` (``--no-layer``) skips section 1.
+
 Before timing, each pattern's prefill + decode is checked against a full forward on a tiny model;
 a pattern that fails is not timed. Output: a table, a PNG plot, and one JSON line last.
 """
@@ -306,120 +312,51 @@ def run(
     peer: bool = True,
     plot_path: str | None = "bench_decode.png",
     json_path: str | None = None,
+    layer: bool = True,
+    ckpt: str | None = None,
+    peers: list[str] | None = None,
+    peer_source: str | None = None,
+    gguf: str | None = None,
+    prompt_lens: list[int] | None = None,
+    decode_tokens: int = 16,
+    repeats: int = 3,
 ) -> dict[str, Any]:
+    """Sections 1 (``layer``) and 2 (``model_preset``, or with ``ckpt`` the real model of
+    ``ratplus.bench.engines``: prefill + decode at ``prompt_lens`` next to ``peers``)."""
     device = device or torch.device("cpu")
     contexts = list(contexts or DEFAULT_CONTEXTS)
     names = ["dense", *[p for p in (patterns or DEFAULT_PATTERNS) if p != "dense"]]
     model_patterns = list(model_patterns or ["dense", "D16"])
     model_batches = list(model_batches or [1, 4])
-    check_decode_parity(sorted(set(names) | set(model_patterns)), device)
-
-    # ---- 1. one attention layer -----------------------------------------------------------------
-    config = ModelConfig(
-        vocab_size=8, d_model=heads * head_dim, num_layers=1, num_heads=heads, max_seq_len=max(contexts) + steps + 2
-    )
+    check_decode_parity(sorted((set(names) if layer else set()) | set(model_patterns)), device)
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
-    rows = []
-    for T in contexts:
-        point = _layer_point(config, names, batch, T, steps, device, dtype)
-        for name in names:
-            r = point[name]
-            r["formula_bytes"] = formula_bytes(config, name, batch, T + steps + 2, dtype)
-            results[name][T] = r
-            dense = point["dense"]["s"]
-            growth = r["mem_growth"]
-            rows.append(
-                [
-                    T,
-                    name,
-                    r["s"] * 1e3,
-                    dense / r["s"],
-                    r["nbytes"] / 2**20,
-                    "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
-                    "-"
-                    if growth is None or (device.type == "cpu" and r["nbytes"] < 4 * MMAP_MIN_BYTES)
-                    else f"{growth / 2**20:.1f}",
-                ]
-            )
     env = environment(device, dtype)
-    print(
-        f"decode step of one attention layer (write k/v + attend), B={batch} H={heads} K={head_dim} "
-        f"{env['dtype']}, {env['device']}; median of {steps} steps, patterns interleaved"
-    )
-    print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "mem growth MiB"], rows)
-    print("(speedup: dense ms / pattern ms; mem growth: memory added by building + filling the cache: CUDA")
-    print(" allocator, or CPU resident set with fresh pages for buffers >= 1 MiB (caches >= 4 MiB); ~ KV MiB)")
+    if layer:
+        _layer_section(names, contexts, heads, head_dim, batch, steps, device, dtype, results, env)
+    else:
+        contexts, plot_path = [], None
 
-    # ---- 2. whole model --------------------------------------------------------------------------
     model_record: dict[str, Any] | None = None
-    if model_preset:
-        torch.manual_seed(0)
-        mconfig = ModelConfig.from_preset(model_preset, max_seq_len=model_context + model_steps + 2)
-        model = RATPlusLM(mconfig).to(device=device, dtype=dtype).eval()
-        peer_model = None
-        if peer:
-            try:
-                peer_model = llama_peer(mconfig, model_context + model_steps + 2, device, dtype)
-            except ImportError:
-                print("(no peer rows: transformers is not installed)")
-        params = {p: model.num_params() for p in model_patterns}
-        if peer_model is not None:
-            params |= {f"llama-{k}": sum(t.numel() for t in peer_model.parameters()) for k in PEER_CACHES}
-        item = torch.empty(0, dtype=dtype).element_size()
-        weight_bytes = {name: n * item for name, n in params.items()}
-        rows_names = list(params)
-        tps: dict[str, dict[int, float]] = {p: {} for p in rows_names}
-        kv: dict[str, dict[int, int]] = {p: {} for p in rows_names}
-        bandwidth: dict[int, float] = {}
-        for b in model_batches:
-            point, bandwidth[b] = _model_point(
-                model, model_patterns, b, model_context, model_steps, device, dtype, peer_model
-            )
-            for p, (rate, nbytes) in point.items():
-                tps[p][b], kv[p][b] = rate, nbytes
-        del model, peer_model
-        # tokens/s if a step only read the weights once and the whole cache once, at the measured bandwidth
-        limit = {p: {b: b * bandwidth[b] / (weight_bytes[p] + kv[p][b]) for b in model_batches} for p in rows_names}
-        print(
-            f"\nwhole-model decode, {model_preset} preset, context {model_context}, median of {model_steps} "
-            "interleaved steps (cache filled with random keys/values/states, not a real prefill: per-token cost only)"
+    real_record: dict[str, Any] | None = None
+    if ckpt is not None:
+        from ratplus.bench.engines import real_model
+
+        real_record = real_model(
+            ckpt,
+            model_patterns,
+            list(prompt_lens or [2048, 8192]),
+            decode_tokens,
+            repeats,
+            list(peers if peers is not None else ["transformers"]),
+            peer_source,
+            gguf,
+            device,
+            dtype,
         )
-        base = model_patterns[0]
-        mrows = [
-            [
-                p,
-                f"{params[p] / 1e6:.4g}M",
-                b,
-                tps[p][b],
-                tps[p][b] / tps[base][b],
-                tps[p][b] * params[p] / (tps[base][b] * params[base]),
-                kv[p][b] / 2**20,
-                tps[p][b] / limit[p][b],
-            ]
-            for b in model_batches
-            for p in rows_names
-        ]
-        print_table(["model", "params", "batch", "tokens/s", f"vs {base}", "x params", "KV MiB", "of bw limit"], mrows)
-        print(
-            f"(x params: tokens/s x params relative to {base}; bw limit: weights + KV bytes per step at the "
-            "read bandwidth measured in the same rounds: "
-            + ", ".join(f"batch {b} {bw / 1e9:.2f} GB/s" for b, bw in bandwidth.items())
-            + ")"
+    elif model_preset:
+        model_record = _model_section(
+            model_preset, model_context, model_patterns, model_batches, model_steps, peer, device, dtype
         )
-        for b in model_batches:
-            line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in rows_names)
-            print(f"{model_preset} @ {model_context} tokens, batch {b}: {line}")
-        model_record = {
-            "preset": model_preset,
-            "context": model_context,
-            "batches": model_batches,
-            "synthetic_cache": True,
-            "params": params,
-            "read_bandwidth_bytes_per_s": {str(b): v for b, v in bandwidth.items()},
-            "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in rows_names},
-            "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in rows_names},
-            "bandwidth_limit_tokens_per_s": {p: {str(b): v for b, v in limit[p].items()} for p in rows_names},
-        }
 
     if plot_path:
         _plot(
@@ -444,12 +381,122 @@ def run(
                 for T, r in per_t.items()
             }
             for name, per_t in results.items()
+            if per_t
         },
         "model": model_record,
+        "real_model": real_record,
         "plot": plot_path,
     }
     emit_json(record, json_path)
     return record
+
+
+def _layer_section(names, contexts, heads, head_dim, batch, steps, device, dtype, results, env) -> None:
+    """Section 1: one attention layer's decode step per context and pattern (fills ``results``)."""
+    config = ModelConfig(
+        vocab_size=8, d_model=heads * head_dim, num_layers=1, num_heads=heads, max_seq_len=max(contexts) + steps + 2
+    )
+    rows = []
+    for T in contexts:
+        point = _layer_point(config, names, batch, T, steps, device, dtype)
+        for name in names:
+            r = point[name]
+            r["formula_bytes"] = formula_bytes(config, name, batch, T + steps + 2, dtype)
+            results[name][T] = r
+            dense = point["dense"]["s"]
+            growth = r["mem_growth"]
+            rows.append(
+                [
+                    T,
+                    name,
+                    r["s"] * 1e3,
+                    dense / r["s"],
+                    r["nbytes"] / 2**20,
+                    "yes" if r["nbytes"] == r["formula_bytes"] else "NO",
+                    "-"
+                    if growth is None or (device.type == "cpu" and r["nbytes"] < 4 * MMAP_MIN_BYTES)
+                    else f"{growth / 2**20:.1f}",
+                ]
+            )
+    print(
+        f"decode step of one attention layer (write k/v + attend), B={batch} H={heads} K={head_dim} "
+        f"{env['dtype']}, {env['device']}; median of {steps} steps, patterns interleaved"
+    )
+    print_table(["context", "pattern", "ms/token", "speedup", "KV MiB", "= formula", "mem growth MiB"], rows)
+    print("(speedup: dense ms / pattern ms; mem growth: memory added by building + filling the cache: CUDA")
+    print(" allocator, or CPU resident set with fresh pages for buffers >= 1 MiB (caches >= 4 MiB); ~ KV MiB)")
+
+
+def _model_section(model_preset, model_context, model_patterns, model_batches, model_steps, peer, device, dtype):
+    """Section 2: a preset with random weights decoding from a synthetic cache; its record."""
+    torch.manual_seed(0)
+    mconfig = ModelConfig.from_preset(model_preset, max_seq_len=model_context + model_steps + 2)
+    model = RATPlusLM(mconfig).to(device=device, dtype=dtype).eval()
+    peer_model = None
+    if peer:
+        try:
+            peer_model = llama_peer(mconfig, model_context + model_steps + 2, device, dtype)
+        except ImportError:
+            print("(no peer rows: transformers is not installed)")
+    params = {p: model.num_params() for p in model_patterns}
+    if peer_model is not None:
+        params |= {f"llama-{k}": sum(t.numel() for t in peer_model.parameters()) for k in PEER_CACHES}
+    item = torch.empty(0, dtype=dtype).element_size()
+    weight_bytes = {name: n * item for name, n in params.items()}
+    rows_names = list(params)
+    tps: dict[str, dict[int, float]] = {p: {} for p in rows_names}
+    kv: dict[str, dict[int, int]] = {p: {} for p in rows_names}
+    bandwidth: dict[int, float] = {}
+    for b in model_batches:
+        point, bandwidth[b] = _model_point(
+            model, model_patterns, b, model_context, model_steps, device, dtype, peer_model
+        )
+        for p, (rate, nbytes) in point.items():
+            tps[p][b], kv[p][b] = rate, nbytes
+    del model, peer_model
+    # tokens/s if a step only read the weights once and the whole cache once, at the measured bandwidth
+    limit = {p: {b: b * bandwidth[b] / (weight_bytes[p] + kv[p][b]) for b in model_batches} for p in rows_names}
+    print(
+        f"\nwhole-model decode, {model_preset} preset, context {model_context}, median of {model_steps} "
+        "interleaved steps (cache filled with random keys/values/states, not a real prefill: per-token cost only)"
+    )
+    base = model_patterns[0]
+    mrows = [
+        [
+            p,
+            f"{params[p] / 1e6:.4g}M",
+            b,
+            tps[p][b],
+            tps[p][b] / tps[base][b],
+            tps[p][b] * params[p] / (tps[base][b] * params[base]),
+            kv[p][b] / 2**20,
+            tps[p][b] / limit[p][b],
+        ]
+        for b in model_batches
+        for p in rows_names
+    ]
+    print_table(["model", "params", "batch", "tokens/s", f"vs {base}", "x params", "KV MiB", "of bw limit"], mrows)
+    print(
+        f"(x params: tokens/s x params relative to {base}; bw limit: weights + KV bytes per step at the "
+        "read bandwidth measured in the same rounds: "
+        + ", ".join(f"batch {b} {bw / 1e9:.2f} GB/s" for b, bw in bandwidth.items())
+        + ")"
+    )
+    for b in model_batches:
+        line = ", ".join(f"{p} {tps[p][b]:.1f} tok/s" for p in rows_names)
+        print(f"{model_preset} @ {model_context} tokens, batch {b}: {line}")
+    model_record = {
+        "preset": model_preset,
+        "context": model_context,
+        "batches": model_batches,
+        "synthetic_cache": True,
+        "params": params,
+        "read_bandwidth_bytes_per_s": {str(b): v for b, v in bandwidth.items()},
+        "tokens_per_s": {p: {str(b): v for b, v in tps[p].items()} for p in rows_names},
+        "kv_bytes": {p: {str(b): v for b, v in kv[p].items()} for p in rows_names},
+        "bandwidth_limit_tokens_per_s": {p: {str(b): v for b, v in limit[p].items()} for p in rows_names},
+    }
+    return model_record
 
 
 __all__ = ["check_decode_parity", "formula_bytes", "llama_peer", "memory_in_use", "run"]

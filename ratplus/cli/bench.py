@@ -55,6 +55,27 @@ def add_parser(sub) -> None:
         help="skip the same-size LlamaForCausalLM rows (DynamicCache and StaticCache; need transformers)",
     )
     d.add_argument("--plot", default="bench_decode.png", help="PNG path ('' to skip)")
+    d.add_argument("--no-layer", action="store_true", help="skip the one-layer measurements (and their plot)")
+    real = d.add_argument_group("real model (--ckpt): prefill + decode tokens/s on English prose, next to peers")
+    real.add_argument(
+        "--ckpt", default=None, help="model folder: time its real prefill and decode (replaces --model-preset)"
+    )
+    real.add_argument(
+        "--peer",
+        type=names,
+        default=None,
+        help="engines timed in the same rounds, of transformers,llama.cpp (default transformers; 'none' for "
+        "none; llama.cpp is optional: skipped with a note unless llama-cpp-python is installed)",
+    )
+    real.add_argument(
+        "--peer-source",
+        default=None,
+        help="transformers' source (HF folder, .gguf, pkg:<wheel>; default: imported_from)",
+    )
+    real.add_argument("--gguf", default=None, help="llama.cpp's GGUF file (default: the import source's)")
+    real.add_argument("--prompt-lens", type=ints, default=[2048, 8192], help="prompt lengths (tokens)")
+    real.add_argument("--decode-tokens", type=int, default=16, help="greedy steps timed after each prefill")
+    real.add_argument("--repeats", type=int, default=3, help="interleaved rounds per prompt length (median)")
     add_machine_flags(d, threads=True)
     d.set_defaults(func=_decode)
 
@@ -110,7 +131,7 @@ def _add_serve(bsub) -> None:
 def _run(what: str, args: argparse.Namespace, **kwargs: Any) -> int:
     """``ratplus.bench.<what>.run(**kwargs)`` on the device, dtype and threads the flags name."""
     apply_threads(getattr(args, "threads", 0))
-    for flag in ("seq_lens", "context_lens", "model_batch", "clients"):
+    for flag in ("seq_lens", "context_lens", "model_batch", "clients", "prompt_lens"):
         values = getattr(args, flag, None)
         if values is not None and (not values or min(values) < 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive integers, got {values}")
@@ -126,6 +147,7 @@ def _run(what: str, args: argparse.Namespace, **kwargs: Any) -> int:
         "new_tokens",
         "admission_len",
         "server_threads",
+        "decode_tokens",
     ):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -153,6 +175,14 @@ def _decode(args) -> int:
         model_steps=args.model_steps,
         peer=not args.no_peer,
         plot_path=args.plot or None,
+        layer=not args.no_layer,
+        ckpt=args.ckpt,
+        peers=None if args.peer is None else [p for p in args.peer if p.lower() != "none"],
+        peer_source=args.peer_source,
+        gguf=args.gguf,
+        prompt_lens=args.prompt_lens,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
         **shape,
     )
 
