@@ -113,6 +113,14 @@ def add_parser(sub) -> None:
         default=_S,
         help="initial forget-gate bias: sigmoid(-12) = 6e-6 keeps k~ = k, v~ = v at the start (default -12)",
     )
+    u.add_argument(
+        "--gate-open",
+        type=float,
+        default=_S,
+        help="gate curriculum: move the gate biases from --gate-init to --gate-target over this fraction of "
+        "the steps (default 0: the gates only learn)",
+    )
+    u.add_argument("--gate-target", type=float, default=_S, help="the gate bias the curriculum ends at (default 0)")
     _common(
         u, data_help="token shards made with the model's tokenizer (data prepare --tokenizer FOLDER/tokenizer.json)"
     )

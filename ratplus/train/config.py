@@ -34,6 +34,10 @@ class TrainConfig:
     # recurrence, its forget gate starting closed (bias gate_init; ratplus.model.uptrain)
     uptrain: bool = False
     gate_init: float = -12.0
+    # gate curriculum: over the first gate_open fraction of the steps the gate biases are moved from
+    # gate_init to gate_target on a linear schedule (on top of what training learns); 0 = off
+    gate_open: float = 0.0
+    gate_target: float = 0.0
     # data: a shard folder, or a folder with train/ and val/ shard folders; None = bundled Shakespeare
     data: str | None = None
     val_data: str | None = None
@@ -142,6 +146,12 @@ class TrainConfig:
             raise ValueError(f"adam_eps must be a number in (0, 1), got {self.adam_eps!r}")
         if not is_real(self.gate_init) or not math.isfinite(self.gate_init):
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
+        if not is_real(self.gate_target) or not math.isfinite(self.gate_target):
+            raise ValueError(f"gate_target must be a finite number, got {self.gate_target!r}")
+        if not is_real(self.gate_open) or not 0 <= self.gate_open <= 1:
+            raise ValueError(f"gate_open is a fraction of the steps in [0, 1], got {self.gate_open!r}")
+        if self.gate_open and not self.uptrain:
+            raise ValueError("gate_open schedules the forget gates that uptraining adds: it needs uptrain")
         if self.uptrain and (self.init_from is None or self.task != "pretrain"):
             raise ValueError("uptrain adds the recurrence to a dense model: it needs task 'pretrain' and init_from")
         if self.task == "adapt" and self.init_from is None:

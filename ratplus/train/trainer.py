@@ -511,6 +511,23 @@ class _Run:
         self.model.train()
         return result
 
+    def _open_gates(self) -> None:
+        """Uptraining's gate curriculum (``gate_open`` > 0): before batch ``self.step`` the forget-gate
+        biases take this batch's share of the linear move from ``gate_init`` to ``gate_target`` over the
+        first ``gate_open`` fraction of the steps, added to whatever training has learnt. The shift is
+        a function of the step alone and lives in the weights, so a resumed run continues it exactly."""
+        cfg = self.cfg
+        if not cfg.gate_open:
+            return
+        span = max(1, round(cfg.gate_open * self.steps))
+        done = lambda step: min(step, span) / span  # noqa: E731  (fraction of the move made before ``step``)
+        delta = (cfg.gate_target - cfg.gate_init) * (done(self.step + 1) - done(self.step))
+        if delta:
+            with torch.no_grad():
+                for module in self.model.modules():
+                    if getattr(module, "fgate_bias", None) is not None:
+                        module.fgate_bias.add_(delta)
+
     def _batches(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         while True:
             yield [self.stream.next() for _ in range(self.cfg.grad_accum)]
@@ -547,6 +564,7 @@ class _Run:
             t0 = time.perf_counter()
             batch = next(batches)
             lr = self.optimizer.param_groups[0]["lr"]
+            self._open_gates()
             losses, grad_norm = self.train_step(batch)
             self.step += 1
             n_tokens = sum(x.numel() for x, _ in batch)

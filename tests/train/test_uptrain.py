@@ -14,6 +14,7 @@ from ratplus.config import ModelConfig
 from ratplus.io.folder import load_metadata, load_pretrained, save_pretrained
 from ratplus.model.rat import RATPlusLM
 from ratplus.model.uptrain import add_recurrence, recurrent_config
+from ratplus.train.config import TrainConfig
 from ratplus.train.trainer import uptrain
 
 CHAT = json.dumps({"chat_template": "{{ messages[0]['content'] }}", "eos_token": "<|endoftext|>"})
@@ -124,3 +125,15 @@ def test_uptrain_refuses_a_rat_model_and_missing_data(tmp_path, tokenizer, data_
     save_pretrained(dense_llama_like(tokenizer.get_vocab_size()), tmp_path / "dense", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="records no training data"):
         uptrain(tmp_path / "dense", steps=1)
+
+
+def test_gate_curriculum_moves_the_biases_on_its_schedule(tmp_path, data_dir, tokenizer):
+    """gate_open=0.5 over 4 steps: the biases go -12 -> 0 in the first two steps (+6 before each), on top of
+    training (here an LR of 1e-12, so only the schedule moves them)."""
+    save_pretrained(dense_llama_like(tokenizer.get_vocab_size()), tmp_path / "dense", tokenizer=tokenizer)
+    common = dict(data=str(data_dir), steps=4, seq_len=64, batch_size=4, lr=1e-12, min_lr=1e-12, progress=False)
+    final = uptrain(tmp_path / "dense", out_dir=str(tmp_path / "up"), gate_open=0.5, gate_target=0.0, **common)
+    for block in load_pretrained(final).backbone.layers:
+        torch.testing.assert_close(block.seq_layer.fgate_bias, torch.zeros(16), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"gate_open .* needs uptrain"):
+        TrainConfig(steps=1, gate_open=0.5).validate()
