@@ -86,7 +86,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Cheap checks of the knobs themselves (ValueError naming the field)."""
-        for name in ("lr", "min_lr", "warmup", "dense_warmup", "weight_decay", "grad_clip", "epochs"):
+        for name in (
+            "lr", "min_lr", "warmup", "dense_warmup", "weight_decay", "grad_clip", "epochs",
+            "adam_eps", "gate_init", "gate_open", "gate_target",
+        ):  # fmt: skip
             v = getattr(self, name)
             if v is not None and (not is_real(v) or not math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -142,13 +145,9 @@ class TrainConfig:
             raise ValueError("give the length of the run: steps or tokens")
         if not isinstance(self.uptrain, bool):
             raise ValueError(f"uptrain must be true or false, got {self.uptrain!r}")
-        if not is_real(self.adam_eps) or not 0 < self.adam_eps < 1:
+        if not 0 < self.adam_eps < 1:
             raise ValueError(f"adam_eps must be a number in (0, 1), got {self.adam_eps!r}")
-        if not is_real(self.gate_init) or not math.isfinite(self.gate_init):
-            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
-        if not is_real(self.gate_target) or not math.isfinite(self.gate_target):
-            raise ValueError(f"gate_target must be a finite number, got {self.gate_target!r}")
-        if not is_real(self.gate_open) or not 0 <= self.gate_open <= 1:
+        if not 0 <= self.gate_open <= 1:
             raise ValueError(f"gate_open is a fraction of the steps in [0, 1], got {self.gate_open!r}")
         if self.gate_open and not self.uptrain:
             raise ValueError("gate_open schedules the forget gates that uptraining adds: it needs uptrain")
