@@ -8,17 +8,15 @@ import json
 import sys
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
-
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from ratplus.bench import engines  # noqa: E402
 from ratplus.cli import main  # noqa: E402
 from ratplus.io import corpus  # noqa: E402
 from ratplus.io.folder import load_pretrained, load_tokenizer  # noqa: E402
 from ratplus.io.tokenizer import train_bpe  # noqa: E402
+from tests.hf.llama_helpers import llama, save_llama  # noqa: E402
 
 PROSE = ["The quick brown fox jumps over the lazy dog near the river bank. " * 20, "To be, or not to be. " * 30]
 
@@ -28,22 +26,7 @@ def native(tmp_path_factory):
     """A tiny random GQA Llama saved as an HF folder, imported into a native ratplus folder."""
     root = tmp_path_factory.mktemp("ckpt")
     tok = train_bpe(PROSE, vocab_size=300, eos_token="</s>")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=tok.get_vocab_size(),
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            eos_token_id=tok.token_to_id("</s>"),
-            tie_word_embeddings=True,
-        )
-    ).eval()
-    hf.save_pretrained(root / "llama")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>").save_pretrained(root / "llama")
+    save_llama(llama(tok, rms_norm_eps=1e-6), tok, root / "llama", chat_template=None)
     assert main(["convert", "--from-hf", str(root / "llama"), str(root / "native")]) == 0
     return root / "native"
 

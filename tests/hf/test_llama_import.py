@@ -12,7 +12,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from ratplus.cli import main  # noqa: E402
 from ratplus.generation import generate  # noqa: E402
@@ -21,50 +20,14 @@ from ratplus.hf.llama import llama_model_config, resolve_source  # noqa: E402
 from ratplus.io.folder import load_metadata, load_pretrained, load_tokenizer  # noqa: E402
 from ratplus.io.tokenizer import load_chat_template, train_bpe  # noqa: E402
 from ratplus.model.cache import RATPlusCache  # noqa: E402
+from tests.hf.llama_helpers import TEMPLATE, llama, save_llama  # noqa: E402
 
 TEXT = ["The quick brown fox jumps over the lazy dog. ", "To be, or not to be, that is the question. "] * 8
-TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_bpe(TEXT, vocab_size=300, eos_token="</s>")
-
-
-def llama(tokenizer, **overrides) -> LlamaForCausalLM:
-    values = dict(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        eos_token_id=tokenizer.token_to_id("</s>"),
-        tie_word_embeddings=True,
-    )
-    values.update(overrides)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**values)).eval()
-    # random norm weights too, so a swapped norm could not pass
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def save_llama(model, tokenizer, path, chat_template: str | None = TEMPLATE):
-    model.save_pretrained(path)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="</s>")
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    fast.save_pretrained(path)
-    return path
 
 
 SHAPES = {
