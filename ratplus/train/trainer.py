@@ -82,9 +82,7 @@ def _base_model_config(cfg: TrainConfig) -> ModelConfig:
         if cfg.baseline and config.apply_re:
             raise ValueError(f"baseline=True but the model at {p} is a RAT+ model (apply_re=True)")
         if cfg.uptrain:
-            if config.apply_re:
-                raise ValueError(f"uptrain: the model at {p} already has the recurrence (apply_re=True)")
-            config = recurrent_config(config)
+            config = recurrent_config(config)  # refuses a model that already has the recurrence
         return config
     if p.suffix == ".json":
         config = ModelConfig.load(p)
