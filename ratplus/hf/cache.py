@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from ratplus.model.cache import RATPlusCache
+from ratplus.model.cache import RATPlusCache, compute_dtype
 from ratplus.model.rat import RATPlusLM
 
 #: Tokens added per growth when a forward goes past the cache's size (see ``RATPlusHFCache.run``).
@@ -68,8 +68,9 @@ class RATPlusHFCache(Cache):
             # this input; the inner cache checks the limit itself
             max_len = self.max_len if self.max_len is not None else min(input_ids.shape[1], limit)
             weight = model.embedding.wte.weight
+            # autocast's dtype when forward runs under it (Trainer / TRL leave it wrapped): the keys are bf16 then
             self.inner = RATPlusCache(
-                model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=weight.dtype
+                model.config, pattern, input_ids.shape[0], max_len, device=weight.device, dtype=compute_dtype(weight)
             )
             self.pattern = pattern
         needed = max(self.inner.lengths) + input_ids.shape[1]

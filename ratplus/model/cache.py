@@ -61,6 +61,19 @@ from ratplus.ops.attention.topk import block_summaries, topk_attention, topk_dec
 from ratplus.runtime import check_fits_memory
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a model with this weight computes its keys and values in, hence the dtype its
+    decode cache must hold: autocast's (bf16 / fp16) when autocast is on for the weight's device
+    (it casts every floating weight but float64), else the weight's own dtype.
+
+    ``Trainer(bf16=True)`` and TRL leave ``forward`` wrapped in autocast, so a cache sized from the
+    float32 weights alone would receive bf16 keys."""
+    kind = weight.device.type
+    if weight.is_floating_point() and weight.dtype != torch.float64 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
 @dataclass(frozen=True)
 class SlotLayout:
     """Slot arithmetic of a dense / dilated / local-only head group (module docstring). Pure ints."""
@@ -500,10 +513,11 @@ class LayerCache:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """q (B, H, T, K), k, v (B, Hkv, T, K) of the new tokens after RoPE -> attention output (B, H, T, K)."""
-        if q.dtype != self.groups[0].k.dtype:
+        held = self.groups[0].k.dtype
+        if q.dtype != held or k.dtype != held or v.dtype != held:
             raise ValueError(
-                f"the cache holds {self.groups[0].k.dtype} but the layer computes in {q.dtype}; "
-                "build RATPlusCache with dtype= the model's compute dtype"
+                f"the cache holds {held} but the layer computes in {q.dtype} (keys {k.dtype}); build "
+                "RATPlusCache with dtype=compute_dtype(weight) (autocast's dtype when autocast is on)"
             )
         step = self.current_step
         outs = [g.attend(q[:, g.heads], k[:, g.kv_heads], v[:, g.kv_heads], step, backend) for g in self.groups]
@@ -757,4 +771,4 @@ class RATPlusCache:
         return pads
 
 
-__all__ = ["CacheStep", "LayerCache", "RATPlusCache", "SlotLayout"]
+__all__ = ["CacheStep", "LayerCache", "RATPlusCache", "SlotLayout", "compute_dtype"]

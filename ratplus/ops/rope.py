@@ -23,7 +23,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., T, K); cos, sin broadcastable to it. Returns x rotated (same dtype)."""
+    """x: (..., T, K); cos, sin broadcastable to it. Returns x rotated (same dtype).
+
+    Under autocast x is bf16/fp16 while cos, sin follow the float32 embeddings: the product is taken
+    in the wider type and cast back, so q, k and v (and a decode cache built for the compute dtype)
+    agree on one dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
