@@ -38,12 +38,12 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig
-from ratplus.io.corpus import shakespeare_documents
+from ratplus.io.corpus import shakespeare_documents, shakespeare_plays
 from ratplus.io.folder import load_config, load_into, load_state_dict_file
 from ratplus.io.lock import folder_lock
 from ratplus.io.manifest import verify_folder
 from ratplus.io.metadata import ModelMetadata, read_metadata
-from ratplus.io.tokenizer import TOKENIZER_CONFIG_FILE, get_tokenizer, load_tokenizer_file
+from ratplus.io.tokenizer import TOKENIZER_CONFIG_FILE, eos_id, get_tokenizer, load_tokenizer_file, vocab_size
 from ratplus.model.rat import RATPlusLM
 from ratplus.model.uptrain import GATE_INIT, add_recurrence, recurrent_config
 from ratplus.runtime import atomic_write_text, resolve_device, writing
@@ -192,10 +192,22 @@ def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
 
 
 class _Run:
-    """State of one training run; ``run()`` is the loop."""
+    """State of one training run; ``run()`` is the loop.
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo, device: torch.device):
+    ``dry_run``: every check of the real run (patterns, heads, lengths, the data, the memory plan),
+    then stop before the first allocation (the model); ``show`` gets the memory plan's table. Nothing
+    is written: the bundled corpus is not tokenized (its tokenizer's vocabulary stands in for it)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: D.DistInfo,
+        device: torch.device,
+        dry_run: bool = False,
+        show: Callable[[str], Any] = print,
+    ):
         self.cfg, self.info, self.device = cfg, info, device
+        self.dry_run, self.show = dry_run, show
         self.out = Path(cfg.out_dir)
         self.ckpt_root = self.out / "checkpoints"
         if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -214,8 +226,6 @@ class _Run:
         self.step_patterns = (
             [self.sparse_pattern, "dense"] if cfg.joint_train else [trainable(cfg.train_pattern, "pattern (--pattern)")]
         )
-        # the memory plan, before any data is read (the vocabulary may still change with the data)
-        self._check_memory(config)
         default_eval = [*self.step_patterns, *(["dense"] if cfg.task == "adapt" else [])]
         self.eval_patterns = list(dict.fromkeys(canonical(p) for p in (cfg.eval_patterns or default_eval)))
         if cfg.seq_len > config.max_seq_len:
@@ -223,12 +233,14 @@ class _Run:
                 f"seq_len={cfg.seq_len} is above the model's max_seq_len={config.max_seq_len}; lower seq_len or "
                 "raise max_seq_len (model_overrides / --set max_seq_len=N) for a fresh model"
             )
+        # the memory plan, before any data is read (the vocabulary may still change with the data)
+        self._check_memory(config)
         if cfg.batch_size % info.world_size:
             raise ValueError(
                 f"batch_size={cfg.batch_size} (sequences over all processes) is not divisible by the "
                 f"{info.world_size} processes"
             )
-        if cfg.resume is False and D.broadcast_object(bool(ckpt_io.list_checkpoints(self.ckpt_root)), info):
+        if cfg.resume is False and self._broadcast(bool(ckpt_io.list_checkpoints(self.ckpt_root))):
             raise ValueError(f"{self.ckpt_root} already holds checkpoints: pass resume (--resume) or another out_dir")
 
         # 2. data (the bundled corpus is tokenized on first use, by rank 0)
@@ -249,8 +261,12 @@ class _Run:
             data_vocab, data_eos = self.tokenizer.get_vocab_size(with_added_tokens=True), sft_ds.eos_id
             self.stream: WindowStream | SFTStream = SFTStream(sft_ds, cfg.batch_size, cfg.seed + 1)
             self.data_path: str | None = str(Path(cfg.sft_data).resolve())
+        elif (found := self._resolve_data(config)) is None:
+            # a dry run over the bundled corpus not tokenized yet: its tokenizer's vocabulary stands in
+            data_vocab, data_eos = self._bundled_vocab(config)
+            self.tokenizer, self.data_path = self.init_tokenizer, None
         else:
-            train_dir, val_dir = self._resolve_data(config)
+            train_dir, val_dir = found
             train_ds = TokenDataset(train_dir)
             train_ds.check_seq_len(cfg.seq_len)
             self.val = TokenDataset(val_dir) if val_dir is not None else None
@@ -277,6 +293,9 @@ class _Run:
             raise ValueError(f"the data uses {data_vocab} token ids but the model's vocab_size is {config.vocab_size}")
         self.config = config
         self.plan = self._check_memory(config)  # again with the data's vocabulary, before any weight exists
+        if dry_run:  # every check above ran; the model would be the first allocation
+            show(self.plan.table())
+            return
         torch.manual_seed(cfg.seed)  # same initial weights on every process (FSDP shards them as they are)
         model = RATPlusLM(config)
         if cfg.init_from is not None:
@@ -318,13 +337,34 @@ class _Run:
     def _check_memory(self, config: ModelConfig) -> MemoryPlan:
         """The memory plan per process; a run that cannot fit is refused with the numbers and options."""
         plan = plan_run(self.cfg, config, self.info.world_size, self.device, self.step_patterns)
+        if self.dry_run and not plan.fits:
+            self.show(plan.table())  # the numbers behind the refusal below
         check_plan(plan, config, sparse=plan_sparse(self.step_patterns), grad_accum=self.cfg.grad_accum)
         return plan
 
-    def _resolve_data(self, config: ModelConfig) -> tuple[Path, Path | None]:
+    def _broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a dry run has no process group: its own)."""
+        return obj if self.dry_run else D.broadcast_object(obj, self.info)
+
+    def _bundled_vocab(self, config: ModelConfig) -> tuple[int, int | None]:
+        """(vocabulary, EOS id) the bundled corpus would be tokenized with (a dry run reads, never trains:
+        a BPE is trained to the model's vocab_size at most)."""
+        shakespeare_plays()  # the corpus is installed
+        if self.init_tokenizer is not None:
+            tok = self.init_tokenizer
+        elif self.cfg.tokenizer == "bpe":
+            return config.vocab_size, None
+        else:
+            tok = get_tokenizer(self.cfg.tokenizer)
+        return vocab_size(tok), eos_id(tok)
+
+    def _resolve_data(self, config: ModelConfig) -> tuple[Path, Path | None] | None:
+        """(train, val) shard folders; None in a dry run whose bundled corpus is not tokenized yet."""
         cfg = self.cfg
         if cfg.data is None:
             root = self.out / "data"
+            if self.dry_run and not (root / "train" / META_FILE).is_file():
+                return None
             if self.info.is_main and not (root / "train" / META_FILE).is_file():
                 if self.init_tokenizer is not None:
                     tok = self.init_tokenizer
@@ -334,7 +374,8 @@ class _Run:
                     prepare_shards(
                         shakespeare_documents(split), tok, root / split, overwrite=True, show_progress=cfg.progress
                     )
-            D.barrier(self.info)
+            if not self.dry_run:
+                D.barrier(self.info)
             return root / "train", (Path(cfg.val_data) if cfg.val_data else root / "val")
         p = Path(cfg.data)
         if (p / META_FILE).is_file():
@@ -623,15 +664,17 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def plan_only(cfg: TrainConfig, show: Callable[[str], Any] = print) -> MemoryPlan:
-    """``--dry-run``: validate ``cfg``, ``show`` its memory plan per process, and refuse (with the
-    numbers and the options that fit) a run that cannot fit; nothing is read, written or allocated."""
+    """``--dry-run``: the real run (``train``) stopped before its first allocation. Every check it makes
+    (knobs, patterns, heads, lengths, the data, the memory plan) runs, the memory plan per process
+    goes to ``show``, and a run that cannot fit is refused with the numbers and the options that fit.
+    Nothing is written and no model is built; the data is read (its index, the SFT records)."""
+    import os
+
     cfg.validate()
-    config = _base_model_config(cfg)
-    patterns = ["sparse", "dense"] if cfg.joint_train else [cfg.train_pattern]
-    plan = plan_run(cfg, config, step_patterns=patterns)
-    show(plan.table())
-    check_plan(plan, config, plan_sparse(patterns), cfg.grad_accum)
-    return plan
+    device = resolve_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: plan per process, no process group
+    info = D.DistInfo(world_size=world, mode=cfg.distributed if world > 1 else "none")
+    return _Run(cfg, info, device, dry_run=True, show=show).plan
 
 
 def adapt(
@@ -649,15 +692,16 @@ def adapt(
     training off, LR 0.1x the pretraining peak, no warmup, cosine to min_lr, random windows.
 
     Length: ``steps`` or ``tokens``; by default 1% of the tokens the model was pretrained on. Data:
-    the pretraining data recorded in the model's metadata unless ``data`` is given. ``dry_run``: only
-    the memory plan (``plan_only``)."""
+    the pretraining data recorded in the model's metadata unless ``data`` is given. ``dry_run``: every
+    check of the run, then the memory plan (``plan_only``)."""
     meta = read_metadata(ckpt)
     if steps is None and tokens is None:
         seen = meta.tokens_seen
         if not seen:
             raise ValueError(f"{ckpt} does not record how many tokens it was trained on: give steps or tokens")
         tokens = max(1, math.ceil(0.01 * seen))
-    defaults = {"seq_len": meta.seq_len if meta.seq_len is not None else 512}
+    # the pretraining length, else 512 within the model's reach
+    defaults = {"seq_len": meta.seq_len if meta.seq_len is not None else min(512, load_config(ckpt).max_seq_len)}
     cfg = TrainConfig(
         **{
             "task": "adapt",
@@ -700,7 +744,7 @@ def uptrain(
     train it jointly (docs/DESIGN.md section 9): the step-0 model computes the dense model's function
     (forget gates closed at ``gate_init``), then each batch takes the sparse D64 step and the dense step
     as in pretraining. Length (``steps`` or ``tokens``) and data are required; peak LR ``UPTRAIN_LR``,
-    5% warmup, Adam's eps ``UPTRAIN_ADAM_EPS``. ``dry_run``: only the memory plan (``plan_only``)."""
+    5% warmup, Adam's eps ``UPTRAIN_ADAM_EPS``. ``dry_run``: the run's checks and memory plan (``plan_only``)."""
     meta = read_metadata(ckpt)
     cfg = TrainConfig(
         **{
@@ -741,7 +785,7 @@ def sft(
     """Supervised fine-tuning with the loss on answer tokens only (docs/DESIGN.md section 5: 4 epochs,
     LR 1e-5, weight decay 0.01, batch 32). ``pattern``: the pattern trained in (default: the model's
     adapted pattern, else dense). Records longer than ``seq_len`` (default: the model's max) are refused.
-    ``dry_run``: only the memory plan (``plan_only``)."""
+    ``dry_run``: the run's checks and memory plan (``plan_only``)."""
     meta = read_metadata(ckpt)
     config = load_config(ckpt)
     cfg = TrainConfig(

@@ -49,7 +49,7 @@ CASES = [
     ([*T, "--set", 'd_model="abc"'], "train", "d_model must be a positive int"),
     ([*T, "--set", "tie_embeddings=3"], "train", "tie_embeddings must be true or false"),
     ([*T, "--set", "bogus=1"], "train", "unknown ModelConfig field(s): bogus"),
-    ([*T, "--set", "vocab_size=10000000000"], "train", "the memory plan needs about"),  # cannot fit memory
+    ([*T, "--seq-len", "64", "--set", "vocab_size=10000000000"], "train", "the memory plan needs about"),  # cannot fit
     # patterns: non-ASCII digits, conflicting suffixes, empty, beyond any context
     ([*T, "--sparse-pattern", "D١٦"], "train", "unknown attention pattern 'D١٦'"),
     ([*T, "--sparse-pattern", "topk-B4-K2-quest-moba"], "train", "conflicting scorings quest and moba"),
@@ -229,10 +229,59 @@ def test_a_diverged_run_is_one_line(files, monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", ["adapt", "sft"])
 def test_dry_run_prints_the_plan_and_writes_nothing(files, capsys, command):
-    """adapt and sft take --dry-run like train: the memory plan is printed, no output folder is made."""
+    """adapt and sft take --dry-run like train: the memory plan is printed, no output folder is made
+    (the model's max_seq_len is 256: adapt's default 512 is refused by the run, so by the dry run too;
+    SFT needs the model's tokenizer)."""
+    from ratplus.io.tokenizer import train_bpe
+
     out = files / f"dry_{command}"
-    extra = ["--pattern", "D4", "--steps", "1"] if command == "adapt" else ["--data", str(files / "sft.jsonl")]
-    assert main([command, "--ckpt", str(files / "model"), *extra, "--out", str(out), "--dry-run"]) == 0
+    model = files / "model"
+    if command == "adapt":
+        extra = ["--pattern", "D4", "--steps", "1", "--seq-len", "64"]
+    else:
+        extra, model = ["--data", str(files / "sft.jsonl")], files / "model_tok"
+        tok = train_bpe(["To be, or not to be."] * 5, 300)
+        torch.manual_seed(0)
+        save_pretrained(RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=300)), model, tokenizer=tok)
+    assert main([command, "--ckpt", str(model), *extra, "--out", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "total per process" in printed and "-> fits" in printed
     assert not out.exists()
+
+
+A = ["adapt", "--ckpt", "{root}/model", "--steps", "1", "--out", "{root}/dry_a"]
+S = ["sft", "--ckpt", "{root}/model", "--out", "{root}/dry_s"]
+#: what the real run refuses, the dry run refuses with the same line (one code path: the dry run is the
+#: real run stopped before the model is built)
+DRY_CASES = [
+    ([*T, "--no-joint-train", "--train-pattern", "snapkv-C16-O4"], "train", "is inference-only (SnapKV)"),
+    ([*T, "--no-joint-train", "--train-pattern", "topk-B8-K1"], "train", "is inference-only (top-k blocks)"),
+    ([*T, "--sparse-pattern", "Dfoo"], "train", "unknown attention pattern 'Dfoo'"),
+    ([*T, "--no-joint-train", "--train-pattern", "D8:3+D4:3"], "train", "covers 6 heads but the layer has num_heads=4"),
+    ([*T, "--seq-len", "100000"], "train", "seq_len=100000 is above the model's max_seq_len=256"),
+    ([*T, "--seq-len", "64"], "train", "data folder not found"),
+    ([*T, "--data", "{root}/tokdata", "--seq-len", "250"], "train", "too few for one window of seq_len=250"),
+    ([*A, "--pattern", "snapkv-C16-O4"], "adapt", "is inference-only (SnapKV)"),
+    ([*A, "--pattern", "D4", "--data", "{root}/nodata"], "adapt", "data folder not found"),
+    ([*S, "--data", "{root}/sft.jsonl"], "sft", "SFT needs the model's tokenizer"),
+]
+
+
+@pytest.mark.parametrize(("argv", "command", "match"), DRY_CASES, ids=[" ".join(c[0][-2:]) for c in DRY_CASES])
+def test_dry_run_refuses_what_the_run_refuses(files, capsys, argv, command, match):
+    from ratplus.io.tokenizer import train_bpe
+    from ratplus.train.data import prepare_shards
+
+    if not (files / "tokdata").exists():  # a few hundred tokens: too short for long windows
+        prepare_shards(["To be, or not to be. " * 10], train_bpe(["To be, or not to be."] * 5, 300), files / "tokdata")
+    argv = [a.replace("{root}", str(files)) for a in argv]
+    errors = []
+    for dry in (True, False):
+        assert main([*argv, *(["--dry-run"] if dry else [])]) == 2, dry
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert lines[-1].startswith(f"ratplus {command}: error: ") and match in lines[-1], lines
+        assert "-> fits" not in captured.out
+        errors.append(lines[-1])
+    assert errors[0] == errors[1]
+    assert not any((files / d).exists() for d in ("run", "dry_a", "dry_s"))
