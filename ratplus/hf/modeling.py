@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
@@ -206,6 +205,11 @@ class RATPlusModel(RATPlusPreTrainedModel):
                     native.check_ids(input_ids)
                     inputs_embeds = self.embedding.wte(input_ids)
                 h = _run_packed(native, inputs_embeds, starts, attention_mask, pattern, record)
+            if attention_mask is not None and attention_mask.shape == h.shape[:2]:
+                # A masked position has no context of its own: zero state, so its logits are all 0 (a
+                # uniform prediction) and a target after padding, which ForCausalLMLoss counts as a Llama
+                # does, costs log V and trains nothing; it never sees the row's later tokens.
+                h = h.masked_fill(~attention_mask.bool().unsqueeze(-1), 0.0)
         h = self.backbone.ln(h)
         hidden_states = None
         if record is not None:
@@ -316,11 +320,12 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """As ``RATPlusModel.forward``, plus the LM head: logits (B, T, V).
 
-        ``labels`` (B, T) follow the ``transformers`` convention: the same ids as ``input_ids``
-        (-100 = ignore), shifted here; with an ``attention_mask`` a target counts only when it and the
-        token before it are unmasked (so a padded row trains exactly as its tokens alone);
-        ``loss`` is the mean next-token cross-entropy in float32 (``num_items_in_batch``, as
-        ``Trainer`` passes it, divides the sum instead). Labels with the inference-only cache
+        ``labels`` (B, T) follow the ``transformers`` convention and its ``ForCausalLMLoss``: the same
+        ids as ``input_ids`` (-100 = ignore), shifted here (or ``shift_labels`` given), every target
+        != -100 counted, as for a Llama; ``loss`` is the mean next-token cross-entropy in float32, or the
+        sum divided by ``num_items_in_batch`` when ``Trainer`` passes it. A masked position's logits are
+        all zero (it has no context), so the first target after left padding costs exactly log V and
+        has no gradient; every other target is the row's own, run alone. Labels with the inference-only cache
         (``use_cache=True``) are refused while gradients are on."""
         hf_cache = _take_cache(cache, kwargs)
         if labels is not None and (hf_cache is not None or use_cache) and torch.is_grad_enabled():
@@ -346,17 +351,8 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input shape {tuple(logits.shape[:2])}")
-            if (
-                attention_mask is not None
-                and hf_cache is None
-                and attention_mask.shape == labels.shape
-                and "shift_labels" not in loss_kwargs
-            ):
-                # A target counts when it and the token before it are both unmasked: a row then trains
-                # exactly as its tokens alone (left padding included; no prediction across a hole).
-                keep = attention_mask.bool()
-                shifted = labels[:, 1:].masked_fill(~(keep[:, 1:] & keep[:, :-1]), -100)
-                loss_kwargs["shift_labels"] = F.pad(shifted, (0, 1), value=-100)
+            # transformers' ForCausalLMLoss on the labels alone, as for a Llama: the targets are the ones
+            # Trainer counts for num_items_in_batch (labels[..., 1:] != -100), so the sum it divides matches.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_KWARG: getattr(out, CACHE_KWARG)}

@@ -36,8 +36,10 @@ def _loss_sum_alone(model, rows: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("pattern", TRAIN_PATTERNS)
 @pytest.mark.parametrize("side", ["right", "left", "middle"])
 def test_padded_batch_trains_each_row_as_alone(pattern, side):
-    """A padded batch's loss and gradients equal those of its rows run alone (masked positions are
-    ignored in the loss), for right and left padding and holes in the middle of a row."""
+    """A padded batch (labels -100 on the pads, as the collators make them) under transformers'
+    ForCausalLMLoss: every target != -100 counts, as for a Llama; the rows' own targets give the loss
+    and gradients of each row run alone, and each target right after a masked position (the first token
+    after left padding or a hole) costs exactly log V with no gradient (a masked position's logits are 0)."""
     model = tiny(1, attention_pattern=pattern)
     gen = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, 97, (n,), generator=gen) for n in (29, 17, 23)]
@@ -55,21 +57,34 @@ def test_padded_batch_trains_each_row_as_alone(pattern, side):
         ids[r, cols] = row
         mask[r, cols] = 1
     ids[mask == 0] = 5  # pad ids are arbitrary: they must not matter
-    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
     with torch.no_grad():
         for r, row in enumerate(rows):
             ref = model(input_ids=row[None]).logits[0]
             torch.testing.assert_close(out.logits[r][mask[r].bool()], ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.logits[mask == 0], torch.zeros_like(out.logits[mask == 0]))
     if side == "middle":
-        return  # the tokens run as alone (above); targets across a hole are not counted, so no loss twin
-    (out.loss * sum(r.numel() - 1 for r in rows)).backward()
+        return  # a target across a hole is predicted from the masked position before it (log V), not as alone
+    counted = int((labels[:, 1:] != -100).sum())  # what Trainer passes as num_items_in_batch
+    after_pad = int(((labels[:, 1:] != -100) & (mask[:, :-1] == 0)).sum())
+    assert after_pad == {"right": 0, "left": 3}[side]
+    total = out.loss * counted
+    total.backward()
     padded = _grads(model)
     model.zero_grad()
-    _loss_sum_alone(model, rows).backward()
+    alone_sum = _loss_sum_alone(model, rows)
+    torch.testing.assert_close(
+        total.detach(), alone_sum.detach() + after_pad * torch.log(torch.tensor(97.0)), rtol=1e-5, atol=1e-4
+    )
+    alone_sum.backward()
     alone = _grads(model)
     assert padded.keys() == alone.keys() and len(alone) > 0
     for name in alone:
         torch.testing.assert_close(padded[name], alone[name], rtol=1e-4, atol=1e-6, msg=name)
+    # num_items_in_batch divides the same sum (Trainer's count)
+    again = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(counted + 7))
+    torch.testing.assert_close(again.loss * (counted + 7), total.detach(), rtol=1e-5, atol=1e-4)
 
 
 def test_packed_sequences_run_as_if_alone():
