@@ -3,7 +3,9 @@
 ``RATPlusConfig`` carries every field of the native ``ratplus.ModelConfig`` under the same names,
 plus ``attention_pattern`` (any pattern spec in string form, e.g. ``"D16-W256-P4"``, head groups
 ``"D16:8+local-W64:8"`` or per-layer ``"D16/dense"``) and the usual special-token ids. Standard
-``transformers`` names (``hidden_size``, ``num_hidden_layers``, ...) are aliases of the native ones.
+``transformers`` names (``hidden_size``, ``num_hidden_layers``, ...) are aliases of the native ones;
+``intermediate_size``, ``head_dim``, ``rope_theta`` and ``hidden_act`` are read-only names derived
+from them (never stored in config.json, so the native fields stay the one truth).
 
 Everything is validated when the config is built (and when the pattern is changed): a bad size or a
 pattern that does not parse raises ``ValueError`` naming the field, never later inside a forward.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from transformers import PreTrainedConfig
 
 from ratplus.config import ModelConfig, PatternSpec
@@ -81,6 +84,12 @@ class RATPlusConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
+        for field in ("dtype", "torch_dtype"):  # transformers would fail with torch's AttributeError
+            value = self.dtype if field == "dtype" else kwargs.get(field)
+            if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+                raise ValueError(
+                    f"config field {field}={value!r} is not a torch dtype (use float32, bfloat16, float16 or float64)"
+                )
         super().__post_init__(**kwargs)
         self.rope_base = float(self.rope_base)
         # Build the native config once: it validates every size and raises ValueError naming the field.
@@ -94,6 +103,43 @@ class RATPlusConfig(PreTrainedConfig):
         if key == "attention_pattern" and self.__dict__.get("_post_init_done", False):
             value = canonical_pattern(value, self.to_model_config())
         super().__setattr__(key, value)
+
+    # ---- standard names, derived (read-only): vLLM, PEFT and accelerate's size estimators read them ----
+    @property
+    def intermediate_size(self) -> int:
+        """FFN width (``ffn_dim``, else ``ffn_mult`` x ``d_model``)."""
+        return self.ffn_dim if self.ffn_dim is not None else self.ffn_mult * self.d_model
+
+    @intermediate_size.setter
+    def intermediate_size(self, value: Any) -> None:
+        _read_only("intermediate_size", "ffn_dim (or ffn_mult)")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width, ``d_model // num_heads``."""
+        return self.d_model // self.num_heads
+
+    @head_dim.setter
+    def head_dim(self, value: Any) -> None:
+        _read_only("head_dim", "d_model and num_heads")
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE base (``rope_base``)."""
+        return float(self.rope_base)
+
+    @rope_theta.setter
+    def rope_theta(self, value: Any) -> None:
+        _read_only("rope_theta", "rope_base")
+
+    @property
+    def hidden_act(self) -> str:
+        """The FFN activation in transformers' ``ACT2FN`` names: ``gelu`` (exact) or ``silu`` (SwiGLU's gate)."""
+        return "silu" if self.ffn_act == "swiglu" else "gelu"
+
+    @hidden_act.setter
+    def hidden_act(self, value: Any) -> None:
+        _read_only("hidden_act", "ffn_act")
 
     def validate_architecture(self) -> None:
         """Part of the ``@strict`` validation ``transformers`` runs after ``__init__``."""
@@ -117,6 +163,10 @@ class RATPlusConfig(PreTrainedConfig):
         values["attention_pattern"] = canonical_pattern(attention_pattern, config)
         values.update(kwargs)
         return cls(**values)
+
+
+def _read_only(name: str, native: str) -> None:
+    raise AttributeError(f"{name} is derived from {native}: set that instead (RATPlusConfig.{name} is read-only)")
 
 
 def canonical_pattern(spec: PatternSpec, config: ModelConfig) -> str:

@@ -98,6 +98,15 @@ class RATPlusPreTrainedModel(PreTrainedModel):
         # gives the same gradients and also works with frozen inputs (PEFT).
         self.native.set_activation_checkpointing(every_n_layers if enable else 0)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Every ``.to()`` / ``.half()`` / ``.bfloat16()`` ends here: keep ``config.dtype`` (saved in
+        config.json, read back by ``from_pretrained(dtype="auto")``) equal to the weights' dtype."""
+        out = super()._apply(fn, recurse)
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is not None and getattr(self, "config", None) is not None:
+            self.config.dtype = weight.dtype
+        return out
+
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Embedding:
         """``PreTrainedModel.resize_token_embeddings``, keeping the native config's vocab_size in step
         (the new ids are accepted at once, not only after a save and reload)."""
@@ -282,6 +291,18 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
         self.model.embedding.wte = value
 
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        """The LM head (``model.head.lm_head``; the attribute name transformers, PEFT and TRL read). It is
+        a view of the backbone's module, so its weight is stored once, under the native key."""
+        return self.model.head.lm_head
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "lm_head":  # nn.Module would register a second module; replace the real one instead
+            self.set_output_embeddings(value)
+            return
+        super().__setattr__(name, value)
+
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.model.head.lm_head
 
@@ -316,6 +337,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         attention_pattern: str | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """As ``RATPlusModel.forward``, plus the LM head: logits (B, T, V).
@@ -325,8 +347,12 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         != -100 counted, as for a Llama; ``loss`` is the mean next-token cross-entropy in float32, or the
         sum divided by ``num_items_in_batch`` when ``Trainer`` passes it. A masked position's logits are
         all zero (it has no context), so the first target after left padding costs exactly log V and
-        has no gradient; every other target is the row's own, run alone. Labels with the inference-only cache
-        (``use_cache=True``) are refused while gradients are on."""
+        has no gradient; every other target is the row's own, run alone.
+
+        ``logits_to_keep`` as in Llama: an int n > 0 keeps the logits of the last n positions
+        (``generate`` passes 1), a 1-D tensor the positions it lists; 0 keeps all. The LM head runs on
+        those positions only, and labels must then match the kept logits. Labels with the
+        inference-only cache (``use_cache=True``) are refused while gradients are on."""
         hf_cache = _take_cache(cache, kwargs)
         if labels is not None and (hf_cache is not None or use_cache) and torch.is_grad_enabled():
             raise ValueError(
@@ -346,11 +372,16 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             attention_pattern=attention_pattern,
             **kwargs,
         )
-        logits = self.model.head.lm_head(out.last_hidden_state)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, torch.Tensor)):
+            raise ValueError(f"logits_to_keep must be an int or a tensor of positions, got {logits_to_keep!r}")
+        if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != input shape {tuple(logits.shape[:2])}")
+                raise ValueError(f"labels shape {tuple(labels.shape)} != kept logits {tuple(logits.shape[:2])}")
             # transformers' ForCausalLMLoss on the labels alone, as for a Llama: the targets are the ones
             # Trainer counts for num_items_in_batch (labels[..., 1:] != -100), so the sum it divides matches.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
@@ -423,8 +454,15 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | Path, *args: Any, tokenizer: Any = None, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` (config.json, model.safetensors, generation_config.json)
         plus the tokenizer (``tokenizer=`` or the attached one) saved beside it."""
-        super().save_pretrained(save_directory, *args, **kwargs)
         source = tokenizer if tokenizer is not None else self._tokenizer_source
+        if source is not None and self.config.pad_token_id is None:
+            # the id the saved tokenizer pads with, so batching in generate and pipelines needs no argument
+            pad = tokenizer_pad_id(source, self.config)
+            if pad is not None:
+                self.config.pad_token_id = pad
+                if self.generation_config is not None and self.generation_config.pad_token_id is None:
+                    self.generation_config.pad_token_id = pad
+        super().save_pretrained(save_directory, *args, **kwargs)
         if source is not None:
             save_tokenizer(source, save_directory, self.config)
 
@@ -516,6 +554,31 @@ def check_checkpoint_folder(folder: Path, config: RATPlusConfig) -> None:
     problems = state_dict_problems(expected, found, optional)
     if problems:
         raise ValueError(f"weights in {folder} do not match its config.json: " + " | ".join(problems))
+
+
+def tokenizer_pad_id(source: Any, config: RATPlusConfig) -> int | None:
+    """The id a tokenizer saved by ``save_tokenizer(source, ..., config)`` pads with: a ``transformers``
+    tokenizer's own, a folder's (its tokenizer_config.json pad token looked up in tokenizer.json), or,
+    for a raw ``tokenizers.Tokenizer``, the EOS that ``save_tokenizer`` makes the pad token. None when
+    there is none."""
+    if config.pad_token_id is not None:
+        return config.pad_token_id
+    if hasattr(source, "pad_token_id"):
+        return source.pad_token_id
+    from tokenizers import Tokenizer
+
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        try:
+            pad = json.loads((folder / "tokenizer_config.json").read_text()).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            return None if pad is None else Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(pad)
+        except Exception:  # no such files, or unreadable (tokenizers raises bare Exception): no pad id to record
+            return None
+    if isinstance(source, Tokenizer):
+        eos = config.eos_token_id
+        return eos if eos is not None and source.id_to_token(eos) is not None else None
+    return None
 
 
 def save_tokenizer(source: Any, save_directory: str | Path, config: RATPlusConfig | None = None) -> None:
