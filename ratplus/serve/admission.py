@@ -7,8 +7,10 @@ A request of ``prompt + max_tokens`` tokens under a pattern needs, per layer and
 ``ratplus.model.cache.cache_nbytes``, exactly what ``RATPlusCache(config, pattern, 1, L).nbytes()``
 allocates (tests/serve and tests/model check it), computed without allocating anything.
 
-``KVBudget`` is the ledger the engine keeps: bytes reserved by the admitted requests against
-``--kv-memory``. A request is admitted while the reserved total plus its own bytes fits.
+``KVBudget`` is the ledger the engine keeps: bytes reserved by the admitted requests (this formula)
+against ``--kv-memory``. Admission itself goes by the bytes the pools really allocate (rows share
+one cache length, rows may be spare), which are never fewer: ``ratplus.serve.pool`` and
+``Engine._make_room`` keep the allocated bytes within the budget at every moment.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ class KVBudget:
                 return False
             self.in_use += nbytes
             return True
+
+    def reserve(self, nbytes: int) -> None:
+        """Count an admitted request (the engine admits by the bytes its pools really allocate,
+        which are never fewer: ``ratplus.serve.pool``)."""
+        with self._lock:
+            self.in_use += nbytes
 
     def release(self, nbytes: int) -> None:
         with self._lock:
