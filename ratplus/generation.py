@@ -14,18 +14,32 @@ After the prefill each token goes through ``RATPlusLM.decode_step``, a fixed-sha
 positions as a (B,) tensor, index-tensor cache writes, a mask over every slot: the gpt-fast
 pattern) that ``torch.compile`` can capture; top-k patterns use the reference step
 ``model(token, cache=cache)``.
+
+Sampling transforms (pure functions on one row's logits, used by ``ratplus serve``'s batched step
+per row, and by ``ratplus generate``), in the order they apply (vLLM's order):
+``logit_bias`` -> ``min_tokens`` (stop tokens banned until then) -> ``repetition_penalty`` (prompt
+and output tokens: a positive logit divided, a negative one multiplied) -> ``frequency_penalty``
+(times each output token's count) and ``presence_penalty`` (once per output token seen) -> greedy
+argmax, or temperature -> ``min_p`` -> ``top_k`` -> ``top_p`` -> a draw. Log-probabilities reported
+for tokens (``token_logprobs``) are those of the model's raw logits, before any transform (so they
+score text, as lm-eval needs, whatever the sampling settings).
+
+``IncrementalDetokenizer`` turns tokens into text pieces as they come (``ratplus generate`` and the
+server share it): a piece is handed out only once its characters are complete, so every character
+is printed, and the pieces join to the decoded whole.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ratplus.config import PatternSpec
-from ratplus.model.cache import RATPlusCache
+from ratplus.model.cache import RATPlusCache, compute_dtype
 from ratplus.model.rat import RATPlusLM
 
 Streamer = Callable[[torch.Tensor], None]
@@ -46,14 +60,22 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    min_p: float | None = None,
 ) -> torch.Tensor:
     """Next token per row from logits (B, V): greedy when temperature == 0, else sampling from
-    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest
-    set whose probability reaches top_p (the most likely token is always kept). Returns (B,) int64."""
+    softmax(logits / temperature) restricted to the tokens whose probability is at least min_p
+    times the most likely one's, to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (the most likely token is always kept). Returns (B,) int64."""
     _check_sampling(temperature, top_k, top_p)
+    if min_p is not None and (not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be None or in [0, 1], got {min_p!r}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
+    if min_p:
+        # p_i >= min_p * p_max  <=>  score_i >= score_max + log(min_p)
+        floor = scores.max(dim=-1, keepdim=True).values + math.log(min_p)
+        scores = scores.masked_fill(scores < floor, float("-inf"))
     if top_k:
         kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -66,6 +88,178 @@ def sample_next(
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its next token (module docstring for the order of the transforms).
+
+    temperature 0 = greedy (top_k, top_p, min_p unused); top_k None/0 = off; top_p None/1 = off;
+    penalties at 0 (presence, frequency) and 1 (repetition) are off; ``logit_bias`` maps token id
+    -> value added to its logit; ``min_tokens``: the stop tokens are banned until this many tokens
+    were generated."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+
+    def check(self, vocab_size: int) -> SamplingParams:
+        """Raise ValueError naming the field on a bad value; returns self."""
+        _check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        if not math.isfinite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        for t, b in self.logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"logit_bias: token id {t!r} is outside [0, vocab_size={vocab_size})")
+            if not math.isfinite(b) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias: the bias of token {t} must be in [-100, 100], got {b!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        return self
+
+    @property
+    def transforms_logits(self) -> bool:
+        """Whether anything changes the logits before the greedy argmax / the draw."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1
+        )
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt: Sequence[int],
+    output: Sequence[int],
+    presence: float = 0.0,
+    frequency: float = 0.0,
+    repetition: float = 1.0,
+) -> torch.Tensor:
+    """One row's logits (V,) with the penalties of its history applied (a new tensor).
+
+    repetition (HF / vLLM): every token of prompt or output has a positive logit divided by it, a
+    negative one multiplied; frequency: minus ``frequency x count`` per output token; presence:
+    minus ``presence`` once per distinct output token (OpenAI's definitions, output tokens only)."""
+    V = logits.shape[-1]
+    out = logits.float().clone()
+    if repetition != 1 and (prompt or output):
+        seen = torch.zeros(V, dtype=torch.bool, device=out.device)
+        seen[torch.tensor([*prompt, *output], dtype=torch.long, device=out.device)] = True
+        out = torch.where(seen, torch.where(out > 0, out / repetition, out * repetition), out)
+    if (presence or frequency) and output:
+        counts = torch.bincount(torch.tensor(list(output), dtype=torch.long, device=out.device), minlength=V)
+        out = out - frequency * counts.float() - presence * (counts > 0).float()
+    return out
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt: Sequence[int] = (),
+    output: Sequence[int] = (),
+    stop_ids: Iterable[int] = (),
+) -> torch.Tensor:
+    """One row's logits (V,) after logit_bias, the min_tokens ban of ``stop_ids``, and the
+    penalties (module docstring); temperature and the filters are ``sample_next``'s."""
+    out = logits.float().clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=out.device)
+        out[ids] += torch.tensor(list(params.logit_bias.values()), dtype=out.dtype, device=out.device)
+    if len(output) < params.min_tokens:
+        banned = list(stop_ids)
+        if banned:
+            out[torch.tensor(banned, dtype=torch.long, device=out.device)] = float("-inf")
+    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
+        out = apply_penalties(
+            out, prompt, output, params.presence_penalty, params.frequency_penalty, params.repetition_penalty
+        )
+    return out
+
+
+def sample_row(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt: Sequence[int] = (),
+    output: Sequence[int] = (),
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+) -> int:
+    """The next token of one sequence from its logits (V,): ``process_logits`` then ``sample_next``."""
+    if params.transforms_logits:
+        logits = process_logits(logits, params, prompt, output, stop_ids)
+    top_p = None if params.top_p is None or params.top_p >= 1 else params.top_p
+    top_k = params.top_k if params.top_k and params.top_k > 0 else None
+    return int(sample_next(logits.view(1, -1), params.temperature, top_k, top_p, generator, params.min_p)[0])
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-probabilities of ``tokens`` (N,) under raw ``logits`` (N, V), and the ``top`` most likely
+    (id, logprob) pairs per row (most likely first; ties keep the lower id)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = logp.gather(-1, tokens.view(-1, 1).to(logp.device)).squeeze(-1).tolist()
+    if top <= 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text pieces out, as they come (a ``tokenizers.Tokenizer``, or anything with
+    ``decode(ids) -> str``).
+
+    Each push decodes only a short window: the tokens since the last piece plus a few before them
+    (``context`` tokens, e.g. the prompt, seed that window, so leading spaces are the ones the
+    whole text has). A piece is held back while the window's text ends in an incomplete character
+    (U+FFFD, a multi-byte character split across tokens) and handed out once a later token
+    completes it; ``flush`` hands out whatever is left. The pieces join to ``decode(tokens)``."""
+
+    #: tokens of the context decoded with the first window (decoders that strip a leading space
+    #: or join pieces look at the token before)
+    LOOKBACK = 5
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self._ids: list[int] = [int(t) for t in list(context)[-self.LOOKBACK :]]
+        self._prefix = 0  # the window starts here: the tokens of the last piece handed out
+        self._read = len(self._ids)  # tokens before this are handed out
+        self.tokens: list[int] = []
+
+    def push(self, token: int) -> str:
+        """Add one token; the text that is complete now ("" while a character is unfinished)."""
+        self.tokens.append(int(token))
+        self._ids.append(int(token))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The rest, even an unfinished character (as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        decode = self.tokenizer.decode
+        before = decode(self._ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        now = decode(self._ids[self._prefix :])
+        if not final and (len(now) <= len(before) or now.endswith("\ufffd")):
+            return ""  # nothing new, or a multi-byte character still unfinished: wait for the next token
+        self._prefix, self._read = self._read, len(self._ids)
+        return now[len(before) :]
 
 
 def _stop_and_pad(
@@ -169,7 +363,7 @@ def generate_stream(
     if new == 0:
         return
     device = next(model.parameters()).device
-    dtype = model.embedding.wte.weight.dtype
+    dtype = compute_dtype(model.embedding.wte.weight)  # autocast's dtype when forward runs under it
     B = ids.shape[0]
     # builds (and validates) the cache before any forward: a bad pattern fails here
     cache = RATPlusCache(config, pattern, B, prompt_len + new, device=device, dtype=dtype)
@@ -267,4 +461,14 @@ def generate(
     return torch.cat([ids.to(out.device), out], dim=1)
 
 
-__all__ = ["generate", "generate_stream", "sample_next"]
+__all__ = [
+    "IncrementalDetokenizer",
+    "SamplingParams",
+    "apply_penalties",
+    "generate",
+    "generate_stream",
+    "process_logits",
+    "sample_next",
+    "sample_row",
+    "token_logprobs",
+]

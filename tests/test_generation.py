@@ -203,3 +203,86 @@ def test_decode_loop_reads_nothing_back_per_token(model, monkeypatch):
         return reads["n"]
 
     assert count(40) - count(10) <= 30 // 8 + 1
+
+
+# ---- sampling transforms (ratplus serve's fields), against plain loops --------------------------------
+def _naive_penalties(logits, prompt, output, presence, frequency, repetition):
+    out = logits.clone().tolist()
+    for t in set(prompt) | set(output):
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in set(output):
+        out[t] -= frequency * output.count(t) + presence
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("presence, frequency, repetition", [(0.7, 0.0, 1.0), (0.0, 0.4, 1.0), (0.0, 0.0, 1.3),
+                                                             (-0.5, 1.1, 0.8), (2.0, -2.0, 1.5)])  # fmt: skip
+def test_penalties_equal_a_plain_loop(presence, frequency, repetition):
+    from ratplus.generation import apply_penalties
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g) * 3
+    prompt, output = [1, 2, 3, 3, 40], [3, 7, 7, 7, 49, 2]
+    got = apply_penalties(logits, prompt, output, presence, frequency, repetition)
+    assert torch.allclose(got, _naive_penalties(logits, prompt, output, presence, frequency, repetition), atol=1e-6)
+    assert torch.equal(apply_penalties(logits, [], [], presence, frequency, repetition), logits)
+
+
+def test_process_logits_bias_and_min_tokens():
+    from ratplus.generation import SamplingParams, process_logits, sample_row
+
+    logits = torch.tensor([0.0, 5.0, 1.0, -1.0])
+    p = SamplingParams(logit_bias={3: 10.0, 1: -100.0}, min_tokens=2).check(4)
+    out = process_logits(logits, p, output=[2], stop_ids=[3])
+    assert out[3] == float("-inf") and out[1] == -95.0 and out[2] == 1.0  # 3 is a stop token, banned until 2 tokens
+    assert process_logits(logits, p, output=[2, 2], stop_ids=[3])[3] == 9.0
+    assert sample_row(logits, p, output=[2, 2], stop_ids=[3]) == 3  # greedy after the bias
+    assert sample_row(logits, p, output=[], stop_ids=[3]) == 2
+    for bad, field in [({"presence_penalty": 3.0}, "presence_penalty"), ({"repetition_penalty": 0.0}, "repetition"),
+                       ({"logit_bias": {9: 1.0}}, "logit_bias"), ({"min_p": 2.0}, "min_p"),
+                       ({"min_tokens": -1}, "min_tokens")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad).check(4)
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    # softmax([3, 2.9, 0, -1]) ~ [.50, .45, .03, .01]: min_p 0.5 keeps tokens 0 and 1 only
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]]).repeat(3000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, generator=gen, min_p=0.5).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, generator=gen, min_p=0.0).tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="min_p"):
+        sample_next(logits, 1.0, min_p=1.5)
+
+
+def test_token_logprobs_are_log_softmax():
+    from ratplus.generation import token_logprobs
+
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    lp, top = token_logprobs(logits, torch.tensor([0, 2]), top=2)
+    want = torch.log_softmax(logits, -1)
+    assert lp == pytest.approx([float(want[0, 0]), float(want[1, 2])])
+    assert [t for t, _ in top[0]] == [2, 1] and top[1][0] == (2, pytest.approx(float(want[1, 2])))
+
+
+def test_incremental_detokenizer_prints_every_character():
+    """Pieces join to the decoded whole, for text with multi-byte characters split across byte-level
+    tokens and for random token soup; a piece never ends in half a character."""
+    from ratplus.generation import IncrementalDetokenizer
+    from ratplus.io.tokenizer import train_bpe
+
+    tok = train_bpe(["plain ascii text, with some words that merge " * 4], vocab_size=300)
+    text = "naïve café — 日本語 🙂 done"
+    ids = tok.encode(text).ids
+    assert len(ids) > len(text)  # characters are split across byte tokens
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.push(i) for i in ids]
+    assert "".join(pieces) + d.flush() == text
+    assert not any(p.endswith("\ufffd") for p in pieces)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        soup = torch.randint(0, tok.get_vocab_size(), (25,), generator=g).tolist()
+        d = IncrementalDetokenizer(tok)
+        assert "".join(d.push(t) for t in soup) + d.flush() == tok.decode(soup)
+    d = IncrementalDetokenizer(tok, context=tok.encode("a prompt").ids)  # the prompt seeds the window
+    assert "".join(d.push(t) for t in tok.encode(" and more").ids) + d.flush() == " and more"

@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    from ratplus.generation import generate
+    from ratplus.generation import IncrementalDetokenizer, generate
     from ratplus.io.folder import load_pretrained, load_tokenizer
     from ratplus.io.metadata import read_metadata
     from ratplus.io.tokenizer import chat_prompt, load_chat_template
@@ -95,22 +95,18 @@ def _run(args) -> int:
     if args.chat:
         shown = ""  # the reply alone; the template's markup is not echoed
 
+    # the server's detokenizer: pieces are handed out once their characters are complete (a token
+    # may end inside a multi-byte character), seeded with the prompt so spacing is the whole text's
+    detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, () if args.chat else prompt)
+
     def stream(tokens: torch.Tensor) -> None:
-        nonlocal shown
         if not new_ids:  # the arguments were validated before the first token: show the prompt now
             print(shown, end="", flush=True)
         new_ids.append(int(tokens[0]))
-        if tokenizer is None:
+        if detok is None:
             print(f" {new_ids[-1]}", end="", flush=True)
-            return
-        # decode prompt + continuation each time: spacing depends on the neighbours, and a token may
-        # complete a multi-byte character
-        text = tokenizer.decode(new_ids if args.chat else prompt + new_ids)
-        if text.endswith("\ufffd"):
-            return  # a multi-byte character split across tokens: wait for the token that completes it
-        if text.startswith(shown):
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
+        else:
+            print(detok.push(new_ids[-1]), end="", flush=True)
 
     generate(
         model,
@@ -125,5 +121,5 @@ def _run(args) -> int:
         streamer=stream,
         generator=torch.Generator(device=device).manual_seed(args.seed),
     )
-    print(shown if not new_ids else "")
+    print(shown if not new_ids else (detok.flush() if detok is not None else ""))
     return 0

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ratplus.generation import sample_next
+from ratplus.generation import SamplingParams, sample_next, sample_row, token_logprobs
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 from ratplus.serve.admission import KVBudget, kv_bytes
@@ -84,6 +84,14 @@ class Request:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     kv_bytes: int = 0
+    # penalties, logit_bias, top_k, min_p, min_tokens (ratplus.generation.sample_row); None: the
+    # temperature / top_p above only
+    sampling: SamplingParams | None = None
+    logprobs: int | None = None  # per generated token: its logprob and the top-N (None: not asked)
+    prompt_logprobs: int | None = None  # per prompt token after the first (echo), from the prefill
+    # (logprob, [(id, logprob), ...]) per sampled token, appended before its event is sent
+    token_logprobs: list = field(default_factory=list)
+    prompt_logprob_rows: list = field(default_factory=list)  # the same per prompt token 1..T-1
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -400,11 +408,22 @@ class Engine:
                 f.cache = cache
         chunk = r.prompt[f.done : f.done + self.prefill_chunk]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=f.cache)[:, -1]  # (1, V)
+        full = self.model(ids, cache=f.cache)  # (1, T, V)
+        if r.prompt_logprobs is not None:  # echo: position q's logits score prompt token q + 1
+            targets = r.prompt[f.done + 1 : f.done + 1 + len(chunk)]
+            if targets:
+                lp, top = token_logprobs(full[0, : len(targets)], torch.tensor(targets), r.prompt_logprobs)
+                r.prompt_logprob_rows.extend(zip(lp, top))
+        logits = full[:, -1]  # (1, V)
         f.done += len(chunk)
         if f.done < len(r.prompt):
             return
         self.prompt_tokens_total += len(r.prompt)
+        if r.max_tokens == 0:  # echo scoring: the prompt's logprobs and no token
+            with self._cv:
+                self._prefills.remove(f)
+                self._end(r, "length")
+            return
         token = self._sample(r, logits)[0]
         keep = self._deliver(r, token)
         with self._cv:  # from prefill to pool in one step, as /metrics sees it
@@ -430,14 +449,22 @@ class Engine:
                 self._recent.popleft()
 
     def _sample(self, r: Request, logits: torch.Tensor) -> list[int]:
-        return sample_next(logits, r.temperature, None, r.top_p, r.generator).tolist()
+        return self._sample_rows([r], logits)
 
     def _sample_rows(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax; sampled rows one by one with their own settings and generator."""
+        """Plain greedy rows in one argmax; the others one by one with their own settings and
+        generator (``sample_row``: penalties, logit_bias, min_tokens, top_k, min_p, top_p); logprobs
+        of the raw logits for the rows that asked."""
         tokens = logits.argmax(dim=-1)
         for i, r in enumerate(rows):
-            if r.temperature > 0:
+            if r.sampling is not None and (r.sampling.transforms_logits or r.temperature > 0):
+                tokens[i] = sample_row(logits[i], r.sampling, r.prompt, r.tokens, r.stop_ids, r.generator)
+            elif r.temperature > 0:
                 tokens[i] = sample_next(logits[i : i + 1], r.temperature, None, r.top_p, r.generator)[0]
+        for i, r in enumerate(rows):
+            if r.logprobs is not None:
+                lp, top = token_logprobs(logits[i : i + 1], tokens[i : i + 1], r.logprobs)
+                r.token_logprobs.append((lp[0], top[0]))
         return tokens.tolist()
 
     def _deliver(self, r: Request, token: int) -> bool:

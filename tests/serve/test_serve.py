@@ -223,7 +223,8 @@ def _error(r: httpx.Response, status: int) -> dict:
         ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": "tiny", "prompt": ""}, 400, "empty"),
         ({"model": "tiny", "prompt": [1, 99999]}, 400, "outside"),
-        ({"model": "tiny", "prompt": ["a", "b"]}, 400, "one prompt"),
+        ({"model": "tiny", "prompt": [[1, 2], []]}, 400, "empty"),
+        ({"model": "tiny", "prompt": ["a"] * 65}, 400, "--max-queue"),
     ],
 )
 def test_bad_completion_requests(live, body, status, needle):
