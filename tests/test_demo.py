@@ -1,8 +1,11 @@
 import json
+import os
+import shlex
+from pathlib import Path
 
 import pytest
 
-from ratplus.demo import ADAPT_PATTERNS
+from ratplus.demo import ADAPT_PATTERNS, MODELS, model_name
 from ratplus.demo.pipeline import DemoConfig
 from ratplus.demo.report import check_targets, write_report
 
@@ -136,7 +139,9 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
+    _check_named_models(out, results, printed, capsys)
     assert {r["model"] for r in results["ppl"]["rows"]} == {"ratplus", "baseline"}
     from ratplus.eval.recall import demo_config
 
@@ -154,13 +159,71 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     kv = {r["pattern"]: r["kv_bytes"] for r in results["serve"]["rows"]}
     assert kv["D64-W0-P0"] < kv["D16-W0-P0"] < kv["dense"]
     capsys.readouterr()
+    (out / "models" / "ratplus").unlink()
+    (out / "models" / "ratplus").symlink_to(results["checkpoints"]["baseline"]["dense"])  # a stale name
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # every stage reused
+    assert (out / "models" / "ratplus").resolve() == Path(results["checkpoints"]["ratplus"]["dense"]).resolve()
     assert capsys.readouterr().out.count("reusing the finished stage") == 2 + 2 * len(ADAPT_PATTERNS) + 5
     methods = {(r["model"], r["method"]) for r in results["budget"]["rows"]}
     assert ("baseline", "streaming") in methods and ("ratplus", "snapkv") in methods
     assert (out / "budget.png").read_bytes()[:4] == b"\x89PNG" and "Quality vs KV-cache bytes" in (
         out / "report.md"
     ).read_text()
+
+
+def _check_named_models(out: Path, results: dict, printed: str, capsys) -> None:
+    """The models under their stable names, and the printed commands on them run as printed: ``eval ppl``
+    gives the demo's own perplexity rows again."""
+    from ratplus.cli import build_parser, main
+
+    expected = {model_name(m, p) for m in MODELS for p in ("dense", *ADAPT_PATTERNS)}
+    assert set(results["models"]) == expected
+    for m in MODELS:
+        for p, ckpt in results["checkpoints"][m].items():
+            link = out / "models" / model_name(m, p)
+            assert link.is_symlink() and not Path(os.readlink(link)).is_absolute()  # the folder can move
+            assert link.resolve() == Path(ckpt).resolve()
+    tried = printed[printed.rindex("\ntry:\n") :].splitlines()
+    commands = {c.split()[1]: c.strip() for c in tried if c.strip().startswith("ratplus ")}
+    assert commands.keys() == {"generate", "eval", "serve"}
+    report = (out / "report.md").read_text()
+    assert all(c.strip() in report for c in commands.values())
+    for cmd in commands.values():
+        build_parser().parse_args(shlex.split(cmd)[1:])
+    capsys.readouterr()
+    assert main(shlex.split(commands["generate"])[1:]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO.")
+    assert main(shlex.split(commands["eval"])[1:]) == 0
+    again = {
+        (r["model"], r["pattern"]): r["ppl"]
+        for r in json.loads((out / "eval" / "ppl" / "ppl.json").read_text())["results"]
+    }
+    for row in results["ppl"]["rows"]:
+        name = model_name(row["model"], "dense" if row["pattern"] == "dense" else row["pattern"])
+        if (name, row["pattern"]) in again:
+            assert again[(name, row["pattern"])] == pytest.approx(row["ppl"], rel=1e-5), (name, row["pattern"])
+    assert len([k for k in again if k[0] in results["models"]]) == 8
+
+
+def test_name_models_replaces_links_and_refuses_a_real_folder(tmp_path):
+    from ratplus.demo.pipeline import Demo
+
+    demo = Demo(DemoConfig(out_dir=str(tmp_path / "out"), progress=False))
+    a, b = tmp_path / "out" / "run_a" / "final", tmp_path / "out" / "run_b" / "final"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    demo.name_models({"ratplus": {"dense": str(a)}})
+    assert (tmp_path / "out" / "models" / "ratplus").resolve() == a.resolve()
+    named = demo.name_models({"ratplus": {"dense": str(b)}})  # another setting: the name moves
+    assert named == {"ratplus": str(tmp_path / "out" / "models" / "ratplus")}
+    assert (tmp_path / "out" / "models" / "ratplus").resolve() == b.resolve()
+    assert a.is_dir() and not list((tmp_path / "out" / "models").glob(".*"))  # nothing deleted, no temporary left
+    held = (tmp_path / "out" / "data" / "heldout.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in held] == demo.documents("val")
+    (tmp_path / "out" / "models" / "ratplus").unlink()
+    (tmp_path / "out" / "models" / "ratplus").mkdir()
+    with pytest.raises(ValueError, match="is not a link the demo made"):
+        demo.name_models({"ratplus": {"dense": str(b)}})
 
 
 def test_stage_keys_follow_only_the_settings_a_stage_depends_on(tmp_path):

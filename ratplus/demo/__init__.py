@@ -16,3 +16,14 @@ BUDGET_PATTERNS = (
     "snapkv-C5-O4",
     "snapkv-C53-O4",
 )
+
+#: The sample text of the serve stage (and the report's ``generate`` command) starts from this prompt.
+SAMPLE_PROMPTS = {"shakespeare": "ROMEO.\n", "wikipedia": "The "}
+#: The held-out documents as JSON lines (``{"text": ...}``), under ``<out>/data``: ``eval ppl --data`` reads it.
+HELDOUT_FILE = "heldout.jsonl"
+
+
+def model_name(which: str, pattern: str) -> str:
+    """The stable name of a demo model under ``<out>/models``: ``ratplus``, ``baseline`` (pretrained, dense),
+    ``ratplus-D16-W0-P0`` (adapted to that pattern)."""
+    return which if pattern == "dense" else f"{which}-{pattern}"

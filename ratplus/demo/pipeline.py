@@ -17,6 +17,11 @@ Stages (each writes into the output folder and is skipped when its result is alr
              RAT+ patterns, sinks + window (StreamingLLM on the baseline) and SnapKV at matched bytes
 8. report    report.md, results.json, PNG plots, and the table printed
 
+The trained models get stable names once trained: ``<out>/models/<model>`` (pretrained, dense) and
+``<out>/models/<model>-<pattern>`` (adapted), relative symbolic links to the stage folders (whose names
+carry a hash of their settings), rewritten on every run; ``<out>/data/heldout.jsonl`` holds the held-out
+documents. The report and the printed summary give ready-to-run commands on them.
+
 Perplexity alone cannot show that the dilated keys carry long-range information (at this scale most
 prediction is local); the recall probe asks that directly, at a tiny budget (its figures say how much
 adaptation they had). Budget: at most 20 minutes on an idle 2-core CPU, ``--quick`` (a smoke run
@@ -29,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +43,17 @@ from typing import Any
 import torch
 
 from ratplus.config import AttentionPattern, ModelConfig, check_learning_rate
-from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, MODELS
+from ratplus.demo import ADAPT_PATTERNS, BUDGET_PATTERNS, HELDOUT_FILE, MODELS, SAMPLE_PROMPTS, model_name
 from ratplus.demo.report import check_targets, write_report
 from ratplus.io.corpus import CORPORA, corpus_documents
 from ratplus.io.folder import load_pretrained, load_tokenizer
 from ratplus.io.tokenizer import train_bpe
-from ratplus.runtime import atomic_write_text
+from ratplus.runtime import atomic_write_text, make_dir, write_jsonl
 from ratplus.train.checkpoint import remove_leftovers
 from ratplus.train.data import prepare_shards
 
 logger = logging.getLogger("ratplus")
 
-#: The sample text of the serve stage starts from this prompt.
-SAMPLE_PROMPTS = {"shakespeare": "ROMEO.\n", "wikipedia": "The "}
 #: Fields of RAT+'s pretraining recipe alone: the baseline's stages do not depend on them.
 RATPLUS_RECIPE = ("joint_pattern", "dense_warmup")
 
@@ -236,6 +240,30 @@ class Demo:
         )
         return {"ckpt": str(final)}
 
+    # ---- the models under stable names ----------------------------------------------------------------
+    def name_models(self, ckpts: dict[str, dict[str, str]]) -> dict[str, str]:
+        """Point ``<out>/models/<name>`` at each model folder (``model_name``): a relative link, so the
+        output folder can be moved, replaced atomically, so a rerun with other settings (new stage
+        folders) moves the names with it and an interrupted rerun leaves either link, never none. Also
+        writes the held-out documents to ``<out>/data/heldout.jsonl`` for ``eval ppl --data``.
+        Returns name -> the link's path."""
+        models = make_dir(self.out / "models")
+        named = {}
+        for which, by_pattern in ckpts.items():
+            for pattern, ckpt in by_pattern.items():
+                link = models / model_name(which, pattern)
+                if link.exists() and not link.is_symlink():
+                    raise ValueError(
+                        f"{link} is not a link the demo made; move it away to let the demo name its models"
+                    )
+                tmp = models / f".{link.name}.tmp-{os.getpid()}"
+                tmp.unlink(missing_ok=True)
+                os.symlink(os.path.relpath(ckpt, models), tmp, target_is_directory=True)
+                os.replace(tmp, link)  # rename(2) replaces the old link itself, never the folder it points to
+                named[link.name] = str(link)
+        write_jsonl(self.out / "data" / HELDOUT_FILE, [{"text": t} for t in self.documents("val")])
+        return named
+
     # ---- 4. perplexity -----------------------------------------------------------------------------------
     def ppl(self, ckpts: dict[str, dict[str, str]]) -> dict[str, Any]:
         from ratplus.eval.common import open_checkpoint
@@ -377,6 +405,7 @@ class Demo:
                 )
                 ckpts[which][pattern] = res["ckpt"]
         self.results["checkpoints"] = ckpts
+        self.results["models"] = self.name_models(ckpts)
         self.results["ppl"] = self._stage("ppl", lambda: self.ppl(ckpts))
         self.results["recall"] = self._stage("recall", self.recall)
         self.results["serve"] = self._stage("serve", lambda: self.serve(ckpts))

@@ -4,16 +4,70 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 from ratplus.config import AttentionPattern
-from ratplus.demo import ADAPT_PATTERNS, MODELS
+from ratplus.demo import ADAPT_PATTERNS, HELDOUT_FILE, MODELS, SAMPLE_PROMPTS, model_name
 from ratplus.eval.plots import save_figure
 from ratplus.runtime import atomic_write_text
 
 #: How the plots name the two pretrained models.
 MODEL_NAMES = {"ratplus": "RAT+", "baseline": "attention baseline"}
+
+
+def try_commands(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what it does, command line) of the ``ratplus`` commands that run the demo's models by their stable
+    names (``<out>/models``): generate from the D16 model, re-measure the perplexity table's D16 rows
+    with ``eval ppl`` (same held-out text, context and token budget as the ppl stage), serve it."""
+    cfg = results["config"]
+    out = Path(cfg.get("out_dir", "demo_out"))
+    models, sparse = out / "models", ADAPT_PATTERNS[0]
+    q = shlex.quote
+    prompt = SAMPLE_PROMPTS.get(cfg.get("corpus", "shakespeare"), "The ").strip() or "The"
+    ckpts = " ".join(f"--ckpt {q(str(models / model_name(m, p)))}" for m in MODELS for p in ("dense", sparse))
+    adapted = q(str(models / model_name("ratplus", sparse)))
+    return [
+        (
+            f"sample text from RAT+ adapted to {sparse} (its default pattern, the one it was adapted to)",
+            f"ratplus generate --ckpt {adapted} --prompt {q(prompt)} --max-new-tokens 80 --temperature 0.8 "
+            f"--top-k 50 --seed {cfg.get('seed', 0)}",
+        ),
+        (
+            f"the perplexity table's dense and {sparse} rows again, each model in both patterns (same held-out "
+            "text, context and token budget as the ppl stage)",
+            f"ratplus eval ppl {ckpts} --patterns dense,{sparse} --data {q(str(out / 'data' / HELDOUT_FILE))} "
+            f"--seq-len {cfg['seq_len']} --max-tokens {cfg.get('ppl_tokens', 40_000)} "
+            f"--out {q(str(out / 'eval' / 'ppl'))}",
+        ),
+        (
+            f"an OpenAI-compatible server with its playground at http://127.0.0.1:8000/ ({sparse} and dense)",
+            f"ratplus serve --ckpt {adapted} --patterns {sparse},dense --port 8000",
+        ),
+    ]
+
+
+def _models_section(results: dict[str, Any]) -> list[str]:
+    if not results.get("models"):
+        return []
+    lines = [
+        "## The models",
+        "",
+        "Stable names (links to the training folders, whose names carry a hash of their settings; a rerun with "
+        "other settings moves them):",
+        "",
+        "| model | folder |",
+        "|---|---|",
+    ]
+    for name, path in results["models"].items():
+        which, _, pattern = name.partition("-")
+        what = MODEL_NAMES.get(which, which) + (f", adapted to {pattern}" if pattern else ", pretrained (dense)")
+        lines.append(f"| {what} | `{path}` |")
+    lines += ["", "Ready to run:", ""]
+    for what, cmd in try_commands(results):
+        lines += [f"- {what}:", "", "  ```bash", f"  {cmd}", "  ```", ""]
+    return lines
 
 
 def _ppl_of(results: dict[str, Any], model: str, pattern: str) -> float:
@@ -85,12 +139,23 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     plots = _plots(out, results)
     lines = ["# ratplus demo: train dense, infer sparse", ""]
     lines += [
+        *(
+            [
+                "A `--quick` smoke run: every budget is tiny, so the figures below show that each stage runs, "
+                "not what RAT+ does (the full run's figures: docs/benchmarks/demo_seeds_cpu_20261205.md in the "
+                "ratplus repository).",
+                "",
+            ]
+            if results["config"].get("recall_quick")
+            else []
+        ),
         f"Bundled corpus: {results['config'].get('corpus', 'shakespeare')}; `demo` preset, context "
         f"{results['config']['seq_len']}, {results['config']['pretrain_tokens']:,} pretraining tokens per model; "
         f"wall time {results['wall_s'] / 60:.1f} min (reused stages count their original time below).",
         "",
         *_recipe_lines(results["config"]),
     ]
+    lines += _models_section(results)
     lines += [
         "## Held-out perplexity",
         "",
@@ -103,6 +168,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
             f"| {row['model']} | {row['pattern']} | {row['status']} | {row['ppl']:.2f} | "
             f"{row['ppl'] / dense:.3f}x | {row['kv_frac']:.3f} |"
         )
+    lines.append("")  # a table runs into whatever follows it without a blank line
     lines += _recall_section(results["recall"])
     serve = results["serve"]["rows"]
     ctx = serve[0].get("context", results["config"]["seq_len"]) if serve else results["config"]["seq_len"]
@@ -125,8 +191,8 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     lines += [
         "",
         f"Sample ({results['serve']['sample_pattern']}, temperature 0.8, top-k 50). Expect gibberish with the "
-        "corpus's look (names, line breaks, verse-like fragments): a 4.7M-parameter model after 320K tokens "
-        "has learnt the format, not the language.",
+        f"corpus's look (names, line breaks, verse-like fragments): a 4.7M-parameter model after "
+        f"{_tokens(results['config']['pretrain_tokens'])} tokens has learnt the format at best, not the language.",
         "",
         "```",
         results["serve"]["sample"],
@@ -143,6 +209,13 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in results["timings_s"].items()]
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots)]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _tokens(n: int) -> str:
+    """A token count the way the text gives it: 320K, 12K, 1.5M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.3g}M"
+    return f"{n / 1e3:.3g}K" if n >= 1000 else str(n)
 
 
 def _recipe_lines(config: dict[str, Any]) -> list[str]:
@@ -292,8 +365,9 @@ def _recall_section(recall: dict[str, Any]) -> list[str]:
         "",
         f"Reading: dense {dense:.1f}%; "
         + ", ".join(f"{q} {v:.1f}%" for q, v in best.items() if q != "dense")
-        + f" (adapted where adapted). {p} keeps {sparse / max(dense, 1e-9):.0%} of the dense accuracy and is "
-        f"{sparse - local:+.1f} points from `{ctrl}`, the control: it sees only a local window, so what it "
+        + f" (adapted where adapted). {p} "
+        + (f"keeps {sparse / max(dense, 1e-9):.0%} of the dense accuracy and is " if dense >= 90 else "is ")
+        + f"{sparse - local:+.1f} points from `{ctrl}`, the control: it sees only a local window, so what it "
         "scores comes from the recurrence alone; a dilated pattern beats it only when its chunk-end keys carry "
         "the pairs between them.",
         "",
@@ -397,6 +471,8 @@ def _plots(out: Path, results: dict[str, Any]) -> list[Path]:
 
 
 def print_summary(results: dict[str, Any]) -> None:
+    """The tables and targets, then the models' stable names and commands to run on them (last, where the
+    terminal leaves the reader)."""
     print("\nmodel      pattern        PPL    vs dense")
     for row in results["ppl"]["rows"]:
         dense = _ppl_of(results, row["model"], "dense")
@@ -419,3 +495,10 @@ def print_summary(results: dict[str, Any]) -> None:
                 f"  {name}: {fmt.format(value)} (documented {fmt.format(sum(seeds) / len(seeds))}, "
                 f"{fmt.format(min(seeds))} - {fmt.format(max(seeds))} over {len(seeds)} seeds)"
             )
+    if results.get("models"):
+        print("\nmodels (stable names):")
+        for name, path in results["models"].items():
+            print(f"  {name:<22} {path}")
+        print("\ntry:")
+        for what, cmd in try_commands(results):
+            print(f"  # {what}\n  {cmd}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -82,26 +83,47 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
     return save_figure(fig, path, dpi=120)
 
 
-def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: float = 7) -> None:
+def _place_labels(
+    ax, points: list[tuple[float, float, str, str]], fontsize: float = 7, lines: list[list[tuple[float, float]]] = ()
+) -> None:
     """Label each (x, y, text, color) point next to it without two labels overlapping: each label takes
     the first of a few offsets around its point whose box (estimated from the text length) collides with
-    no label placed before and no marker. Call after the axes' scales and limits are final."""
+    no label placed before, no marker and, where it can, no segment of ``lines`` (polylines in data
+    coordinates). Call after the axes' scales, limits and the figure's layout are final."""
     fig = ax.figure
     px = fig.dpi / 72  # pixels per point
-    h, char_w = fontsize * px * 1.2, fontsize * px * 0.6
-    offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 12), (5, -20), (-5, 12), (-5, -20), (5, 21), (5, -29)]
+    h, char_w = fontsize * px * 1.2, fontsize * px * 0.62
+    offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 12), (5, -20), (-5, 12), (-5, -20)]
+    offsets += [(dx, dy) for k in range(2, 7) for dy in (3 + 9 * k, -11 - 9 * k) for dx in (5, -5)]
     marks = [ax.transData.transform((x, y)) for x, y, _, _ in points]
-    boxes = [(mx - 4, my - 4, mx + 4, my + 4) for mx, my in marks]  # the markers themselves
+    taken = [(mx - 4, my - 4, mx + 4, my + 4) for mx, my in marks]  # the markers themselves (+ the pad below)
+    if ax.get_legend() is not None:
+        e = ax.get_legend().get_window_extent()
+        taken.append((e.x0, e.y0, e.x1, e.y1))
+    crossed = []  # small boxes along each line: a label over a line is hard to read
+    for line in lines:
+        xy = ax.transData.transform(line) if len(line) else []
+        for (x0, y0), (x1, y1) in itertools.pairwise(xy):
+            n = max(1, int(max(abs(x1 - x0), abs(y1 - y0)) / 4))
+            crossed += [(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n) for i in range(n + 1)]
+
+    def hits(box: tuple[float, float, float, float], others) -> bool:
+        pad = 2  # pixels kept clear around a label: two labels that touch read as one
+        return any(
+            box[0] < b[2] + pad and b[0] < box[2] + pad and box[1] < b[3] + pad and b[1] < box[3] + pad for b in others
+        )
+
     for (x, y, text, color), (mx, my) in zip(points, marks):
         w = char_w * len(text)
-        choice = offsets[0]
+        boxes = []
         for dx, dy in offsets:
             x0 = mx + dx * px if dx > 0 else mx + dx * px - w
-            box = (x0, my + dy * px, x0 + w, my + dy * px + h)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
-                choice = (dx, dy)
-                boxes.append(box)
-                break
+            boxes.append((x0, my + dy * px, x0 + w, my + dy * px + h))
+        free = [i for i, b in enumerate(boxes) if not hits(b, taken)]
+        clear = [i for i in free if not any(_inside(p, boxes[i]) for p in crossed)]
+        pick = (clear or free or [0])[0]
+        taken.append(boxes[pick])
+        choice = offsets[pick]
         ax.annotate(
             text,
             (x, y),
@@ -116,15 +138,22 @@ def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: flo
         )
 
 
+def _inside(point: tuple[float, float], box: tuple[float, float, float, float], pad: float = 3) -> bool:
+    """``point`` within ``pad`` pixels of ``box`` (a line is drawn about 2 pixels wide)."""
+    return box[0] - pad <= point[0] <= box[2] + pad and box[1] - pad <= point[1] <= box[3] + pad
+
+
 def _short(pattern: str) -> str:
     """A pattern name without its empty window and sinks: ``D16-W0-P0`` -> ``D16``."""
     return pattern.replace("-W0-P0", "")
 
 
 def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
-    """``metric`` against KV-cache bytes per token (log x): one panel per model (their PPLs differ too much
-    to share a y-axis), one line and marker per method (rows of ``ratplus.eval.budget``), each point
-    labelled with its pattern where the label does not hide another one. Returns the PNG path."""
+    """``metric`` over the model's own dense ``metric`` against KV-cache bytes per token (log x): one panel
+    per model on one shared y-axis, so the same relative loss looks the same for every model, one line and
+    marker per method (rows of ``ratplus.eval.budget``), each point labelled with its pattern. A model
+    without a dense row cannot be put on that axis: then every panel shows ``metric`` itself, each on its
+    own axis (the title says which). Returns the PNG path."""
     plt = _pyplot()
 
     if not rows:
@@ -132,34 +161,54 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
     models: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         models.setdefault(r["model"], []).append(r)
+    dense = {
+        m: next((r[metric] for r in rs if r["method"] == "dense" and r[metric] > 0), None) for m, rs in models.items()
+    }
+    relative = all(v is not None for v in dense.values())
+    name = metric.upper() if metric == "ppl" else metric
+
+    def y_of(r: dict[str, Any]) -> float:
+        return r[metric] / dense[r["model"]] if relative else r[metric]
+
     methods = list(dict.fromkeys(r["method"] for r in rows))  # one colour and marker per method, all panels
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     markers = dict(zip(methods, "osD^vP*X"))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False, sharey=relative)
+    placed = []
+    values = [y_of(r) for r in rows if r[metric] > 0]
     for ax, (model, rs) in zip(axes[0], models.items()):
-        labels = []
+        labels, polylines = [], []
         for method in methods:
             mine = sorted((r for r in rs if r["method"] == method), key=lambda r: r["kv_bytes_per_token"])
             if not mine:
                 continue
-            xs, ys = [r["kv_bytes_per_token"] for r in mine], [r[metric] for r in mine]
+            xs, ys = [r["kv_bytes_per_token"] for r in mine], [y_of(r) for r in mine]
             ax.plot(xs, ys, marker=markers[method], color=colors[method], label=method, ls="-" if len(mine) > 1 else "")
             labels += [(x, y, _short(r["pattern"]), colors[method]) for r, x, y in zip(mine, xs, ys)]
+            if len(mine) > 1:
+                polylines.append(list(zip(xs, ys)))
         ax.set_xscale("log")
-        values = [r[metric] for r in rs if r[metric] > 0]
-        if metric == "ppl" and values and max(values) > 10 * min(values):
+        if relative:
+            ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        mine_values = values if relative else [y_of(r) for r in rs if r[metric] > 0]
+        if metric == "ppl" and mine_values and max(mine_values) > 10 * min(mine_values):
             ax.set_yscale("log")  # one collapsed method (PPL in the thousands) would flatten the others
-        ax.margins(x=0.12, y=0.12)
+        ax.margins(x=0.15, y=0.15)
         ax.set_xlabel("KV-cache bytes per token of context")
-        ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
-        ax.set_title(model, fontsize=10)
+        ax.set_ylabel(f"{name} / own dense {name}" if relative else name)
+        ax.set_title(f"{model} (dense {name} {dense[model]:.2f})" if relative else model, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
-        fig.canvas.draw()  # final limits: the labels are placed in screen space
-        _place_labels(ax, labels)
+        placed.append((ax, labels, polylines))
     seq_len, score = rows[0].get("seq_len"), rows[0].get("score_tokens")
-    fig.suptitle(f"held-out {metric} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
-    return save_figure(fig, path, dpi=120)
+    how = "relative to each model's own dense" if relative else "(no dense row: absolute)"
+    fig.suptitle(f"held-out {metric} {how} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
+    # the layout first: labels are placed in screen space, so the axes must not move after them
+    fig.tight_layout()
+    fig.canvas.draw()
+    for ax, labels, polylines in placed:
+        _place_labels(ax, labels, lines=polylines)
+    return save_figure(fig, path, 120, layout=False)
 
 
 def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:

@@ -23,7 +23,9 @@ def _rows(ppls: dict[str, float]) -> list[dict]:
 def test_budget_plot_uses_a_log_ppl_axis_over_a_decade(ppls, scale, tmp_path, monkeypatch):
     seen = []
     save = plots.save_figure
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi: (seen.append(fig), save(fig, path, dpi))[1])
+    monkeypatch.setattr(
+        plots, "save_figure", lambda fig, path, dpi, **kw: (seen.append(fig), save(fig, path, dpi, **kw))[1]
+    )
     out = plots.plot_budget(_rows(ppls), tmp_path / "budget.png")
     assert out.stat().st_size > 1000
     (fig,) = seen
