@@ -169,9 +169,9 @@ class _Sampling(_Strict):
 
     @model_validator(mode="after")
     def _limits(self):
-        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        both = "max_tokens" in self.model_fields_set and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("give max_tokens or max_completion_tokens, not two different values")
+            raise ValueError("max_completion_tokens: differs from max_tokens; give one of them")
         return self
 
     def new_tokens(self) -> int | None:
@@ -247,7 +247,7 @@ class ChatBody(_Sampling):
     @model_validator(mode="after")
     def _top(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise ValueError("top_logprobs: needs logprobs: true")
         if self.max_tokens == 0:
             raise ValueError("max_tokens: must be >= 1")
         return self
