@@ -82,6 +82,9 @@ class RATPlusConfig(PreTrainedConfig):
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     use_cache: bool = True
+    # Written by save_pretrained (the loader beside the weights, ratplus.hf.hub); always present because
+    # TRL's string path reads config.auto_map of any config it cannot find in transformers.
+    auto_map: dict[str, str] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         for field in ("dtype", "torch_dtype"):  # transformers would fail with torch's AttributeError

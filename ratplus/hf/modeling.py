@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,11 +37,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
+from ratplus.hf.hub import AUTO_MAP, TOKENIZER_FILES, save_tokenizer, tokenizer_pad_id, write_hub_files
 from ratplus.io.folder import state_dict_problems
 from ratplus.model.rat import Block, RATPlusLM
 
-# Tokenizer files copied beside the weights when the model was loaded from a folder that had them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # Name under which `generate` passes the cache to `forward` and reads it back from the output:
 # `cache` from transformers 5.24 on (`past_key_values` then warns as deprecated), `past_key_values`
 # before. Taken from the output class itself, so any 5.x release gets the name it expects.
@@ -453,7 +451,8 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, tokenizer: Any = None, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` (config.json, model.safetensors, generation_config.json)
-        plus the tokenizer (``tokenizer=`` or the attached one) saved beside it."""
+        plus the tokenizer (``tokenizer=`` or the attached one) saved beside it, the loader named by
+        ``auto_map`` and a model card (``ratplus.hf.hub``)."""
         source = tokenizer if tokenizer is not None else self._tokenizer_source
         if source is not None and self.config.pad_token_id is None:
             # the id the saved tokenizer pads with, so batching in generate and pipelines needs no argument
@@ -462,7 +461,9 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
                 self.config.pad_token_id = pad
                 if self.generation_config is not None and self.generation_config.pad_token_id is None:
                     self.generation_config.pad_token_id = pad
+        self.config.auto_map = dict(AUTO_MAP)  # the loader written below (ratplus.hf.hub)
         super().save_pretrained(save_directory, *args, **kwargs)
+        write_hub_files(save_directory, self.config)
         if source is not None:
             save_tokenizer(source, save_directory, self.config)
 
@@ -554,68 +555,3 @@ def check_checkpoint_folder(folder: Path, config: RATPlusConfig) -> None:
     problems = state_dict_problems(expected, found, optional)
     if problems:
         raise ValueError(f"weights in {folder} do not match its config.json: " + " | ".join(problems))
-
-
-def tokenizer_pad_id(source: Any, config: RATPlusConfig) -> int | None:
-    """The id a tokenizer saved by ``save_tokenizer(source, ..., config)`` pads with: a ``transformers``
-    tokenizer's own, a folder's (its tokenizer_config.json pad token looked up in tokenizer.json), or,
-    for a raw ``tokenizers.Tokenizer``, the EOS that ``save_tokenizer`` makes the pad token. None when
-    there is none."""
-    if config.pad_token_id is not None:
-        return config.pad_token_id
-    if hasattr(source, "pad_token_id"):
-        return source.pad_token_id
-    from tokenizers import Tokenizer
-
-    if isinstance(source, (str, Path)):
-        folder = Path(source)
-        try:
-            pad = json.loads((folder / "tokenizer_config.json").read_text()).get("pad_token")
-            pad = pad.get("content") if isinstance(pad, dict) else pad
-            return None if pad is None else Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(pad)
-        except Exception:  # no such files, or unreadable (tokenizers raises bare Exception): no pad id to record
-            return None
-    if isinstance(source, Tokenizer):
-        eos = config.eos_token_id
-        return eos if eos is not None and source.id_to_token(eos) is not None else None
-    return None
-
-
-def save_tokenizer(source: Any, save_directory: str | Path, config: RATPlusConfig | None = None) -> None:
-    """Write a tokenizer into ``save_directory`` so ``AutoTokenizer.from_pretrained`` loads it.
-
-    ``source``: a folder (its tokenizer files are copied), a ``transformers`` tokenizer, or a raw
-    ``tokenizers.Tokenizer`` (wrapped in ``PreTrainedTokenizerFast`` with the config's special tokens;
-    EOS doubles as the pad token when the config names none)."""
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, (str, Path)):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-        if folder.resolve() == out.resolve():
-            return
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, out / name)
-        return
-    if hasattr(source, "save_pretrained"):
-        source.save_pretrained(str(out))
-        return
-    from tokenizers import Tokenizer
-
-    if not isinstance(source, Tokenizer):
-        raise ValueError(f"cannot save tokenizer of type {type(source).__name__}")
-    from transformers import PreTrainedTokenizerFast
-
-    special: dict[str, str] = {}
-    if config is not None:
-        for role in ("bos", "eos", "pad"):
-            token_id = getattr(config, f"{role}_token_id")
-            if token_id is not None and source.id_to_token(token_id) is not None:
-                special[f"{role}_token"] = source.id_to_token(token_id)
-    if "pad_token" not in special and "eos_token" in special:
-        # Batching (pipeline, collators) needs a pad token; EOS is the usual stand-in for a model trained
-        # without one (padded positions are masked, so which id fills them does not matter).
-        special["pad_token"] = special["eos_token"]
-    PreTrainedTokenizerFast(tokenizer_object=source, **special).save_pretrained(str(out))

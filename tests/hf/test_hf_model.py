@@ -217,7 +217,9 @@ def _copy_folder(src, dst, config_edit=None, weights_edit=None):
 @pytest.mark.parametrize(
     ("config_edit", "weights_edit", "message"),
     [
-        (lambda c: c.update(model_type="ratplus2"), None, "ratplus2"),
+        (lambda c: c.update(model_type="ratplus2") or c.pop("auto_map"), None, "ratplus2"),
+        # with the loader named in auto_map, transformers asks before running a folder's code
+        (lambda c: c.update(model_type="ratplus2"), None, "trust_remote_code=True"),
         (lambda c: c.update(attention_pattern="D0"), None, "dilation_size"),
         (lambda c: c.update(attention_pattern="Q16"), None, "unknown attention pattern"),
         (lambda c: c.update(attention_pattern="D4:3"), None, "covers 3 heads"),
