@@ -109,3 +109,29 @@ def test_small_blocks_run_as_written(tmp_path):
     assert ran >= 7
     assert (work / "runs" / "tiny-hf" / "config.json").is_file()
     assert (work / "runs" / "eval" / "budget" / "budget.png").is_file()
+
+
+def test_guides_name_only_models_the_demo_leaves():
+    """The guides' full-size commands start from ``ratplus demo``'s output: every ``demo_out/models/<name>``
+    they use is one the demo links, its held-out file is the one the demo writes, and demo.md shows the
+    very commands the demo prints at the end (the quick demo test runs those)."""
+    import dataclasses
+
+    from ratplus.demo import ADAPT_PATTERNS, HELDOUT_FILE, MODELS, model_name
+    from ratplus.demo.pipeline import DemoConfig
+    from ratplus.demo.report import try_commands
+
+    made = {model_name(m, p) for m in MODELS for p in ("dense", *ADAPT_PATTERNS)}
+    seen = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]:
+        text = doc.read_text()
+        for name in re.findall(r"demo_out/models/([\w.-]+)", text):
+            assert name in made, f"{doc.name}: demo_out/models/{name} is not a model the demo names ({sorted(made)})"
+            seen.add(name)
+        for path in re.findall(r"demo_out/data/([\w.-]+)", text):
+            assert path == HELDOUT_FILE, f"{doc.name}: demo_out/data/{path} is not written by the demo"
+        assert "runs/demo/final" not in text or doc.name == "train.md", f"{doc.name}: runs/demo/final is train.md's run"
+    assert {"ratplus", "baseline", "ratplus-D16-W0-P0"} <= seen
+    demo_md = (ROOT / "docs" / "guides" / "demo.md").read_text()
+    for _, cmd in try_commands({"config": dataclasses.asdict(DemoConfig())}):
+        assert cmd in demo_md, f"demo.md does not show the command the demo prints: {cmd}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,10 @@ def save_figure(fig, path: str | Path, dpi: int, layout: bool = True) -> Path:
 
 def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
     """Two panels, ``metric`` against attention FLOPs and against KV-cache size (log x, both relative
-    to dense), one line per model, each point labelled with its pattern. Returns the PNG path."""
+    to dense), one line per model, each point labelled with its pattern; one panel, its axis naming
+    both, where the two costs are equal for every row (dilated and local patterns: each kept key is
+    one slot and one score per query), since the second panel would repeat the first. Returns the PNG
+    path."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     plt = _pyplot()
@@ -52,8 +56,11 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
     models: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         models.setdefault(r["model"], []).append(r)
-    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(6 * len(COST_AXES), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], COST_AXES):
+    axes_of = COST_AXES
+    if all(math.isclose(r[COST_AXES[0][0]], r[COST_AXES[1][0]], rel_tol=1e-9) for r in rows):
+        axes_of = ((COST_AXES[0][0], "attention FLOPs = KV-cache slots (fraction of dense)"),)
+    fig, axes = plt.subplots(1, len(axes_of), figsize=(6 * len(axes_of), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], axes_of):
         for name, rs in models.items():
             rs = sorted(rs, key=lambda r: r[key])
             (line,) = ax.plot([r[key] for r in rs], [r[metric] for r in rs], marker="o", label=name)
