@@ -35,6 +35,7 @@ prompts are token ids; the text is not looked at). Output: tables, then one JSON
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,14 +80,23 @@ def make_folder(preset: str, max_seq_len: int, path: Path) -> Path:
 class Server:
     """``python -m ratplus serve`` in a child process on a free port; stopped with SIGTERM."""
 
-    def __init__(self, ckpt: Path, patterns: list[str], kv_memory: str, max_batch: int, threads: int, compile_: bool):
+    def __init__(
+        self,
+        ckpt: Path,
+        patterns: list[str],
+        kv_memory: str,
+        max_batch: int,
+        threads: int,
+        compile_: bool,
+        extra: list[str] | None = None,
+    ):
         # the child runs this very copy of ratplus (an installed one elsewhere must not win)
         root = str(Path(__file__).resolve().parents[2])
         boot = f"import sys; sys.path.insert(0, {root!r}); from ratplus.cli import main; sys.exit(main())"
         cmd = [sys.executable, "-c", boot, "serve", "--ckpt", str(ckpt), "--port", "0"]
         cmd += ["--patterns", ",".join(patterns), "--kv-memory", kv_memory, "--max-batch", str(max_batch)]
         cmd += ["--max-queue", "1024", "--threads", str(threads), "--log-level", "warning"]
-        cmd += ["--compile" if compile_ else "--no-compile", "--device", "cpu"]
+        cmd += ["--compile" if compile_ else "--no-compile", "--device", "cpu", *(extra or [])]
         env = dict(os.environ)
         t0 = time.perf_counter()
         # the server's log goes to a file: a pipe nobody reads would block it once full
@@ -102,6 +113,10 @@ class Server:
             m = re.search(r"listening on (http://\S+)", log)
             self.url = m.group(1) if m else None
         self.startup_seconds = time.perf_counter() - t0
+
+    def model_name(self) -> str:
+        """The model's name in the API (the server picks it: ``ratplus.serve.engine.served_name``)."""
+        return self.get("/v1/models")[0]["id"].partition(":")[0]
 
     def get(self, path: str) -> Any:
         import urllib.request
@@ -424,8 +439,22 @@ def soak(
             await client.close()
 
     idle_rss = server.rss()
+    scrapes: list[dict[str, float]] = []
+    stop = threading.Event()
+
+    def scrape() -> None:  # /metrics all along: the allocated KV bytes must stay within the budget
+        while not stop.wait(0.1):
+            with contextlib.suppress(OSError):
+                scrapes.append(server.metrics())
+
+    scraper = threading.Thread(target=scrape, daemon=True)
     t0 = time.monotonic()
-    asyncio.run(asyncio.wait_for(_gather_loops(loop, clients, t0 + seconds), seconds + 900))
+    scraper.start()
+    try:
+        asyncio.run(asyncio.wait_for(_gather_loops(loop, clients, t0 + seconds), seconds + 900))
+    finally:
+        stop.set()
+        scraper.join()
     deadline = time.monotonic() + 120
     while True:  # rows of clients that hung up go at the next step
         m = server.metrics()
@@ -441,10 +470,65 @@ def soak(
         "queued_after": int(m["ratplus_requests_queued"]),
         "kv_bytes_in_use_after": int(m["ratplus_kv_bytes_in_use"]),
         "kv_bytes_allocated_after": int(m["ratplus_kv_bytes_allocated"]),
+        "scrapes": len(scrapes),
+        "kv_bytes_allocated_max": max((int(x["ratplus_kv_bytes_allocated"]) for x in scrapes), default=0),
+        "scrapes_over_budget": sum(x["ratplus_kv_bytes_allocated"] > x["ratplus_kv_bytes_budget"] for x in scrapes),
+        "kv_bytes_allocated_peak": int(m.get("ratplus_kv_bytes_allocated_peak", 0)),
         "rss_before_bytes": idle_rss,
         "rss_after_bytes": server.rss(),
         "server_alive": server.proc.poll() is None,
     }
+
+
+def prefix_ttft(
+    servers: dict[str, Server],
+    name: str,
+    pattern: str,
+    prefix_len: int,
+    suffix_len: int,
+    requests: int,
+    vocab: int,
+) -> list[dict[str, Any]]:
+    """TTFT of prompts sharing a ``prefix_len``-token prefix (then ``suffix_len`` tokens of their
+    own), one request at a time, alternating between the servers (``{"off": ..., "on": ...}``, the
+    same model without and with the prefix cache) so both see the same machine. The first request
+    of each server is reported apart (cold for both; it stores the snapshots of the ``on`` server)."""
+    import openai
+
+    shared = _prompts(1, prefix_len, vocab, seed=11)[0]
+    suffixes = _prompts(requests + 1, suffix_len, vocab, seed=12)
+
+    async def one(server: Server, prompt: list[int]) -> float:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=3600)
+        try:
+            r = await _stream(client, f"{name}:{pattern}", prompt, 2)
+        finally:
+            await client.close()
+        return r["times"][0] - r["start"]
+
+    hits0 = {k: _hits(s) for k, s in servers.items()}
+    ttft: dict[str, list[float]] = {k: [] for k in servers}
+    for suffix in suffixes:
+        for key, server in servers.items():
+            ttft[key].append(asyncio.run(one(server, shared + suffix)))
+    return [
+        {
+            "pattern": pattern,
+            "prefix_cache": key,
+            "prefix_len": prefix_len,
+            "suffix_len": suffix_len,
+            "requests": requests,
+            "ttft_first_s": ttft[key][0],
+            "ttft_p50_s": _percentile(ttft[key][1:], 50),
+            "ttft_s": ttft[key][1:],
+            "prefix_hits": _hits(servers[key]) - hits0[key],
+        }
+        for key in servers
+    ]
+
+
+def _hits(server: Server) -> int:
+    return int(server.metrics().get("ratplus_prefix_cache_hits_total", 0))
 
 
 async def _gather_loops(loop, clients: int, deadline: float) -> None:
@@ -470,6 +554,11 @@ def run(
     soak_clients: int = 64,
     soak_prompt: int = 256,
     peer: bool = False,
+    prefix_len: int = 2048,
+    suffix_len: int = 64,
+    prefix_requests: int = 4,
+    prefix_memory: str = "512MiB",
+    prefill_chunk: int = 512,
 ) -> dict[str, Any]:
     """The benchmark (module docstring). ``device`` must be the CPU (the child server runs there)."""
     import logging
@@ -482,26 +571,48 @@ def run(
         raise ValueError("bench serve drives a CPU server here; run `ratplus serve --device cuda` by hand on a GPU")
     patterns = patterns or ["dense", "D16-W256-P4"]
     phases = phases or ["throughput", "admission"]
-    unknown = set(phases) - {"throughput", "admission", "soak"}
+    unknown = set(phases) - {"throughput", "admission", "soak", "prefix"}
     if unknown:
-        raise ValueError(f"--phases: unknown {sorted(unknown)}; choose from throughput, admission, soak")
+        raise ValueError(f"--phases: unknown {sorted(unknown)}; choose from throughput, admission, soak, prefix")
+    main_phases = bool(set(phases) - {"prefix"})
     clients = clients or [1, 4, 16, 64]
     with tempfile.TemporaryDirectory(prefix="ratplus-bench-serve-") as tmp:
         folder = (
-            Path(ckpt) if ckpt else make_folder(preset, max(prompt_len + new_tokens, admission_len), Path(tmp) / preset)
+            Path(ckpt)
+            if ckpt
+            else make_folder(
+                preset, max(prompt_len + new_tokens, admission_len, prefix_len + suffix_len + 2), Path(tmp) / preset
+            )
         )
         config = load_config(folder)
         patterns = [config.canonical_pattern(p) for p in patterns]
         vocab = config.vocab_size
-        for what, length in (("prompt", prompt_len + new_tokens), ("admission", admission_len)):
+        lengths = [("prompt", prompt_len + new_tokens), ("admission", admission_len)]
+        for what, length in lengths + ([("prefix", prefix_len + suffix_len + 2)] if "prefix" in phases else []):
             if length > config.max_seq_len:
                 raise ValueError(f"--{what}-len: {length} tokens exceed the model's max_seq_len={config.max_seq_len}")
         name = folder.resolve().name
-        server = Server(folder, patterns, kv_memory, max([*clients, 256]), server_threads, compile)
-        rows, admit, soaked = [], [], None
+        rows, admit, soaked, prefixed, servers = [], [], None, [], {}
+        if "prefix" in phases:  # before the other phases' server: the two prefix servers alone on the machine
+            for key, memory in (("off", "0"), ("on", prefix_memory)):
+                flags = ["--prefill-chunk", str(prefill_chunk), "--prefix-cache-memory", memory]
+                servers[key] = Server(folder, patterns, kv_memory, 4, server_threads, compile, flags)
+            try:
+                name = servers["on"].model_name()
+                for p in patterns:
+                    prefixed += prefix_ttft(servers, name, p, prefix_len, suffix_len, prefix_requests, vocab)
+                    print(f"  {p}: prefix TTFT measured", file=sys.stderr, flush=True)
+            finally:
+                for s in servers.values():
+                    s.stop()
+        server = None
+        if main_phases:
+            server = Server(folder, patterns, kv_memory, max([*clients, 256]), server_threads, compile)
+        idle_rss = end_rss = budget = 0
         try:
-            idle_rss = server.rss()
-            budget = int(server.metrics()["ratplus_kv_bytes_budget"])
+            if server is not None:
+                idle_rss, name = server.rss(), server.model_name()
+                budget = int(server.metrics()["ratplus_kv_bytes_budget"])
             if "throughput" in phases:
                 for p in patterns:
                     for n in clients:
@@ -521,9 +632,10 @@ def run(
             if "soak" in phases:
                 ids = [f"{name}:{p}" for p in patterns]
                 soaked = soak(server, ids, soak_seconds, soak_clients, vocab, min(soak_prompt, config.max_seq_len // 2))
-            end_rss = server.rss()
+            end_rss = server.rss() if server is not None else 0
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
         peer_startup = None
         if peer and "throughput" in phases:  # after the ratplus server is gone: the two never share the cores
             peer_folder = make_peer_folder(config, prompt_len + new_tokens + 8, Path(tmp) / "llama-peer")
@@ -542,7 +654,7 @@ def run(
     print(
         f"model {name} ({config.num_params() / 1e6:.0f}M params), prompt {prompt_len}, {new_tokens} new tokens, "
         f"server threads {server_threads}, compile {'on' if compile else 'off'}, "
-        f"start-up {server.startup_seconds:.1f} s"
+        f"start-up {(server or servers['on']).startup_seconds:.1f} s"
     )
     if rows:
         print_table(
@@ -578,15 +690,29 @@ def run(
                 f"{a['pattern']} admits {a['admitted'] / admit[0]['admitted']:.1f}x the requests "
                 f"{admit[0]['pattern']} does"
             )
+    if prefixed:
+        print(
+            f"\nprefix cache: prompts of a shared {prefix_len}-token prefix + {suffix_len} tokens of their own, "
+            f"one at a time, alternating between a server without and one with the prefix cache "
+            f"(--prefill-chunk {prefill_chunk}); the first request of each is cold for both"
+        )
+        print_table(
+            ["pattern", "prefix cache", "TTFT first s", "TTFT p50 s", "requests", "hits"],
+            [[x["pattern"], x["prefix_cache"], x["ttft_first_s"], x["ttft_p50_s"], x["requests"], x["prefix_hits"]]
+             for x in prefixed],
+        )  # fmt: skip
+        for p in patterns:
+            off, on = (next(x for x in prefixed if x["pattern"] == p and x["prefix_cache"] == k) for k in ("off", "on"))
+            print(f"{p}: TTFT with the prefix cache {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x better (p50)")
     if soaked is not None:
         print(f"\nsoak: {soaked['seconds']:.0f} s, {soaked['clients']} clients over {', '.join(patterns)}")
         print_table(list(soaked), [list(soaked.values())])
     record = {
         "bench": "serve", **environment(device, dtype), "model": name, "params": config.num_params(),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "server_threads": server_threads, "compile": compile,
-        "startup_s": server.startup_seconds, "idle_rss_bytes": idle_rss, "end_rss_bytes": end_rss,
+        "startup_s": (server or servers["on"]).startup_seconds, "idle_rss_bytes": idle_rss, "end_rss_bytes": end_rss,
         "kv_memory": budget, "admission_len": admission_len, "throughput": rows, "admission": admit,
-        "soak": soaked, "peer": None if peer_startup is None else {
+        "soak": soaked, "prefix": prefixed, "peer": None if peer_startup is None else {
             "row": PEER_ROW, "server": "transformers serve --continuous-batching --device cpu",
             "startup_s": peer_startup, "model": "LlamaForCausalLM (same size, random weights)"},
     }  # fmt: skip

@@ -336,8 +336,26 @@ def prometheus_text(s: dict[str, Any]) -> str:
     metric(
         "kv_bytes_allocated",
         "gauge",
-        "bytes of the caches allocated now (pools and prefills)",
+        "bytes of the KV caches allocated now (never above the budget)",
         [("", s["kv_bytes_allocated"])],
+    )
+    metric(
+        "kv_bytes_allocated_peak",
+        "gauge",
+        "most KV-cache bytes allocated at once since start, pool reshapes included",
+        [("", s["kv_bytes_allocated_peak"])],
+    )
+    pc = s["prefix_cache"]
+    metric("prefix_cache_bytes", "gauge", "bytes of the prefix snapshots", [("", pc["bytes"])])
+    metric("prefix_cache_budget", "gauge", "the --prefix-cache-memory budget", [("", pc["budget"])])
+    metric("prefix_cache_entries", "gauge", "prefix snapshots held", [("", pc["entries"])])
+    metric("prefix_cache_lookups_total", "counter", "prompts looked up in the prefix cache", [("", pc["lookups"])])
+    metric("prefix_cache_hits_total", "counter", "prompts that restored a snapshot", [("", pc["hits"])])
+    metric(
+        "prefix_cache_tokens_reused_total",
+        "counter",
+        "prompt tokens restored from snapshots instead of prefilled",
+        [("", pc["tokens_reused"])],
     )
     metric("generated_tokens_total", "counter", "tokens generated", [("", s["tokens_total"])])
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [("", s["prompt_tokens_total"])])

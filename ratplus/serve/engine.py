@@ -35,10 +35,12 @@ import collections
 import ctypes
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,12 +49,10 @@ from ratplus.generation import SamplingParams, sample_next, sample_row, token_lo
 from ratplus.model.cache import RATPlusCache
 from ratplus.model.rat import RATPlusLM
 from ratplus.serve.admission import KVBudget, kv_bytes
+from ratplus.serve.pool import LENGTH_QUANTUM, RowPool, rows_bucket
+from ratplus.serve.prefix import PrefixCache
 
 logger = logging.getLogger("ratplus")
-
-#: Cache lengths are rounded up to this many tokens, so requests of similar length share a pool
-#: without a rebuild each time one arrives.
-LENGTH_QUANTUM = 256
 
 #: An event for a request's sink: ("token", id), ("end", finish_reason) or ("error", message).
 Event = tuple[str, Any]
@@ -111,21 +111,8 @@ class Request:
 @dataclass
 class _Prefill:
     request: Request
-    cache: RATPlusCache | None = None  # allocated when its prefill starts
-    done: int = 0  # prompt tokens already in the cache
-
-
-def _rows_bucket(n: int, max_rows: int) -> int:
-    return min(max_rows, 1 << (n - 1).bit_length())
-
-
-def _copy_rows(dst: RATPlusCache, dst_rows: Any, src: RATPlusCache, src_rows: Any) -> None:
-    """Copy cache rows (an int or a slice on each side) over the slots both caches have: slots hold
-    the same positions in both (``SlotLayout`` depends on P, W, D only while a row's tokens fit)."""
-    for d_layer, s_layer in zip(dst.layers, src.layers, strict=True):
-        for d, s in zip(d_layer.tensors(), s_layer.tensors(), strict=True):
-            common = tuple(slice(0, min(a, b)) for a, b in zip(d.shape[1:], s.shape[1:]))
-            d[(dst_rows, *common)] = s[(src_rows, *common)]
+    done: int = 0  # prompt tokens already in its pool row
+    reused: int = 0  # of which restored from a prefix snapshot
 
 
 def _trim_heap() -> None:
@@ -145,62 +132,6 @@ def _trim_heap() -> None:
 _libc = None
 
 
-class RowPool:
-    """The running rows of one pattern (module docstring): a cache of B rows, rows [0, n) in use."""
-
-    def __init__(self, engine: Engine, pattern: str):
-        self.engine, self.pattern = engine, pattern
-        self.cache: RATPlusCache | None = None
-        self.rows: list[Request] = []
-        self.held: list[int] = []  # tokens in the cache per row
-        self.next: list[int] = []  # the token each row feeds to the next step
-
-    def nbytes(self) -> int:
-        cache = self.cache  # read once: the engine thread may free it meanwhile
-        return 0 if cache is None else cache.nbytes()
-
-    def _rebuild(self, rows: int, length: int) -> None:
-        e = self.engine
-        length = min(e.model.config.max_seq_len, -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
-        new = RATPlusCache(e.model.config, self.pattern, rows, length, device=e.device, dtype=e.dtype)
-        if self.cache is not None and self.rows:
-            _copy_rows(new, slice(0, len(self.rows)), self.cache, slice(0, len(self.rows)))
-        self.cache = new
-
-    def add(self, request: Request, solo: RATPlusCache, token: int) -> None:
-        """Move a prefilled one-row cache into row n and queue its first token for the next step."""
-        n = len(self.rows)
-        length = max([request.length] + [r.length for r in self.rows])
-        if self.cache is None or n + 1 > self.cache.batch_size or request.length > self.cache.max_len:
-            self._rebuild(_rows_bucket(n + 1, self.engine.max_batch), length)
-        _copy_rows(self.cache, n, solo, 0)
-        self.rows.append(request)
-        self.held.append(len(request.prompt))
-        self.next.append(token)
-
-    def remove(self, i: int) -> None:
-        """Free row i: the last running row moves into it (one row copy)."""
-        last = len(self.rows) - 1
-        if i != last:
-            _copy_rows(self.cache, i, self.cache, last)
-            self.rows[i], self.held[i], self.next[i] = self.rows[last], self.held[last], self.next[last]
-        del self.rows[last], self.held[last], self.next[last]
-        if not self.rows:
-            self.cache = None  # back to no memory at all while the pattern is idle
-        elif 4 * len(self.rows) <= self.cache.batch_size:
-            self._rebuild(_rows_bucket(len(self.rows), self.engine.max_batch), max(r.length for r in self.rows))
-
-    def step(self) -> torch.Tensor:
-        """One decode step of every running row: logits (n, V)."""
-        e, n = self.engine, len(self.rows)
-        B = self.cache.batch_size
-        tokens = torch.tensor(self.next + [0] * (B - n), dtype=torch.long).view(B, 1).to(e.device)
-        held = torch.tensor(self.held + [0] * (B - n), dtype=torch.long).to(e.device)
-        logits = e.decode_step(tokens, self.cache, held)
-        self.held = [h + 1 for h in self.held]
-        return logits[:n]
-
-
 class Engine:
     """The batching loop in its own thread (module docstring). Thread-safe API: ``submit``,
     ``cancel``, ``snapshot``, ``drain``, ``stop``."""
@@ -214,6 +145,7 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 512,
         compile: bool = False,
+        prefix_memory: int = 0,
     ):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -226,7 +158,16 @@ class Engine:
         for p in patterns:
             if any(g.is_topk or g.is_snapkv for layer in model.config.resolve_pattern(p) for g, _ in layer.groups):
                 raise ValueError(f"--patterns: {p} has no fixed-shape decode step (top-k, SnapKV); serve slot patterns")
-        self.pools = {p: RowPool(self, p) for p in patterns}
+        for p in patterns:  # a budget no request fits would queue every request forever
+            least = kv_bytes(model.config, p, 2, self.dtype)
+            if least > kv_memory:
+                raise ValueError(
+                    f"--kv-memory {kv_memory:,} B is smaller than the smallest request under {p} (1 prompt "
+                    f"token + 1 new token needs {least:,} B of KV cache); raise --kv-memory"
+                )
+        self.pools = {p: RowPool(model.config, p, self.device, self.dtype) for p in patterns}
+        self.prefix = PrefixCache(prefix_memory, prefill_chunk)
+        self.peak_allocated = 0  # most KV bytes held at once, reshapes' transients included
         # dynamic=None: the first shape compiles static, a second one (rows, slots) compiles dynamic once
         self._compiled = torch.compile(model.decode_step_core, dynamic=None) if compile else None
         self.warm_up_seconds = 0.0
@@ -264,8 +205,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
             self._waiting.append(request)
-            self._admit()  # at once when it fits: /metrics counts it as running from now on
-            self._cv.notify()
+            self._cv.notify()  # the engine thread admits it (admission may reshape a pool it owns)
 
     def cancel(self, request: Request) -> None:
         """The client is gone: its row and memory are freed before the next step."""
@@ -314,8 +254,9 @@ class Engine:
                 "queued": len(self._waiting),
                 "kv_bytes_in_use": self.budget.in_use,
                 "kv_bytes_budget": self.budget.budget,
-                "kv_bytes_allocated": sum(p.nbytes() for p in self.pools.values())
-                + sum(f.cache.nbytes() for f in self._prefills if f.cache is not None),
+                "kv_bytes_allocated": self.allocated(),
+                "kv_bytes_allocated_peak": self.peak_allocated,
+                "prefix_cache": self.prefix.stats(),
                 "tokens_total": self.tokens_total,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "tokens_per_second": rate,
@@ -336,6 +277,10 @@ class Engine:
                 self.decode_step(tokens, cache, torch.zeros(rows, dtype=torch.long, device=self.device))
         self.warm_up_seconds = time.perf_counter() - t0
         return self.warm_up_seconds
+
+    def allocated(self) -> int:
+        """KV bytes the pools hold now (every cache the engine has: requests are prefilled in place)."""
+        return sum(p.nbytes() for p in self.pools.values())
 
     # ---- the engine thread -------------------------------------------------------------------------
     def decode_step(self, tokens: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
@@ -376,15 +321,84 @@ class Engine:
                 self._decode(pool)
 
     def _admit(self) -> None:
+        """Admit waiting requests in arrival order while a row is free and their pool can take them
+        within the budget (``_make_room``); the first that cannot waits, and so do the ones behind
+        it (a large request is not overtaken forever). Caller holds the lock."""
         running = len(self._prefills) + sum(len(p.rows) for p in self.pools.values())
         while self._waiting and running < self.max_batch:
             r = self._waiting[0]
-            if not self.budget.try_reserve(r.kv_bytes):
-                break  # first come, first served: a large request is not overtaken forever
+            pool = self.pools[r.pattern]
+            if not self._make_room(pool, r):
+                break
             self._waiting.popleft()
+            self.budget.reserve(r.kv_bytes)
+            pool.add_prefill(r)
             self._prefills.append(_Prefill(r))
             running += 1
         self.peak_running = max(self.peak_running, running)
+
+    def _fits(self, others: int, pool: RowPool, rows: int, length: int) -> bool:
+        """Whether reshaping ``pool`` to rows x length keeps every moment within the budget, the
+        other pools holding ``others`` bytes."""
+        return others + pool.peak(rows, length) <= self.budget.budget
+
+    def _reshape(self, pool: RowPool, rows: int, length: int) -> None:
+        others = self.allocated() - pool.nbytes()
+        self.peak_allocated = max(self.peak_allocated, others + pool.peak(rows, length))
+        pool.reshape(rows, length)
+
+    def _make_room(self, pool: RowPool, r: Request) -> bool:
+        """Make a free row of at least ``r.length`` tokens in ``pool`` without the allocated bytes
+        ever passing ``--kv-memory`` (docs/DESIGN.md section 10). In order of preference:
+          1. a free row is there already (nothing allocated);
+          2. reshape the pool, rounding rows up to a power of two (room for the same-pattern requests
+             waiting behind) and the length up to ``LENGTH_QUANTUM``, as far as the budget allows;
+          3. shrink the other pools to their used rows and length first, then give this pool exactly
+             what it needs.
+        False: wait for rows to finish."""
+        used, need = pool.used + 1, max(pool.need_len(), r.length)
+        if pool.capacity >= used and pool.max_len >= r.length:
+            return True
+        limit = self.model.config.max_seq_len
+        others = self.allocated() - pool.nbytes()
+        waiting = sum(1 for w in self._waiting if w.pattern == r.pattern)
+        hi = rows_bucket(min(self.max_batch, pool.used + waiting), self.max_batch)
+        quantized = min(limit, -(-need // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+        for length in dict.fromkeys((max(quantized, pool.max_len), quantized, need)):
+            if not self._fits(others, pool, used, length):
+                continue
+            lo, top = used, max(used, hi)
+            while lo < top:  # the most rows in [used, hi] that fit (the peak grows with the rows)
+                mid = (lo + top + 1) // 2
+                lo, top = (mid, top) if self._fits(others, pool, mid, length) else (lo, mid - 1)
+            self._reshape(pool, lo, length)
+            return True
+        # shrink the other pools to what their rows need, where that itself stays within the budget
+        plan, total = [], self.allocated()
+        for q in self.pools.values():
+            if q is pool or q.cache is None or (q.capacity, q.max_len) == (q.used, q.need_len()):
+                continue
+            if total - q.nbytes() + q.peak(q.used, q.need_len()) <= self.budget.budget:
+                plan.append(q)
+                total += sum(q.sizes(q.used, q.need_len())) - q.nbytes()
+        if total - pool.nbytes() + pool.peak(used, need) > self.budget.budget:
+            return False
+        for q in plan:
+            self._reshape(q, q.used, q.need_len())
+        self._reshape(pool, used, need)
+        return True
+
+    def _shrink(self, pool: RowPool) -> None:
+        """After rows left: a pool a quarter used (or twice as long as its rows need) gives memory
+        back, when the reshape's own peak fits. Caller holds the lock."""
+        if pool.cache is None:
+            return
+        rows = rows_bucket(pool.used, self.max_batch)
+        need = min(self.model.config.max_seq_len, -(-pool.need_len() // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+        if 4 * pool.used <= pool.capacity or 2 * need <= pool.max_len:
+            rows, need = min(rows, pool.capacity), min(need, pool.max_len)
+            if self._fits(self.allocated() - pool.nbytes(), pool, rows, need):
+                self._reshape(pool, rows, need)
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self._waiting if r.cancelled]:
@@ -392,47 +406,70 @@ class Engine:
             self._end(r, "cancelled", reserved=False)
         for f in [f for f in self._prefills if f.request.cancelled]:
             self._prefills.remove(f)
+            self.pools[f.request.pattern].drop_prefill(f.request)
             self._end(f.request, "cancelled")
         for pool in self.pools.values():
+            gone = False
             for i in reversed(range(len(pool.rows))):
                 if pool.rows[i].cancelled:
                     r = pool.rows[i]
                     pool.remove(i)
                     self._end(r, "cancelled")
+                    gone = True
+            if gone:
+                self._shrink(pool)
 
     def _prefill_chunk(self, f: _Prefill) -> None:
+        """One chunk of the oldest admitted prompt, straight into its pool row (``RowPool``): the
+        row is a one-row cache that holds the first ``f.done`` tokens, so the chunks run exactly as
+        ``ratplus.generate`` runs its prefill for this request alone (and a shared prefix comes from
+        a snapshot instead, ``ratplus.serve.prefix``)."""
         r = f.request
-        if f.cache is None:  # one row, built as ratplus.generate builds it for this request alone
-            cache = RATPlusCache(self.model.config, r.pattern, 1, r.length, device=self.device, dtype=self.dtype)
-            with self._cv:
-                f.cache = cache
+        pool = self.pools[r.pattern]
+        if f.done == 0 and r.prompt_logprobs is None:  # echo scores every prompt token: no reuse
+            view = pool.prefill_view(r, 0)
+            f.done = f.reused = self.prefix.restore(r.pattern, r.prompt, view)
+        view = pool.prefill_view(r, f.done)
         chunk = r.prompt[f.done : f.done + self.prefill_chunk]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        full = self.model(ids, cache=f.cache)  # (1, T, V)
         if r.prompt_logprobs is not None:  # echo: position q's logits score prompt token q + 1
+            full = self.model(ids, cache=view)  # (1, T, V)
             targets = r.prompt[f.done + 1 : f.done + 1 + len(chunk)]
             if targets:
                 lp, top = token_logprobs(full[0, : len(targets)], torch.tensor(targets), r.prompt_logprobs)
                 r.prompt_logprob_rows.extend(zip(lp, top))
-        logits = full[:, -1]  # (1, V)
+            logits = full[:, -1]  # (1, V)
+        else:  # the head on the last position only, as ratplus.generate does
+            logits = self.model.logits(self.model.hidden(ids, cache=view)[:, -1:])[:, -1]  # (1, V)
         f.done += len(chunk)
+        self.prefix.store(r.pattern, r.prompt[: f.done], view)
         if f.done < len(r.prompt):
             return
         self.prompt_tokens_total += len(r.prompt)
+        self.prefix.count(f.reused, len(r.prompt))
         if r.max_tokens == 0:  # echo scoring: the prompt's logprobs and no token
             with self._cv:
                 self._prefills.remove(f)
+                pool.drop_prefill(r)
                 self._end(r, "length")
+                self._shrink(pool)
             return
         token = self._sample(r, logits)[0]
         keep = self._deliver(r, token)
-        with self._cv:  # from prefill to pool in one step, as /metrics sees it
+        with self._cv:  # from prefill to decoding in one step, as /metrics sees it
             self._prefills.remove(f)
             if keep:
-                self.pools[r.pattern].add(r, f.cache, token)
+                pool.start_decoding(r, token)
+            else:
+                pool.drop_prefill(r)
+                self._shrink(pool)
 
     def _decode(self, pool: RowPool) -> None:
-        logits = pool.step()
+        n = len(pool.rows)
+        tokens = torch.tensor(pool.next, dtype=torch.long, device=self.device).view(n, 1)
+        held = torch.tensor(pool.held, dtype=torch.long, device=self.device)
+        logits = self.decode_step(tokens, pool.decode_view(), held)  # (n, V): running rows only
+        pool.held = [h + 1 for h in pool.held]
         tokens = self._sample_rows(pool.rows, logits)
         done = []
         for i, (r, t) in enumerate(zip(pool.rows, tokens)):
@@ -443,6 +480,8 @@ class Engine:
         with self._cv:
             for i in reversed(done):
                 pool.remove(i)
+            if done:
+                self._shrink(pool)
             now = time.monotonic()
             self._recent.append((now, len(tokens)))
             while self._recent and self._recent[0][0] < now - 10:
@@ -511,11 +550,30 @@ class Engine:
             self._fail(f.request, message, reserved=True)
         self._prefills.clear()
         for pool in self.pools.values():
-            for r in pool.rows:
+            for r in pool.clear():
                 self._fail(r, message, reserved=True)
-            pool.rows, pool.held, pool.next, pool.cache = [], [], [], None
         while self._waiting:
             self._fail(self._waiting.popleft(), message)
 
 
-__all__ = ["Engine", "QueueFull", "Request", "RowPool", "ShuttingDown"]
+#: Folder names that say where a model sits in a run, not what it is (``runs/demo/final``).
+_GENERIC_FOLDERS = re.compile(r"(final|best|last|latest|model|checkpoint|ckpt|step)([-_.]?\d*)", re.IGNORECASE)
+
+
+def served_name(folder: str | Path, config_name: str | None, metadata: dict[str, Any] | None = None) -> str:
+    """The model's name in the API when ``--name`` is not given: ``name`` in the folder's
+    ``metadata.json`` when a run recorded one; else the folder's name, unless it is a generic one
+    (``final``, ``checkpoint-500``, ...): then the config's name (``ModelConfig.name``: the preset or
+    the imported model) when it is not the default ``custom``, else the run folder above it."""
+    recorded = (metadata or {}).get("name")
+    if isinstance(recorded, str) and recorded.strip():
+        return recorded.strip()
+    path = Path(folder).resolve()
+    if not _GENERIC_FOLDERS.fullmatch(path.name):
+        return path.name
+    if config_name and config_name != "custom":
+        return config_name
+    return path.parent.name or path.name
+
+
+__all__ = ["Engine", "QueueFull", "Request", "RowPool", "ShuttingDown", "served_name"]

@@ -48,9 +48,7 @@ def rows_bucket(n: int, max_rows: int) -> int:
     return max(n, min(max_rows, 1 << max(0, n - 1).bit_length()))
 
 
-def tensor_sizes(
-    config: ModelConfig, pattern: PatternSpec, rows: int, max_len: int, dtype: torch.dtype
-) -> list[int]:
+def tensor_sizes(config: ModelConfig, pattern: PatternSpec, rows: int, max_len: int, dtype: torch.dtype) -> list[int]:
     """Bytes of each tensor of ``RATPlusCache(config, pattern, rows, max_len, dtype=dtype)``, in the
     order ``reshape`` replaces them: every head group's k and v, layer by layer, then the recurrent
     states. Slot patterns only; sums to ``ratplus.model.cache.cache_nbytes`` (tests/serve check it)."""

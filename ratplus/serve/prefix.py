@@ -47,7 +47,8 @@ def _digests(ids: list[int], block: int, upto: int) -> list[bytes]:
     """Digest of ids[: (j + 1) * block] for each whole block j below ``upto`` tokens (a chain)."""
     out, h = [], b""
     for j in range(upto // block):
-        h = hashlib.blake2b(h + torch.tensor(ids[j * block : (j + 1) * block]).numpy().tobytes(), digest_size=16).digest()
+        block_bytes = torch.tensor(ids[j * block : (j + 1) * block], dtype=torch.int64).numpy().tobytes()
+        h = hashlib.blake2b(h + block_bytes, digest_size=16).digest()
         out.append(h)
     return out
 

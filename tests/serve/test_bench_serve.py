@@ -35,6 +35,9 @@ def test_bench_serve_small(capsys):
     s = rec["soak"]
     assert s["completed"] > 0 and s["hung"] == s["server_errors"] == s["other_errors"] == 0
     assert s["running_after"] == s["queued_after"] == s["kv_bytes_in_use_after"] == s["kv_bytes_allocated_after"] == 0
+    # the memory bound: every /metrics scrape during the soak, and the engine's own peak (reshapes included)
+    assert s["scrapes"] > 10 and s["scrapes_over_budget"] == 0
+    assert 0 < s["kv_bytes_allocated_max"] <= s["kv_bytes_allocated_peak"] <= 200 * 1024
     assert s["server_alive"]
 
 
@@ -43,5 +46,9 @@ def test_bench_serve_small(capsys):
     [(["--phases", "warmup"], "--phases"), (["--clients", "0"], "--clients"), (["--device", "meta"], "")],
 )
 def test_bench_serve_bad_flags(capsys, extra, needle):
-    assert main(["bench", "serve", "--preset", "tiny", *extra]) == 2
+    try:
+        code = main(["bench", "serve", "--preset", "tiny", *extra])
+    except SystemExit as e:  # a number flag's value, refused by argparse itself
+        code = e.code
+    assert code == 2
     assert "ratplus bench serve: error:" in capsys.readouterr().err
