@@ -52,3 +52,19 @@ def test_bench_serve_bad_flags(capsys, extra, needle):
         code = e.code
     assert code == 2
     assert "ratplus bench serve: error:" in capsys.readouterr().err
+
+
+def test_bench_serve_prefix_phase(capsys):
+    """The prefix phase: one server without and one with the prefix cache, alternating; every request
+    after the first restores the shared prefix on the second server and none on the first."""
+    argv = ["bench", "serve", "--preset", "tiny", "--phases", "prefix", "--patterns", "D16-W8-P2"]
+    argv += ["--prefix-len", "64", "--suffix-len", "8", "--prefix-requests", "2", "--prefill-chunk", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rec = json.loads(out.strip().splitlines()[-1])
+    by_mode = {r["prefix_cache"]: r for r in rec["prefix"]}
+    assert by_mode["off"]["prefix_hits"] == 0 and by_mode["on"]["prefix_hits"] == 2
+    for r in rec["prefix"]:
+        assert len(r["ttft_s"]) == 2 and r["ttft_first_s"] > 0 and r["ttft_p50_s"] > 0
+    assert "D16-W8-P2: TTFT with the prefix cache" in out
+    assert rec["throughput"] == rec["admission"] == [] and rec["soak"] is None
