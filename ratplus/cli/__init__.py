@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from ratplus.cli.common import Parser
+
 # The subcommand modules, in the order `ratplus --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "ratplus.cli.demo",
@@ -26,9 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ratplus", description="RAT+: train dense, infer sparse (recurrence-augmented attention)."
-    )
+    parser = Parser(prog="ratplus", description="RAT+: train dense, infer sparse (recurrence-augmented attention).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

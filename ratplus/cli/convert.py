@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ratplus.cli.common import picked
+from ratplus.cli.common import nonneg_int, picked, positive_int
 from ratplus.runtime import resolve_dtype
 
 #: flags that are keyword arguments of ``ratplus.hf.convert.convert`` under the same name
@@ -46,33 +46,53 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=("native", "hf"), default=None, help="output format (default: the other one)")
-    p.add_argument("--pattern", default=None, help="default attention pattern to record, e.g. D16-W256-P4")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model (or a folder) to save beside")
+    p.add_argument(
+        "--pattern",
+        default=None,
+        help="default attention pattern to record, e.g. D16-W256-P4 (default: the source's adapted pattern, if any)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json / tokenizer.model (or a folder) to save beside (default: the source's, if any)",
+    )
     p.add_argument(
         "--num-heads",
-        type=int,
+        type=positive_int,
         default=None,
         help="reference import: heads per layer (default: the checkpoint's stored config, else d_model / head size)",
     )
     p.add_argument(
         "--head-dim",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"reference import: head size if no --num-heads (default: stored config, else {PAPER_HEAD_DIM})",
     )
     p.add_argument(
-        "--max-seq-len", type=int, default=None, help="reference import: context (default: stored config, else 4096)"
+        "--max-seq-len",
+        type=positive_int,
+        default=None,
+        help="reference import: context (default: stored config, else 4096)",
     )
     p.add_argument(
-        "--eos-token-id", type=int, default=None, help="reference import: EOS id (default 2 for vocab 32000)"
+        "--eos-token-id",
+        type=nonneg_int,
+        default=None,
+        help="reference import: EOS id (default: 2 for vocab 32000, else none)",
     )
     p.add_argument(
         "--from-hf",
         action="store_true",
         help="SRC is a Llama-family Hugging Face folder (or GGUF file) to import; refuse anything else",
     )
-    p.add_argument("--gguf-file", default=None, help="import this GGUF file (a name inside SRC, or a path)")
-    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    p.add_argument(
+        "--gguf-file",
+        default=None,
+        help="import this GGUF file, a name inside SRC or a path (default: SRC itself when it ends in .gguf)",
+    )
+    p.add_argument(
+        "--dtype", default=None, help="cast weights to float32, bfloat16 or float16 (default: keep the source's)"
+    )
     p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in DST")
     p.set_defaults(func=_run)

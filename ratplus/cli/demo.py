@@ -5,62 +5,67 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ratplus.cli.common import add_device, fraction, nonneg_int, positive_float, positive_int, shown_default
 from ratplus.demo.pipeline import Demo, DemoConfig
 from ratplus.demo.report import print_summary
 from ratplus.io.corpus import CORPORA
 from ratplus.io.lock import folder_lock
 from ratplus.runtime import resolve_device
 
+#: DemoConfig fields set by the flag of the same name (their number types refuse bad values)
+_CONFIG_FLAGS = (
+    *("pretrain_tokens", "recall_steps", "recall_lr", "recall_adapt_steps"),
+    *("corpus", "joint_pattern", "dense_warmup", "seed", "recall_seed"),
+)
+
+
+def _default(field: str) -> str:
+    return shown_default(getattr(DemoConfig, field), getattr(DemoConfig.quick(), field))
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train dense, adapt sparse, evaluate: the end-to-end main job")
     p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
     p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (a minute or two)")
-    p.add_argument("--device", default="cpu")
+    add_device(p, "cpu")
     p.add_argument(
-        "--pretrain-tokens", type=int, help=f"tokens per pretrained model (default {DemoConfig.pretrain_tokens:,})"
+        "--pretrain-tokens", type=positive_int, help=f"tokens per pretrained model {_default('pretrain_tokens')}"
     )
     p.add_argument(
         "--recall-steps",
-        type=int,
-        help=f"recall probe pretraining steps (default {DemoConfig.recall_steps}); other stages are reused",
+        type=positive_int,
+        help=f"recall probe pretraining steps; other stages are reused {_default('recall_steps')}",
     )
-    p.add_argument("--recall-lr", type=float, help=f"recall probe peak LR (default {DemoConfig.recall_lr:g})")
+    p.add_argument("--recall-lr", type=positive_float, help=f"recall probe peak LR {_default('recall_lr')}")
     p.add_argument(
         "--recall-adapt-steps",
-        type=int,
-        help=f"recall probe adaptation steps per sparse pattern (default {DemoConfig.recall_adapt_steps})",
+        type=positive_int,
+        help=f"recall probe adaptation steps per sparse pattern {_default('recall_adapt_steps')}",
     )
-    p.add_argument("--corpus", choices=CORPORA, help=f"bundled training corpus (default {DemoConfig.corpus})")
-    p.add_argument("--joint-pattern", help=f"RAT+'s joint-training sparse branch (default {DemoConfig.joint_pattern})")
+    p.add_argument("--corpus", choices=CORPORA, help=f"bundled training corpus {_default('corpus')}")
+    p.add_argument("--joint-pattern", help=f"RAT+'s joint-training sparse branch {_default('joint_pattern')}")
     p.add_argument(
         "--dense-warmup",
-        type=float,
-        help=f"fraction of RAT+'s pretraining batches trained dense only first (default {DemoConfig.dense_warmup})",
+        type=fraction,
+        help=f"fraction of RAT+'s pretraining batches trained dense only first {_default('dense_warmup')}",
     )
     p.add_argument(
-        "--seed", type=int, help=f"seed of the pretraining, adaptation and sampling stages (default {DemoConfig.seed})"
+        "--seed", type=nonneg_int, help=f"seed of the pretraining, adaptation and sampling stages {_default('seed')}"
     )
     p.add_argument(
         "--recall-seed",
-        type=int,
-        help=f"recall probe seed (default {DemoConfig.recall_seed}); the probe runs on "
-        f"{DemoConfig.recall_threads} torch thread whatever the machine, so a seed gives the same figures anywhere",
+        type=nonneg_int,
+        help=f"recall probe seed; the probe runs on {DemoConfig.recall_threads} torch thread whatever the machine, "
+        f"so a seed gives the same figures anywhere {_default('recall_seed')}",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     kw: dict[str, Any] = dict(out_dir=args.out, device=args.device, progress=not args.no_progress)
-    for name in ("pretrain_tokens", "recall_steps", "recall_lr", "recall_adapt_steps"):
-        value = getattr(args, name)
-        if value is not None:
-            if not value > 0:  # also refuses nan
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-            kw[name] = value
-    for name in ("corpus", "joint_pattern", "dense_warmup", "seed", "recall_seed"):
-        if getattr(args, name) is not None:
+    for name in _CONFIG_FLAGS:
+        if getattr(args, name) is not None:  # a flag not given keeps DemoConfig's (or quick's) value
             kw[name] = getattr(args, name)
     resolve_device(args.device)  # an unknown or unavailable --device fails before any work
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)

@@ -11,8 +11,20 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
-from ratplus.cli.common import floats, ints, names
+from ratplus.cli.common import (
+    DTYPE_HELP,
+    add_device,
+    ints,
+    lazy_default,
+    names,
+    nonneg_int,
+    percents,
+    positive_float,
+    positive_int,
+    shown_default,
+)
 from ratplus.eval.common import EvalModel, open_checkpoint
 from ratplus.eval.report import run_budget, run_longbench, run_niah, run_ppl
 from ratplus.runtime import check_dir, emit_json, read_jsonl, resolve_device, resolve_dtype, write_jsonl
@@ -29,14 +41,43 @@ def _open(path: str, device: str, dtype: str) -> EvalModel:
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    add_device(p)
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _held_out(p: argparse.ArgumentParser, batch: str) -> None:
+    """--seq-len, --batch-size, --max-tokens and --no-plot of the perplexity commands."""
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="window length (default: the model's max_seq_len)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help=batch)
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="read about this many tokens (default: all of --data)"
+    )
+    p.add_argument("--no-plot", action="store_true", help="no PNG")
+
+
+def _niah_samples(p: argparse.ArgumentParser, num_samples: int) -> None:
+    """The flags that make NIAH samples (eval niah, eval niah-data)."""
+    from ratplus.eval.niah import DEFAULT_DEPTHS
+
+    p.add_argument("--tasks", default="all", help="comma-separated NIAH tasks, or all (the 8 RULER tasks)")
+    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096], help="haystack lengths in tokens")
+    p.add_argument("--num-samples", type=positive_int, default=num_samples, help="samples per task and length")
+    p.add_argument(
+        "--depths",
+        type=percents,
+        default=list(DEFAULT_DEPTHS),
+        help="depths of the first needle, in %% of the haystack (0 = start, 100 = end)",
+    )
+    p.add_argument("--essay", default=None, help="prose file for essay haystacks (default: the bundled plays)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the samples")
+
+
 def add_parser(sub) -> None:
-    from ratplus.eval.niah import DEFAULT_DEPTHS, DEFAULT_MAX_NEW_TOKENS
+    from ratplus.eval.niah import DEFAULT_MAX_NEW_TOKENS
     from ratplus.eval.ppl import DEFAULT_PATTERNS
 
     ev = sub.add_parser(
@@ -51,10 +92,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ckpt", action="append", required=True, help="model folder (repeat for several models)")
     p.add_argument("--patterns", type=names, default=list(DEFAULT_PATTERNS), help="comma-separated patterns")
     p.add_argument("--data", nargs="+", required=True, help=".txt/.md/.jsonl files or folders of held-out text")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="score about this many tokens (default: all)")
-    p.add_argument("--no-plot", action="store_true")
+    _held_out(p, "windows per forward pass")
     _common(p, "runs/eval/ppl")
     p.set_defaults(func=_cmd_ppl)
 
@@ -64,51 +102,61 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--patterns", type=names, default=None, help="comma-separated patterns (default: the matched-budget sweep)"
     )
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
-    p.add_argument("--score-tokens", type=int, default=8, help="tokens scored after each window's prompt")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="read about this many tokens (default: all)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--score-tokens", type=positive_int, default=8, help="tokens scored after each window's prompt")
+    _held_out(p, "windows per forward pass")
     _common(p, "runs/eval/budget")
     p.set_defaults(func=_cmd_budget)
 
-    depths = ",".join(str(d) for d in DEFAULT_DEPTHS)
     p = esub.add_parser("niah", help="RULER needle-in-a-haystack tasks, greedy decoding, string-match-all")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--pattern", "--patterns", dest="patterns", type=names, default=["dense"])
-    p.add_argument("--tasks", default="all", help="comma-separated NIAH tasks (default: all 8)")
-    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096])
-    p.add_argument("--num-samples", type=int, default=5, help="samples per task and length")
-    p.add_argument("--depths", type=floats, default=list(DEFAULT_DEPTHS), help=f"needle depths %% (default {depths})")
-    p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
-    p.add_argument("--essay", default=None, help="prose file for essay haystacks (default: the bundled plays)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="evaluate this NIAH JSONL instead of generating samples")
+    p.add_argument("--ckpt", required=True, help="model folder")
+    p.add_argument(
+        "--pattern", "--patterns", dest="patterns", type=names, default=["dense"], help="comma-separated patterns"
+    )
+    _niah_samples(p, 5)
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"answer tokens (default: the samples' own, {DEFAULT_MAX_NEW_TOKENS} for generated ones)",
+    )
+    p.add_argument(
+        "--data", default=None, help="evaluate this NIAH JSONL (default: generate the samples with the flags above)"
+    )
     _common(p, "runs/eval/niah")
     p.set_defaults(func=_cmd_niah)
 
     p = esub.add_parser("niah-data", help="write NIAH samples (train or test split) as JSONL, eval or SFT form")
     p.add_argument("--tokenizer", required=True, help="model folder or tokenizer.json sizing the samples")
-    p.add_argument("--tasks", default="all")
-    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096])
-    p.add_argument("--num-samples", type=int, default=100)
-    p.add_argument("--depths", type=floats, default=list(DEFAULT_DEPTHS))
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--essay", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--format", choices=("eval", "sft"), default="eval")
+    _niah_samples(p, 100)
+    p.add_argument(
+        "--split", choices=("train", "test"), default="test", help="which haystacks and needles (disjoint splits)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, help="answer tokens reserved per sample"
+    )
+    p.add_argument(
+        "--format", choices=("eval", "sft"), default="eval", help="eval records, or prompt/answer pairs for sft"
+    )
     p.add_argument("--out", required=True, help="output .jsonl file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_niah_data)
 
     p = esub.add_parser("longbench", help="LongBench v1 on local JSONL files (middle truncation, greedy)")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--pattern", "--patterns", dest="patterns", type=names, default=["dense"])
+    p.add_argument("--ckpt", required=True, help="model folder")
+    p.add_argument(
+        "--pattern", "--patterns", dest="patterns", type=names, default=["dense"], help="comma-separated patterns"
+    )
     p.add_argument("--data", nargs="+", required=True, help="<dataset>.jsonl files or folders of them")
-    p.add_argument("--datasets", type=names, default=None, help="only these datasets")
-    p.add_argument("--context-length", type=int, default=4096)
-    p.add_argument("--limit", type=int, default=None, help="records per dataset")
+    p.add_argument(
+        "--datasets", type=names, default=None, help="only these datasets (default: every one found in --data)"
+    )
+    p.add_argument(
+        "--context-length",
+        type=positive_int,
+        default=4096,
+        help="prompt + answer tokens; longer prompts lose their middle (capped at the model's max_seq_len)",
+    )
+    p.add_argument("--limit", type=positive_int, default=None, help="records per dataset (default: all)")
     _common(p, "runs/eval/longbench")
     p.set_defaults(func=_cmd_longbench)
     _add_recall(esub)
@@ -121,7 +169,7 @@ def add_parser(sub) -> None:
         add_help=False,
         help="lm-evaluation-harness with the ratplus model registered (lm-eval's options; -h for them)",
     )
-    p.add_argument("lm_eval_args", nargs="*")
+    p.add_argument("lm_eval_args", nargs="*", help="lm-eval's own options, passed on as they are")
     p.set_defaults(func=_cmd_lm_eval)
 
 
@@ -279,44 +327,64 @@ def _add_recall(esub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="smoke budget (tiny task and model, < 2 min on 2 cores)")
     task = p.add_argument_group("task")
-    task.add_argument("--pairs", type=int, help="key-value pairs per sequence (default 6)")
-    task.add_argument("--spread", type=int, help="chunk size holding at most one pair (default 16)")
-    task.add_argument("--seq-len", type=int, help="context length T (default 128)")
-    task.add_argument("--filler-vocab", type=int)
-    task.add_argument("--key-vocab", type=int)
-    task.add_argument("--value-vocab", type=int)
+    _recall(task, "--pairs", positive_int, "key-value pairs per sequence")
+    _recall(task, "--spread", positive_int, "chunk size holding at most one pair")
+    _recall(task, "--seq-len", positive_int, "context length T")
+    _recall(task, "--filler-vocab", positive_int, "distinct filler tokens")
+    _recall(task, "--key-vocab", positive_int, "distinct keys")
+    _recall(task, "--value-vocab", positive_int, "distinct values")
     task.add_argument("--packed", action="store_true", default=None, help="pairs adjacent in the body, no spread")
     tr = p.add_argument_group("training")
-    tr.add_argument("--d-model", type=int)
-    tr.add_argument("--layers", dest="num_layers", type=int)
-    tr.add_argument("--heads", dest="num_heads", type=int)
-    tr.add_argument("--steps", type=int, help="pretraining batches (default 1500)")
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--lr", type=float, help="peak LR (default 1e-3)")
+    _recall(tr, "--d-model", positive_int, "model width C")
+    _recall(tr, "--layers", positive_int, "layers", "num_layers")
+    _recall(tr, "--heads", positive_int, "heads per layer", "num_heads")
+    _recall(tr, "--steps", positive_int, "pretraining batches")
+    _recall(tr, "--batch-size", positive_int, "sequences per batch")
+    _recall(tr, "--lr", positive_float, "peak LR")
     tr.add_argument("--no-joint", dest="joint_train", action="store_false", default=None, help="dense-only pretraining")
-    tr.add_argument("--joint-pattern", help="RAT+ sparse branch (default D16-W0-P0)")
-    tr.add_argument("--baseline-joint-pattern", help="baseline sparse branch (default local-W16-P0)")
-    tr.add_argument("--dense-warmup-steps", type=int, help="dense-only batches before joint training starts")
-    tr.add_argument("--adapt-steps", type=int, help="resolution adaptation batches per sparse pattern (0 = none)")
-    tr.add_argument("--adapt-lr-mult", type=float, help="adaptation LR as a multiple of --lr (paper: 0.1)")
+    _recall(tr, "--joint-pattern", str, "RAT+ sparse branch")
+    _recall(tr, "--baseline-joint-pattern", str, "baseline sparse branch")
+    _recall(tr, "--dense-warmup-steps", nonneg_int, "dense-only batches before joint training starts")
+    _recall(tr, "--adapt-steps", nonneg_int, "resolution adaptation batches per sparse pattern, 0 = none")
+    _recall(tr, "--adapt-lr-mult", positive_float, "adaptation LR as a multiple of --lr (paper: 0.1)")
     tr.add_argument(
         "--adapt-constant-lr",
         action="store_true",
         default=None,
         help="keep the adaptation LR at its peak (default: cosine decay to the minimum)",
     )
-    tr.add_argument("--adapt-eval-every", type=int, help="accuracy every N adaptation steps (the adaptation curve)")
-    tr.add_argument("--adapt-patterns", type=names, help="patterns to adapt to (default: every dilated/local one)")
-    tr.add_argument("--load", default=None, help="reuse the pretrained weights of a previous probe's --out folder")
-    p.add_argument("--patterns", type=names, help="comma-separated patterns (default: scaled to the context)")
-    p.add_argument("--eval-batches", type=int)
-    p.add_argument("--models", type=names, help="ratplus,baseline (default both)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--out", default="runs/eval/recall", help="output folder (default runs/eval/recall)")
+    _recall(tr, "--adapt-eval-every", nonneg_int, "accuracy every N adaptation steps, the adaptation curve; 0 = off")
+    _recall(tr, "--adapt-patterns", names, "patterns to adapt to", none="every dilated/local one evaluated")
+    tr.add_argument(
+        "--load",
+        default=None,
+        help="reuse the pretrained weights of a previous probe's --out folder (default: train them)",
+    )
+    _recall(p, "--patterns", names, "comma-separated patterns", none="scaled to the context T")
+    _recall(p, "--eval-batches", positive_int, "test batches per pattern")
+    _recall(p, "--models", names, "ratplus, baseline or both")
+    _recall(p, "--seed", nonneg_int, "seed of the task and the models")
+    p.add_argument("--threads", type=nonneg_int, help="torch threads, 0 = torch's choice (default: torch's choice)")
+    p.add_argument("--no-plot", action="store_true", help="no PNG")
+    p.add_argument("--out", default="runs/eval/recall", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_recall)
+
+
+def _recall(p, flag: str, type_: Any, help: str, field: str | None = None, none: str = "") -> None:
+    """A flag of the recall probe, None unless given; its help shows ``RecallConfig``'s default and the
+    ``--quick`` one (``none``: what a default of None means), read only when --help is printed."""
+    field = field or flag[2:].replace("-", "_")
+
+    def shown() -> str:
+        from ratplus.eval.recall import RecallConfig, quick_config
+
+        full, quick = RecallConfig(), quick_config()
+        value = [c.task if hasattr(c.task, field) else c for c in (full, quick)]
+        full_value, quick_value = (getattr(c, field) for c in value)
+        return shown_default(none if full_value is None else full_value, quick_value)
+
+    lazy_default(p.add_argument(flag, dest=field, type=type_, help=help), shown)
 
 
 def _cmd_recall(args) -> int:

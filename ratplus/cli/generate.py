@@ -15,37 +15,55 @@ import sys
 
 import torch
 
-from ratplus.cli.common import comma_list
+from ratplus.cli.common import add_device, comma_list, nonneg_float, nonneg_int, number, positive_int
 
-token_ids = comma_list(int, "token ids")
+token_ids = comma_list(nonneg_int, "token ids")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model folder, streaming tokens as they come")
     p.add_argument("--ckpt", required=True, help="model folder (config.json, model.safetensors, tokenizer.json)")
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (needs the folder's tokenizer.json)")
-    prompt.add_argument("--prompt-ids", type=token_ids, help="prompt as comma-separated token ids")
+    prompt.add_argument("--prompt", help="prompt text (needs the folder's tokenizer.json; or --prompt-ids)")
+    prompt.add_argument("--prompt-ids", type=token_ids, help="prompt as comma-separated token ids (or --prompt)")
     p.add_argument(
         "--chat",
         action="store_true",
         help="--prompt is a user message: wrap it in the folder's chat template (tokenizer_config.json, as "
         "ratplus serve does) and print only the reply",
     )
-    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user's (default: none)")
     p.add_argument(
         "--pattern",
         default=None,
         help="attention pattern, e.g. D16-W256-P4 (default: recorded default, adapted or dense)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
+    p.add_argument(
+        "--temperature",
+        type=nonneg_float,
+        default=0.0,
+        help="sampling temperature; 0 = greedy (the most likely token each step, so the same output every "
+        "run). Unlike ratplus serve, whose requests default to 1 as in OpenAI's API",
+    )
+    p.add_argument(
+        "--top-k", type=nonneg_int, default=None, help="sample among the k most likely tokens (default: all)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=number(float, 0, 1, low_open=True),
+        default=None,
+        help="sample from the smallest set of tokens whose probability reaches p (default: 1, all)",
+    )
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampling draws")
     p.add_argument("--stop", type=token_ids, default=None, help="stop token ids (default: the config's eos_token_id)")
-    p.add_argument("--max-length", type=int, default=None, help="cap on prompt + new tokens")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="cap on prompt + new tokens (default: the model's max_seq_len)",
+    )
+    add_device(p, "cpu")
     p.set_defaults(func=_run)
 
 

@@ -17,7 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-from ratplus.cli.common import names
+from ratplus.cli.common import (
+    DTYPE_HELP,
+    add_device,
+    byte_size,
+    names,
+    nonneg_int,
+    port,
+    positive_int,
+    seconds,
+)
 
 
 def add_parser(sub) -> None:
@@ -31,16 +40,23 @@ def add_parser(sub) -> None:
         "default or adapted pattern, and dense)",
     )
     p.add_argument("--name", default=None, help="model name in the API (default: the folder's name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests running at once")
-    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get HTTP 429")
-    p.add_argument("--kv-memory", default="4GiB", help="KV-cache budget of the admitted requests (e.g. 4GiB, 512MB)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between decode steps")
-    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="float32 on CPU by default, bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port, default=8000, help="TCP port; 0 = any free one (the listening line names it)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="most requests running at once")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="most requests waiting; more get HTTP 429")
+    p.add_argument(
+        "--kv-memory",
+        type=byte_size,
+        default="4GiB",
+        help="KV-cache budget of the admitted requests: bytes, or 512MB (MB = 10**6 B), 4GiB (GiB = 2**30 B)",
+    )
+    p.add_argument(
+        "--prefill-chunk", type=positive_int, default=512, help="prompt tokens prefilled between decode steps"
+    )
+    p.add_argument("--shutdown-grace", type=seconds, default=10.0, help="seconds running requests get after SIGTERM")
+    add_device(p)
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads, 0 = torch's choice")
     compile_ = p.add_mutually_exclusive_group()
     compile_.add_argument(
         "--compile",
@@ -49,8 +65,13 @@ def add_parser(sub) -> None:
         default=None,
         help="compile the decode step (default on CUDA only: on CPU it costs seconds per shape)",
     )
-    compile_.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    compile_.add_argument("--no-compile", dest="compile", action="store_false", help="never compile the decode step")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the server's log level (debug also logs every request)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -67,15 +88,10 @@ def _run(args) -> int:
     from ratplus.io.folder import load_config, load_pretrained, load_tokenizer
     from ratplus.io.metadata import read_metadata
     from ratplus.runtime import resolve_device, resolve_dtype
-    from ratplus.serve.admission import parse_bytes
     from ratplus.serve.app import ServeState, create_app, load_chat_template, run_server
     from ratplus.serve.engine import Engine
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.shutdown_grace < 0:
-        raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
-    kv_memory = parse_bytes(args.kv_memory)
+    kv_memory = args.kv_memory  # bytes (common.byte_size)
     apply_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ratplus.cli.common import names
+from ratplus.cli.common import add_device, names, number, positive_int
 from ratplus.runtime import emit_json, print_table, resolve_device, write_json
 
 
@@ -21,16 +21,28 @@ def add_parser(sub) -> None:
     p = sub.add_parser("tune-pattern", help="pick per-layer patterns minimising calibration PPL under a KV budget")
     p.add_argument("--ckpt", required=True, help="model folder")
     p.add_argument("--data", nargs="+", required=True, help="calibration text: .txt/.md/.jsonl files or folders")
-    p.add_argument("--kv-budget", type=float, required=True, help="KV cache as a fraction of dense, in (0, 1]")
+    p.add_argument(
+        "--kv-budget",
+        type=number(float, 0, 1, low_open=True),
+        required=True,
+        help="KV cache as a fraction of dense, in (0, 1]",
+    )
     p.add_argument("--ladder", type=names, default=list(DEFAULT_LADDER), help="candidate patterns (comma-separated)")
-    p.add_argument("--head-groups", type=int, default=1, help="tune this many head groups per layer (default 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="window / context length (default: max_seq_len)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="calibrate on about this many tokens")
+    p.add_argument("--head-groups", type=positive_int, default=1, help="tune this many head groups per layer")
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="window / context length (default: the model's max_seq_len)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored per forward pass")
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="calibrate on about this many tokens (default: all of --data)",
+    )
     p.add_argument("--record", action="store_true", help="store the choice as the folder's default pattern")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/tune", help="output folder for tune.json (default runs/tune)")
-    p.add_argument("--quiet", action="store_true")
+    add_device(p)
+    p.add_argument("--out", default="runs/tune", help="output folder for tune.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_tune)
 
 
@@ -39,8 +51,6 @@ def _cmd_tune(args) -> int:
     from ratplus.eval.tune import tune_pattern
     from ratplus.io.corpus import read_documents
 
-    if not 0 < args.kv_budget <= 1:
-        raise ValueError(f"--kv-budget must be in (0, 1] (a fraction of the dense KV cache), got {args.kv_budget}")
     texts = read_documents(args.data)
     em = open_checkpoint(args.ckpt, device=resolve_device(args.device))
     res = tune_pattern(

@@ -13,8 +13,8 @@ What HF adds: ``from_pretrained`` / ``save_pretrained`` (safetensors, tied head 
 ``generate`` with RAT+'s compact cache (``RATPlusHFCache``), an attention pattern stored in the
 config and switchable after loading (``set_attention_pattern``), HF-style ``labels`` (unshifted),
 padding anywhere in training (``attention_mask``), packed sequences (``position_ids`` restarting at
-0), ``inputs_embeds``, ``output_hidden_states``, and gradient checkpointing driving the native
-``set_activation_checkpointing``.
+0), ``inputs_embeds``, ``output_hidden_states``, and transformers' gradient checkpointing (the blocks
+are ``GradientCheckpointingLayer`` s: ``RATPlusBlock``).
 
 Things the model cannot do it refuses with a ``ValueError`` rather than computing something else:
 attention-weight outputs (RAT+ never forms the attention matrix), a cache of another type, labels
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ratplus.hf.cache import RATPlusHFCache
@@ -56,14 +56,22 @@ def _take_cache(cache: RATPlusHFCache | None, kwargs: dict[str, Any]) -> RATPlus
     return cache if cache is not None else old
 
 
+class RATPlusBlock(Block, GradientCheckpointingLayer):
+    """The native ``Block``, as a ``GradientCheckpointingLayer``: ``gradient_checkpointing_enable()``
+    (Trainer, TRL, PEFT) recomputes it in backward with transformers' checkpoint function and options.
+    ``RATPlusModel.attach`` turns the native blocks into this class in place (no new module, no copy;
+    the native model sharing them runs them as before while the flag is off). The native
+    ``RATPlusLM.set_activation_checkpointing`` is the native trainer's mechanism; turn on one, not both."""
+
+
 class RATPlusPreTrainedModel(PreTrainedModel):
     config: RATPlusConfig
     config_class = RATPlusConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    # Gradient checkpointing is the native activation checkpointing (see _set_gradient_checkpointing).
+    # Gradient checkpointing is transformers' own: every block is a GradientCheckpointingLayer (RATPlusBlock).
     supports_gradient_checkpointing = True
-    _no_split_modules: ClassVar[list[str]] = [Block.__name__]
+    _no_split_modules: ClassVar[list[str]] = [RATPlusBlock.__name__, Block.__name__]
     _skip_keys_device_placement: ClassVar[list[str]] = ["cache", "past_key_values"]
     # Decoding state lives in the compact cache and cannot be rolled back (no assisted decoding).
     _is_stateful = True
@@ -78,23 +86,6 @@ class RATPlusPreTrainedModel(PreTrainedModel):
     def native(self) -> RATPlusLM:
         """The native ``RATPlusLM`` (shares every weight with this model)."""
         return self.base_model.__dict__["_native"]
-
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Any = checkpoint, every_n_layers: int = 1
-    ) -> None:
-        """``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable(every_n_layers=n)``:
-        turn on the native ``RATPlusLM.set_activation_checkpointing(n)`` (non-reentrant
-        ``torch.utils.checkpoint`` of every n-th block), the mechanism the native trainer uses."""
-        func = gradient_checkpointing_func
-        keywords = dict(getattr(func, "keywords", None) or {})
-        if enable and (getattr(func, "func", checkpoint) is not checkpoint or set(keywords) - {"use_reentrant"}):
-            raise ValueError(
-                "RAT+ gradient checkpointing takes no options besides use_reentrant (offload and "
-                f"checkpoint kwargs {sorted(set(keywords) - {'use_reentrant'})} are not supported)"
-            )
-        # use_reentrant is accepted and ignored: the native recomputation is always non-reentrant, which
-        # gives the same gradients and also works with frozen inputs (PEFT).
-        self.native.set_activation_checkpointing(every_n_layers if enable else 0)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Every ``.to()`` / ``.half()`` / ``.bfloat16()`` ends here: keep ``config.dtype`` (saved in
@@ -136,19 +127,17 @@ class RATPlusModel(RATPlusPreTrainedModel):
         self.attach(native)
         self.post_init()
 
+    # transformers' _set_gradient_checkpointing sets this flag here and on every RATPlusBlock
+    gradient_checkpointing = False
+
     def attach(self, native: RATPlusLM) -> None:
-        """Take the native model's modules as this model's (shared, not copied)."""
+        """Take the native model's modules as this model's (shared, not copied); its blocks become
+        ``RATPlusBlock`` (the same modules and weights, now a ``GradientCheckpointingLayer``)."""
+        for block in native.backbone.layers:
+            if type(block) is Block:
+                block.__class__ = RATPlusBlock
         self.embedding, self.backbone, self.head = native.embedding, native.backbone, native.head
         object.__setattr__(self, "_native", native)  # a plain attribute: its weights are registered above
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """Whether activation checkpointing is on (read by ``is_activation_checkpointing``)."""
-        return self.native.checkpoint_every > 0
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enable: bool) -> None:
-        self.native.set_activation_checkpointing(int(bool(enable)))
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embedding.wte
@@ -470,13 +459,15 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None, *args: Any, **kwargs: Any):
         """``PreTrainedModel.from_pretrained`` that refuses a checkpoint whose keys or shapes do not
-        match the config (``transformers`` would only warn and initialise the rest at random).
+        match the config (``transformers`` would only warn and initialise the rest at random), unless
+        ``output_loading_info=True``: the caller then gets ``(model, info)`` and reads the missing,
+        unexpected and mismatched keys there (the keys missing are initialised at random, as in transformers).
         ``None`` with ``config=`` and ``state_dict=`` builds the model from those, as in transformers."""
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("ignore_mismatched_sizes is not supported: a RAT+ checkpoint must match its config")
         folder = None if pretrained_model_name_or_path is None else Path(pretrained_model_name_or_path)
-        if folder is not None and folder.is_dir() and not kwargs.get("subfolder"):
+        if folder is not None and folder.is_dir() and not kwargs.get("subfolder") and not want_info:
             # Checked before loading: transformers reports some mismatches only as log lines (and, for a
             # missing tied embedding, not at all) while initialising the weights at random.
             config = kwargs.get("config")
@@ -494,11 +485,13 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
             problems.append("shape mismatches: " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in mismatched[:8]))
         if info.get("error_msgs"):
             problems.append("errors: " + "; ".join(info["error_msgs"][:4]))
-        if problems:
+        if problems and not want_info:
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} does not match its config: " + " | ".join(problems)
             )
         native = model.native
+        if problems:  # output_loading_info=True: the caller asked for the report instead of the refusal
+            return model, info
         if native.config.tie_embeddings and native.head.lm_head.weight is not native.embedding.wte.weight:
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} stores an LM head that differs from the embedding "

@@ -349,6 +349,8 @@ class RATPlusLM(nn.Module):
         self.check_length(T)
         layers = self.resolve_pattern(pattern)
         restore = None
+        if all_hidden is not None:
+            all_hidden.append(x)  # the embeddings as given (in the graph of the output, for retain_grad)
         if attention_mask is not None:
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask must be (B, T) = ({B}, {T}), got {tuple(attention_mask.shape)}")
@@ -358,8 +360,6 @@ class RATPlusLM(nn.Module):
             x = x.gather(1, order.unsqueeze(-1).expand_as(x))
             inverse = torch.argsort(order, dim=1).unsqueeze(-1).expand_as(x)  # (B, T, C)
             restore = lambda t: t.gather(1, inverse)  # noqa: E731
-        if all_hidden is not None:
-            all_hidden.append(x)
         cos, sin = self.rope(torch.arange(T, device=x.device), x.dtype)
         for i, (block, layer_pattern) in enumerate(zip(self.backbone.layers, layers, strict=True)):
             if self.checkpointed(i):
@@ -371,7 +371,7 @@ class RATPlusLM(nn.Module):
         if restore is not None:
             x = restore(x)
             if all_hidden is not None:
-                all_hidden[:] = [restore(t) for t in all_hidden]
+                all_hidden[1:] = [restore(t) for t in all_hidden[1:]]
         return x
 
     def check_ids(self, input_ids: torch.Tensor, values: bool = True) -> None:

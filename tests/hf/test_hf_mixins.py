@@ -116,20 +116,8 @@ class RATPlusModelTester:
 SKIPS = {
     # features RAT+ does not have
     "test_attention_outputs": "RAT+ never forms attention weight matrices (output_attentions is refused)",
-    "test_retain_grad_hidden_states_attentions": "needs attention weights, which RAT+ never forms",
     "test_resize_position_embeddings": "RoPE: no position embedding table to resize",
     "test_resize_position_vector_embeddings": "RoPE: no position embedding table to resize",
-    **dict.fromkeys(
-        (
-            "test_gradient_checkpointing_enable_disable",
-            "test_training_gradient_checkpointing",
-            "test_training_gradient_checkpointing_use_reentrant_false",
-            "test_training_gradient_checkpointing_use_reentrant_true",
-        ),
-        "checkpointing is the native RATPlusLM.set_activation_checkpointing (the native trainer's), not "
-        "transformers' GradientCheckpointingLayer modules these tests patch; enable/disable and gradients equal "
-        "to the run without: tests/hf/test_hf_train.py::test_gradient_checkpointing_is_the_native_mechanism",
-    ),
     "test_generation_tester_mixin_inheritance": (
         "GenerationTesterMixin is not in the transformers sdist (tests/generation is not shipped); "
         "generation is tested in tests/hf/test_hf_model.py"
@@ -138,16 +126,16 @@ SKIPS = {
 
 
 # Tests run on one of the two classes only, with the reason the other one is left out.
-ONE_CLASS = {
-    "test_model_weights_reload_no_missing_tied_weights": (
-        RATPlusModel,
-        "RATPlusForCausalLM refuses a checkpoint with missing keys (a ValueError naming them) instead of "
-        "initialising them at random: tests/hf/test_hf_model.py::test_bad_checkpoints_are_refused",
-    ),
-}
+ONE_CLASS: dict[str, tuple[type, str]] = {}
 # The backbone has no loss: transformers' own suites leave base models out of these through its
 # MODEL_MAPPING_NAMES table, which a model outside transformers is not in.
-ONE_CLASS["test_training"] = (RATPlusForCausalLM, "the backbone has no loss")
+for _name in (
+    "test_training",
+    "test_training_gradient_checkpointing",
+    "test_training_gradient_checkpointing_use_reentrant_false",
+    "test_training_gradient_checkpointing_use_reentrant_true",
+):
+    ONE_CLASS[_name] = (RATPlusForCausalLM, "the backbone has no loss")
 
 
 class RATPlusModelMixinTest(common.ModelTesterMixin, unittest.TestCase):
@@ -160,6 +148,14 @@ class RATPlusModelMixinTest(common.ModelTesterMixin, unittest.TestCase):
         kept = ONE_CLASS.get(self._testMethodName)
         if kept is not None:
             self.all_model_classes = (kept[0],)
+
+    def _prepare_config_and_inputs_for_retain_grad_hidden_states_attentions(self):
+        """Without the left padding of the common inputs: the mixin backpropagates from the first output
+        value, row 0's first position, which is padded there; a padded position has no context, so its
+        output (zero logits) depends on nothing and no gradient reaches the hidden states."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+        return config, inputs
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         """As the mixin, plus causal-LM labels for RATPlusForCausalLM (the mixin finds the classes that

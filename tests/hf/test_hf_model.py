@@ -327,3 +327,15 @@ def test_caches_are_sized_to_the_request_and_grow(native, loaded, ids):
         torch.testing.assert_close(torch.cat(steps, dim=1), native(ids, pattern=pattern), rtol=1e-5, atol=1e-5)
     gen = loaded.generate(ids[:, :20], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     assert getattr(gen, CACHE_KWARG).nbytes() == formula_bytes(config, pattern, ids.shape[0], 24, torch.float32)
+
+
+def test_output_loading_info_reports_instead_of_refusing(hf_dir, tmp_path):
+    """The caller who asks for the loading report gets it (missing keys listed) instead of the ValueError."""
+    bad = _copy_folder(
+        hf_dir, tmp_path / "bad", None, lambda w: w.pop("model.backbone.layers.1.hidden_layer.fc1.weight")
+    )
+    with pytest.raises(ValueError, match="missing keys"):
+        RATPlusForCausalLM.from_pretrained(bad)
+    model, info = RATPlusForCausalLM.from_pretrained(bad, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["model.backbone.layers.1.hidden_layer.fc1.weight"]
+    assert isinstance(model, RATPlusForCausalLM)

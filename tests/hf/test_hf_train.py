@@ -1,5 +1,5 @@
 """Training through the transformers API: padding anywhere (each row trains as if alone), packed
-sequences, gradient checkpointing (the native mechanism, same gradients), hidden states and
+sequences, gradient checkpointing (transformers' own on RATPlusBlock, same gradients), hidden states and
 inputs_embeds, resize, from_pretrained from a state dict, torch.compile without graph breaks, the
 max_seq_len rule shared with ratplus.generate, and the refusals (cache with labels, top-k training)."""
 
@@ -112,20 +112,31 @@ def test_packed_sequences_run_as_if_alone():
     assert len(out.hidden_states) == model.config.num_layers + 1
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_gradient_checkpointing_is_the_native_mechanism(every):
+@pytest.mark.parametrize(("every", "reentrant"), [(1, False), (2, False), (1, True)])
+def test_gradient_checkpointing_is_transformers_own(every, reentrant):
+    """The blocks are GradientCheckpointingLayer s (RATPlusBlock): transformers' switch recomputes every
+    n-th block in backward, gradients equal the run without; the native switch stays off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ratplus.hf.modeling import RATPlusBlock
+
     model = tiny(5)
+    blocks = model.model.backbone.layers
+    assert all(type(b) is RATPlusBlock and isinstance(b, GradientCheckpointingLayer) for b in blocks)
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6))
     model(input_ids=ids, labels=ids).loss.backward()
     plain = _grads(model)
     model.zero_grad()
-    if every == 1:
+    if every == 1 and not reentrant:
         with pytest.warns(FutureWarning):  # transformers 5.x renamed it; both names reach the same switch
             model.gradient_checkpointing_enable()
     else:
-        model.activation_checkpointing_enable(every_n_layers=every)
-    assert model.native.checkpoint_every == every and model.is_activation_checkpointing
-    ffn = model.model.backbone.layers[0].hidden_layer
+        model.activation_checkpointing_enable(
+            every_n_layers=every, activation_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+    assert model.is_activation_checkpointing and model.native.checkpoint_every == 0
+    assert [b.gradient_checkpointing for b in blocks] == [i % every == 0 for i in range(len(blocks))]
+    ffn = blocks[0].hidden_layer
     ran, forward = [], ffn.forward
     ffn.forward = lambda x: ran.append(1) or forward(x)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -134,9 +145,7 @@ def test_gradient_checkpointing_is_the_native_mechanism(every):
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
     model.activation_checkpointing_disable()
-    assert model.native.checkpoint_every == 0 and not model.is_activation_checkpointing
-    with pytest.raises(ValueError, match="no options besides use_reentrant"):
-        model.activation_checkpointing_enable(offload=True)
+    assert not model.is_activation_checkpointing and not any(b.gradient_checkpointing for b in blocks)
 
 
 def test_hidden_states_inputs_embeds_and_backbone():
