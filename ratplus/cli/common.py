@@ -25,8 +25,9 @@ MAX_SECONDS = 10**7
 
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each flag's default as ``(default: X)`` at the end of its help, written as it is typed
-    (``1024,2048`` for a list). A help text that already says ``(default...`` (what a default of None,
-    an empty list or a library default means) is left as written; switches show none."""
+    (``1024,2048`` for a list), or the text ``lazy_default`` gave it. A help text that already says
+    ``(default...`` (what a default of None, an empty list or a library default means) is left as
+    written; switches show none. tests/cli/test_help.py holds every flag of every command to this."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
