@@ -381,17 +381,35 @@ def prometheus_text(s: dict[str, Any]) -> str:
 
 
 def run_server(app: FastAPI, sock, shutdown_grace: float = 10.0, log_level: str = "info") -> None:
-    """Serve ``app`` on a bound socket with uvicorn until SIGTERM / SIGINT. The first signal drains
-    the engine (no new requests; running ones may finish within ``shutdown_grace`` seconds, then end
-    with an error event), uvicorn stops accepting connections and exits once they are closed."""
+    """Serve ``app`` on a bound socket with uvicorn until SIGTERM / SIGINT. The first signal drains:
+    the engine takes no new requests (they get 503 with an OpenAI-style body, and ``/health`` 503,
+    on new and kept-alive connections alike, since the server still listens and answers), running
+    ones may finish within ``shutdown_grace`` seconds, then end with an error event. Once the engine
+    is idle uvicorn stops listening, closes idle connections, lets open responses end, and the
+    process exits by the signal. A second signal stops at once."""
+    import threading
+
     import uvicorn
 
     engine = app.state.serve.engine
 
     class _Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig, frame) -> None:
+            if self.draining:  # a second signal: uvicorn's own exit, now
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            self._captured_signals.append(sig)  # uvicorn re-raises it after its shutdown
             engine.drain(shutdown_grace)
-            super().handle_exit(sig, frame)
+            threading.Thread(target=self._exit_when_idle, name="ratplus-drain", daemon=True).start()
+
+        def _exit_when_idle(self) -> None:
+            deadline = time.monotonic() + shutdown_grace + 5
+            while engine.state != "stopped" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True
 
     config = uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=int(shutdown_grace) + 5, access_log=log_level == "debug"
