@@ -100,6 +100,9 @@ def run(
     what = "RAT+ operator (scan + attention)" if with_scan else "attention operator"
     print(f"{what} prefill vs dense attention, H={heads} K={head_dim} {environment(device, dtype)['dtype']}")
     print_table(["T", "B", "pattern", "dense ms", "sparse ms", "speedup", "FLOP ratio"], rows)
+    gain_from = gain_starts(results)
+    for line in gain_notes(gain_from, seq_lens):
+        print(line)
     record: dict[str, Any] = {
         "bench": "attention",
         **environment(device, dtype),
@@ -110,12 +113,49 @@ def run(
         "head_dim": head_dim,
         "backends": {n: _backend_name(p, device) for n, p in zip(patterns, parsed)},
         "operator": results,
+        "faster_from_T": gain_from,
     }
     if layer:
         sparse_only = [n for n in patterns if n != "RAT+ dense"]
         record["layer"] = _layer_bench(layer_len, heads, head_dim, batch, sparse_only, repeats, device, dtype)
     emit_json(record, json_path)
     return record
+
+
+def gain_starts(results: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Per pattern, the shortest measured length from which it beat dense at every longer measured
+    length (speedup > 1), or None where it did not beat dense at the longest one."""
+    out: dict[str, int | None] = {}
+    entries = sorted(results, key=lambda e: e["T"])
+    for name in entries[0]["patterns"] if entries else []:
+        start = None
+        for e in reversed(entries):
+            if e["patterns"][name]["speedup"] <= 1:
+                break
+            start = e["T"]
+        out[name] = start
+    return out
+
+
+def gain_notes(gain_from: dict[str, int | None], seq_lens: list[int]) -> list[str]:
+    """The lines under the table that say where the sparse gain starts in this run, and why not earlier."""
+    if not gain_from:
+        return []
+    lo, hi = min(seq_lens), max(seq_lens)
+    lines = ["", "where the sparse path beats dense in this run (speedup > 1 at this length and every longer one):"]
+    for name, T in gain_from.items():
+        if T is None:
+            lines.append(f"  {name}: not up to T={hi}")
+        else:
+            lines.append(f"  {name}: from T={T}" + (" (every measured length)" if lo == T else ""))
+    if any(T is None or lo < T for T in gain_from.values()):
+        lines.append(
+            "At short T dense SDPA is one fused kernel over a small T x T tile while the sparse path pays a fixed "
+            "cost per call (gathering the kept keys, one segment per window): sparse runs slower there. Its "
+            "saving grows with T (the FLOP ratio column), so the gain appears at long T, e.g. 16K-32K on a "
+            "2-core CPU (docs/benchmarks/attention_cpu_20261130.md)."
+        )
+    return lines
 
 
 def _flop_ratio(p: AttentionPattern, T: int) -> float:

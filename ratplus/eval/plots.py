@@ -219,14 +219,17 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
 
 
 def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | None, title: str = "") -> Path:
-    """Accuracy against D (dense = 1) for each model, zero-shot dashed and adapted solid; the local-only
-    ``control`` pattern drawn as a horizontal line per model. Rows with an ``adapt_curve`` (accuracy
-    during adaptation) get a second panel: accuracy against adaptation steps. Returns the PNG path."""
+    """Accuracy of every pattern of the rows (their table's order, one tick each: dense, the dilations
+    in increasing D, then windows, top-k, ...), per model zero-shot (circles; a dashed line joins the
+    plain dilated ones, dense = D1, where accuracy falls with D) and adapted (squares, only where
+    adapted); the local-only ``control`` pattern also drawn as a horizontal line per model. Rows with an
+    ``adapt_curve`` (accuracy during adaptation) get a second panel: accuracy against adaptation steps.
+    Returns the PNG path."""
     plt = _pyplot()
 
     curves = [r for r in rows if r.get("adapt_curve")]
     if curves:
-        fig, (ax, cax) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, (ax, cax) = plt.subplots(1, 2, figsize=(13, 5))
         for r in curves:
             steps = [0] + [c["step"] for c in r["adapt_curve"]]
             (line,) = cax.plot(steps, [100 * r["acc"]] + [100 * c["acc"] for c in r["adapt_curve"]], marker="o")
@@ -240,30 +243,39 @@ def plot_recall(rows: list[dict[str, Any]], path: str | Path, control: str | Non
         cax.legend(fontsize=8)
         cax.set_title("during adaptation (dotted: the same model, dense)", fontsize=10)
     else:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == name and r["kind"] == "dilated"]
-        rs.sort(key=lambda r: r["dilation"])
-        xs = [r["dilation"] for r in rs]
-        (line,) = ax.plot(xs, [100 * r["acc"] for r in rs], ls="--", marker="o", label=f"{name} zero-shot")
-        adapted = [r for r in rs if r.get("acc_adapted") is not None]
-        if adapted:  # markers only: the dilations between them were not adapted, so no line joins them
-            xs, ys = [r["dilation"] for r in adapted], [100 * r["acc_adapted"] for r in adapted]
-            ax.plot(xs, ys, ls="", marker="s", ms=8, color=line.get_color(), label=f"{name} adapted")
-            for x, y in zip(xs, ys):
+        fig, ax = plt.subplots(figsize=(7, 5))
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    for k, name in enumerate(names):
+        shift = 0.12 * (k - (len(names) - 1) / 2)  # several models side by side at each pattern
+        mine = {r["pattern"]: r for r in rows if r["model"] == name}
+        at = [(i + shift, mine[p]) for i, p in enumerate(patterns) if p in mine]
+        dilated = sorted(((x, r) for x, r in at if r["kind"] == "dilated"), key=lambda xr: xr[1]["dilation"])
+        (line,) = ax.plot([x for x, _ in dilated], [100 * r["acc"] for _, r in dilated], ls="--", color=f"C{k}")
+        ax.plot(
+            [x for x, _ in at],
+            [100 * r["acc"] for _, r in at],
+            ls="",
+            marker="o",
+            color=line.get_color(),
+            label=f"{name} zero-shot",
+        )
+        adapted = [(x, 100 * r["acc_adapted"]) for x, r in at if r.get("acc_adapted") is not None]
+        if adapted:  # markers only: the patterns between them were not adapted, so no line joins them
+            ax.plot(*zip(*adapted), ls="", marker="s", ms=8, color=line.get_color(), label=f"{name} adapted")
+            for x, y in adapted:
                 ax.annotate(f"{y:.1f}%", (x, y), textcoords="offset points", xytext=(6, -4), fontsize=8)
-        ctrl = next((r for r in rows if r["model"] == name and r["pattern"] == control), None)
+        ctrl = mine.get(control) if control else None
         if ctrl is not None:
             y = ctrl["acc_adapted"] if ctrl.get("acc_adapted") is not None else ctrl["acc"]
             how = "adapted" if ctrl.get("acc_adapted") is not None else "zero-shot"
             ax.axhline(100 * y, color=line.get_color(), ls=":", label=f"{name} {control} ({how}), the control")
-    ax.set_xscale("log", base=2)
-    ds = sorted({r["dilation"] for r in rows if r["kind"] == "dilated"})
-    ax.set_xticks(ds, ["dense" if d == 1 else f"D{d}" for d in ds])
-    ax.set_xlabel("dilation D")
+    ax.set_xticks(range(len(patterns)), [_short(p) for p in patterns], rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(patterns) - 0.5)
+    ax.set_xlabel("pattern (dilated ones in increasing D; top-k keeps every key)")
     ax.set_ylabel("answers right (%)")
     ax.set_ylim(-2, 102)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or "MQAR recall vs dilation", fontsize=10)
+    ax.set_title(title or "MQAR recall per pattern", fontsize=10)
     return save_figure(fig, path, dpi=100)

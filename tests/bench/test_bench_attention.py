@@ -44,6 +44,27 @@ def test_bench_attention_cli_prints_table_and_json(capsys, tmp_path):
             assert p["s"] > 0 and p["speedup"] > 0
     assert "recurrence_overhead_block" in record["layer"]
     assert any("FLOP ratio" in line for line in lines)
+    assert set(record["faster_from_T"]) == {"RAT+ dense", "D4", "local-W16-P2"}
+    assert any(line.startswith("where the sparse path beats dense") for line in lines)
+
+
+def test_bench_attention_says_where_the_sparse_gain_starts():
+    """The note under the table names, per pattern, the length from which it beat dense at every longer
+    length, says why it is slower before that, and says so only where it is."""
+    from ratplus.bench.attention import gain_notes, gain_starts
+
+    def entry(T, **speedups):
+        return {"T": T, "patterns": {n: {"speedup": s} for n, s in speedups.items()}}
+
+    results = [entry(4096, D16=0.5, D64=1.2), entry(1024, D16=0.2, D64=0.9), entry(16384, D16=3.0, D64=9.0)]
+    results.append(entry(8192, D16=0.9, D64=4.0))  # D16 beats dense at 16K only; unsorted input
+    assert gain_starts(results) == {"D16": 16384, "D64": 4096}
+    assert gain_starts([entry(1024, D16=2.0), entry(2048, D16=0.8)]) == {"D16": None}
+    notes = "\n".join(gain_notes(gain_starts(results), [1024, 4096, 8192, 16384]))
+    assert "D16: from T=16384" in notes and "D64: from T=4096" in notes and "gain appears at long T" in notes
+    fast = "\n".join(gain_notes({"D64": 1024}, [1024, 2048]))
+    assert "D64: from T=1024 (every measured length)" in fast and "slower" not in fast
+    assert "D16: not up to T=2048" in "\n".join(gain_notes({"D16": None}, [1024, 2048]))
 
 
 def test_bench_rejects_bad_pattern(capsys):
