@@ -36,7 +36,10 @@ def parse_bytes(text: str | int, what: str = "--kv-memory") -> int:
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _UNITS:
             raise ValueError(f"{what} must be a size such as 4GiB, 512MiB or 1000000 (bytes), got {text!r}")
-        value = int(float(m.group(1)) * _UNITS[unit])
+        size = float(m.group(1)) * _UNITS[unit]
+        if size >= 2**63:  # "1e999" is inf: no int, and no memory, holds it
+            raise ValueError(f"{what} must be below 8 EiB (2**63 bytes), got {text!r}")
+        value = int(size)
     if value <= 0:
         raise ValueError(f"{what} must be positive, got {text!r}")
     return value

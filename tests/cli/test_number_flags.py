@@ -25,8 +25,8 @@ TUNE = ["tune-pattern", "--ckpt", M, "--data", "no/such.txt", "--kv-budget", "0.
 
 CASES = [
     # the issue's cases (issue 31)
-    ([*S, "--kv-memory", "1e999"], "serve", "--kv-memory", "got '1e999' (beyond an int64 of bytes"),
-    ([*S, "--kv-memory", "1e30"], "serve", "--kv-memory", "beyond an int64 of bytes"),
+    ([*S, "--kv-memory", "1e999"], "serve", "--kv-memory", "expected a positive size below 8 EiB"),
+    ([*S, "--kv-memory", "1e30"], "serve", "--kv-memory", "got '1e30'"),
     ([*S, "--kv-memory=-4GiB"], "serve", "--kv-memory", "expected a positive size"),
     ([*S, "--kv-memory", "0"], "serve", "--kv-memory", "expected a positive size"),
     ([*S, "--shutdown-grace", "inf"], "serve", "--shutdown-grace", "expected a finite number in [0, 10000000]"),
@@ -107,7 +107,7 @@ CASES = [
     (["bench", "attention", "--repeats", "0"], "bench attention", "--repeats", ">= 1"),
     (["bench", "decode", "--steps", "0"], "bench decode", "--steps", "expected a whole number >= 1"),
     (["bench", "decode", "--threads", "-1"], "bench decode", "--threads", ">= 0"),
-    (["bench", "serve", "--kv-memory", "1e999"], "bench serve", "--kv-memory", "beyond an int64 of bytes"),
+    (["bench", "serve", "--kv-memory", "1e999"], "bench serve", "--kv-memory", "below 8 EiB"),
     (["bench", "serve", "--soak-seconds", "inf"], "bench serve", "--soak-seconds", "got 'inf'"),
     (["bench", "serve", "--clients", "1,,4"], "bench serve", "--clients", "empty entry"),
 ]
@@ -197,3 +197,14 @@ def test_defaults_pass_their_own_types():
     assert parser.parse_args(["serve", "--ckpt", M]).kv_memory == 4 * 2**30
     assert parser.parse_args(["bench", "serve"]).kv_memory == 2 * 2**30
     assert parser.parse_args(["bench", "attention"]).patterns[0] == "D4"
+
+
+def test_the_library_size_parser_refuses_what_no_int_holds():
+    """``parse_bytes`` (under ``byte_size``, and called by library users directly) says so instead of
+    raising OverflowError from ``int(inf)``."""
+    from ratplus.serve.admission import parse_bytes
+
+    for text in ("1e999", "1e19", "9000000TiB"):
+        with pytest.raises(ValueError, match="must be below 8 EiB"):
+            parse_bytes(text, "--max-body")
+    assert parse_bytes("8e18") == 8 * 10**18
