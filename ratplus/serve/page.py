@@ -57,7 +57,11 @@ async function run(p, prompt, maxTokens, temperature) {
     body: JSON.stringify({model: p.id, prompt, max_tokens: maxTokens, temperature, stream: true,
                           stream_options: {include_usage: true}}),
   });
-  if (!r.ok) { stats.textContent = "error: " + (await r.json()).error.message; return; }
+  if (!r.ok) {
+    stats.textContent = "error: " + (await r.json()).error.message;
+    col.dataset.done = "1";
+    return;
+  }
   const reader = r.body.getReader(), decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
@@ -70,7 +74,7 @@ async function run(p, prompt, maxTokens, temperature) {
       buffer = buffer.slice(i + 2);
       if (line === "[DONE]") continue;
       const msg = JSON.parse(line);
-      if (msg.error) { stats.textContent = "error: " + msg.error.message; return; }
+      if (msg.error) { stats.textContent = "error: " + msg.error.message; col.dataset.done = "1"; return; }
       if (msg.usage) usage = msg.usage;
       for (const c of msg.choices) {
         if (c.text) { out.textContent += c.text; tokens += 1; if (first === null) first = performance.now(); }
@@ -89,12 +93,35 @@ async function run(p, prompt, maxTokens, temperature) {
   col.dataset.done = "1";
 }
 
-document.getElementById("submit").addEventListener("click", () => {
-  const prompt = document.getElementById("prompt").value;
-  const maxTokens = parseInt(document.getElementById("max_tokens").value, 10);
-  const temperature = parseFloat(document.getElementById("temperature").value);
-  for (const col of outputs.children) delete col.dataset.done;
-  for (const p of patterns) run(p, prompt, maxTokens, temperature);
+// A number field left empty (or not a number) means its default: the value the page was served
+// with, written back so the field shows what is sent (never null: the server would read "the rest
+// of the context" for max_tokens).
+function numberField(id, parse) {
+  const input = document.getElementById(id);
+  let value = parse(input.value);
+  if (!Number.isFinite(value) || value < Number(input.min || -Infinity)) {
+    input.value = input.defaultValue;
+    value = parse(input.defaultValue);
+  }
+  return value;
+}
+
+const button = document.getElementById("submit");
+let running = false;  // one run at a time: a second click (a double click) while running is ignored
+button.addEventListener("click", async () => {
+  if (running) return;
+  running = true;
+  button.disabled = true;
+  try {
+    const prompt = document.getElementById("prompt").value;
+    const maxTokens = numberField("max_tokens", v => parseInt(v, 10));
+    const temperature = numberField("temperature", parseFloat);
+    for (const col of outputs.children) delete col.dataset.done;
+    await Promise.allSettled(patterns.map(p => run(p, prompt, maxTokens, temperature)));
+  } finally {
+    running = false;
+    button.disabled = false;
+  }
 });
 loadPatterns();
 </script>

@@ -58,10 +58,56 @@ def test_playground_streams_both_patterns(model, tokenizer):
             assert f"KV {kv / 1024:.1f} KiB" in stats and "tokens/s" in stats
 
 
-def run_playground(url: str, prompt: str, max_tokens: int, columns: int, timeout: float = 60) -> dict[str, tuple]:
-    """Open the playground at ``url`` in headless Chromium, submit ``prompt``, wait until every one of
-    its ``columns`` pattern columns is done; returns pattern -> (output text, stats line). Keeps a
-    screenshot at $RATPLUS_PLAYGROUND_SCREENSHOT when set."""
+def _recording(engine) -> list:
+    """Wrap ``engine.submit`` to keep every request it is given."""
+    seen, submit = [], engine.submit
+
+    def record(request):
+        seen.append(request)
+        return submit(request)
+
+    engine.submit = record
+    return seen
+
+
+def test_a_double_click_runs_once_per_column(model, tokenizer):
+    """Two clicks in a row on Generate: the button is disabled while a run is on, so each column gets
+    one run (its solo greedy text once, not two runs written into it) and the server one request."""
+    prompt = "To be, or not to be"
+    ids = tokenizer.encode(prompt).ids
+    with live_server(model, tokenizer) as live:
+        seen = _recording(live.engine)
+        columns = run_playground(live.url, prompt, 16, columns=2, double_click=True)
+        for pattern, (shown, _) in columns.items():
+            out = generate(model, [ids], 16, pattern=pattern)[0, len(ids) :].tolist()
+            eos = model.config.eos_token_id
+            assert shown == tokenizer.decode(out[: out.index(eos)] if eos in out else out)
+        assert sorted(r.pattern for r in seen) == sorted([DENSE, D16])
+
+
+def test_an_empty_max_tokens_field_sends_its_default(model, tokenizer):
+    """An empty max-tokens field sends the field's default (64), shown back in the field, never null
+    (which the server reads as the rest of the context)."""
+    with live_server(model, tokenizer) as live:
+        seen = _recording(live.engine)
+        run_playground(live.url, "Once upon a time", "", columns=2, expect_max_tokens="64")
+        assert [r.max_tokens for r in seen] == [64, 64]
+
+
+def run_playground(
+    url: str,
+    prompt: str,
+    max_tokens: int | str,
+    columns: int,
+    timeout: float = 60,
+    double_click: bool = False,
+    expect_max_tokens: str | None = None,
+) -> dict[str, tuple]:
+    """Open the playground at ``url`` in headless Chromium, submit ``prompt`` (``double_click``: two
+    clicks in a row), wait until every one of its ``columns`` pattern columns is done; returns pattern
+    -> (output text, stats line). ``expect_max_tokens``: what the max-tokens field must show after the
+    click. Keeps a screenshot at $RATPLUS_PLAYGROUND_SCREENSHOT when set."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -76,7 +122,14 @@ def run_playground(url: str, prompt: str, max_tokens: int, columns: int, timeout
         tokens = driver.find_element(By.ID, "max_tokens")
         tokens.clear()
         tokens.send_keys(str(max_tokens))
-        driver.find_element(By.ID, "submit").click()
+        button = driver.find_element(By.ID, "submit")
+        if double_click:
+            ActionChains(driver).double_click(button).perform()
+        else:
+            button.click()
+        if expect_max_tokens is not None:
+            assert tokens.get_attribute("value") == expect_max_tokens
+        wait.until(lambda d: d.find_element(By.ID, "submit").is_enabled())
         wait.until(lambda d: all(c.get_attribute("data-done") for c in d.find_elements(By.CSS_SELECTOR, ".col")))
         found = {
             col.get_attribute("data-pattern"): (
