@@ -68,7 +68,7 @@ def test_sigterm_drains_running_requests_and_answers_503(ckpt):
                 first = resp.readline()
                 started.wait()
                 rest = resp.read().decode()
-                results.append((first.decode() + rest))
+                results.append(first.decode() + rest)
 
             threads = [threading.Thread(target=stream) for _ in range(3)]
             for t in threads:
