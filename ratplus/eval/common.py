@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +34,7 @@ class EvalModel:
     tokenizer: Any
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-    label: str | None = None  # name in tables and plots (default: the folder name)
+    label: str | None = None  # name in tables and plots (default: run_label of the folder)
 
     @property
     def config(self) -> ModelConfig:
@@ -43,7 +44,7 @@ class EvalModel:
     def name(self) -> str:
         if self.label:
             return self.label
-        return self.path.name if self.path is not None else "model"
+        return run_label(self.path) if self.path is not None else "model"
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +62,20 @@ class EvalModel:
 
     def status(self, pattern: PatternSpec) -> str:
         return adaptation_status(self.metadata, self.config, pattern)
+
+
+def run_label(folder: str | Path) -> str:
+    """A model folder's name in tables and plots: the folder's own name, except a run's ``final`` folder,
+    named by its run (``runs/tiny/final`` -> ``tiny``), and an adaptation's inside a run by both
+    (``runs/tiny/final-adapt-D16-W0-P0/final`` -> ``tiny-adapt-D16-W0-P0``), so two folders of one run
+    get two names. Links are not followed: the demo's ``demo_out/models/ratplus`` is ``ratplus``."""
+    path = Path(os.path.abspath(folder))  # absolute for the parents of a relative "final"; links kept
+    if path.name != "final" or not path.parent.name:
+        return path.name
+    run = path.parent
+    if run.name.startswith("final-") and run.parent.name:  # trainer.adapt's default out_dir: <run>/final-adapt-<p>
+        return f"{run.parent.name}{run.name[len('final') :]}"
+    return run.name
 
 
 def open_checkpoint(

@@ -13,7 +13,7 @@ from conftest import folder_digest, make_model
 
 from ratplus import cli
 from ratplus.config import ModelConfig
-from ratplus.eval.common import EvalModel, adaptation_status, pattern_costs
+from ratplus.eval.common import EvalModel, adaptation_status, pattern_costs, run_label
 from ratplus.eval.ppl import evaluate_ppl, token_stream
 from ratplus.io.folder import save_pretrained
 
@@ -127,6 +127,28 @@ def test_cli_ppl_writes_results_and_leaves_checkpoint_untouched(ckpt, tmp_path, 
     }
     saved = json.loads((out / "ppl.json").read_text())
     assert [r["pattern"] for r in saved["results"]] == ["dense", "D4-W0-P0", "D4-W16-P2"]
+
+
+@pytest.mark.parametrize(
+    ("folder", "label"),
+    [
+        ("runs/tiny/final", "tiny"),
+        ("runs/tiny/final-adapt-D16-W0-P0/final", "tiny-adapt-D16-W0-P0"),
+        ("demo_out/models/ratplus-D16-W0-P0", "ratplus-D16-W0-P0"),
+        ("models/smollm2", "smollm2"),
+        ("/final", "final"),
+    ],
+)
+def test_rows_are_labelled_by_the_run_not_its_final_folder(folder, label):
+    assert run_label(folder) == label
+
+
+def test_run_label_keeps_links(tmp_path):
+    """The demo's stable names are links into hashed stage folders: the label is the link's name."""
+    (tmp_path / "pretrain_ratplus_db64b28a" / "final").mkdir(parents=True)
+    (tmp_path / "ratplus").symlink_to(tmp_path / "pretrain_ratplus_db64b28a" / "final")
+    assert run_label(tmp_path / "ratplus") == "ratplus"
+    assert run_label(tmp_path / "pretrain_ratplus_db64b28a" / "final") == "pretrain_ratplus_db64b28a"
 
 
 def test_ppl_bad_input(ckpt, tmp_path, tokenizer, capsys):
