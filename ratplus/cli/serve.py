@@ -72,7 +72,38 @@ def add_parser(sub) -> None:
         choices=["debug", "info", "warning", "error"],
         help="the server's log level (debug also logs every request)",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every /v1 route, else HTTP 401 (default: the "
+        "RATPLUS_API_KEY environment variable if set, which keeps the key out of the process list; "
+        "else no key: anyone who reaches the port may use the API)",
+    )
+    p.add_argument(
+        "--max-body",
+        default="4MiB",
+        help="largest request body: bytes, or 512KiB, 4MiB; a larger one gets HTTP 413 (default: 4MiB)",
+    )
     p.set_defaults(func=_run)
+
+
+def _api_key(args) -> str | None:
+    """--api-key, else $RATPLUS_API_KEY, else None (no key). Never printed."""
+    key = args.api_key if args.api_key is not None else os.environ.get("RATPLUS_API_KEY")
+    if key is not None and not key.strip():
+        raise ValueError("--api-key / RATPLUS_API_KEY must not be empty (unset it to run without a key)")
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def _run(args) -> int:
@@ -114,6 +145,9 @@ def _run(args) -> int:
     compile_ = device.type == "cuda" if args.compile is None else args.compile
     if compile_:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "ratplus" / "torchinductor"))
+    from ratplus.serve.admission import parse_bytes
+
+    api_key, max_body = _api_key(args), parse_bytes(args.max_body, "--max-body")
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -136,7 +170,7 @@ def _run(args) -> int:
             print(f"ratplus serve: compiled the decode step in {engine.warm_up():.1f} s", file=sys.stderr)
     name = args.name or Path(args.ckpt).resolve().name
     state = ServeState(engine, tokenizer, name, load_chat_template(args.ckpt))
-    app = create_app(state, shutdown_grace=args.shutdown_grace)
+    app = create_app(state, shutdown_grace=args.shutdown_grace, api_key=api_key, max_body=max_body)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -144,6 +178,13 @@ def _run(args) -> int:
         f"compile {'on' if compile_ else 'off'}; loaded in {t_load:.1f} s, ready in {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
+    if api_key is None and not _is_loopback(args.host):
+        print(
+            f"ratplus serve: warning: {args.host} is not a loopback address and there is no API key: anyone "
+            "who can reach this port can use the API; set RATPLUS_API_KEY (or --api-key)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"ratplus serve: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     sock.listen(2048)
     run_server(app, sock, shutdown_grace=args.shutdown_grace, log_level=args.log_level)

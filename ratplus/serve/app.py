@@ -65,6 +65,12 @@ class ServeState:
         self.patterns = list(engine.pools)
         self.chat_template = chat_template
         self.created = int(time.time())
+        # A token covers at most as many bytes as its longest vocabulary string has characters (byte
+        # level: one character per byte; byte fallback and "##" pieces are longer than their bytes),
+        # so text longer than this (x2: normalizers may shrink text) cannot fit the context: refused
+        # without tokenizing megabytes.
+        vocab = tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "get_vocab") else {}
+        self.max_prompt_bytes = 2 * self.config.max_seq_len * max(map(len, vocab), default=64)
 
     def model_ids(self) -> list[str]:
         return [f"{self.name}:{p}" for p in self.patterns]
@@ -108,7 +114,21 @@ class ServeState:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """One prompt (text or token ids) -> token ids (a worker thread: the tokenizer's work)."""
-        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else self._ids(list(prompt))
+        if isinstance(prompt, str):
+            size = len(prompt.encode("utf-8"))
+            if size > self.max_prompt_bytes:
+                raise APIError(
+                    400,
+                    f"prompt: {size:,} bytes of text cannot fit the model's context of {self.config.max_seq_len} "
+                    f"tokens (at most {self.max_prompt_bytes:,} bytes)",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            # encode_batch releases the GIL while it works (encode holds it: the event loop would stall)
+            batch = getattr(self.tokenizer, "encode_batch_fast", None) or getattr(self.tokenizer, "encode_batch", None)
+            ids = batch([prompt])[0].ids if batch is not None else self.tokenizer.encode(prompt).ids
+        else:
+            ids = self._ids(list(prompt))
         if not ids:
             raise APIError(400, "prompt: the prompt is empty (no tokens)", param="prompt")
         return ids

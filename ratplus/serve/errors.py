@@ -31,14 +31,27 @@ class APIError(Exception):
 _BODY_FIELDS = ("max_tokens", "max_completion_tokens", "top_logprobs", "logprobs", "echo")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field(part: Any) -> bool:
+    """A field name or list index in an error's location, not a union member's tag
+    (``function-after[...]``, ``list[int]``, a model's class name)."""
+    if isinstance(part, int):
+        return True
+    return part.isidentifier() and not part[0].isupper() and part not in _TYPE_TAGS
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """The first pydantic error as a 400 naming the field (``param``: its dotted path)."""
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # a union (prompt, content) reports one error per member: our own checks (value_error: a lone
+    # surrogate, a range) say more than "should be a valid list"
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     kind = first.get("type")
     if kind == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and _is_field(x)]
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if kind == "extra_forbidden":

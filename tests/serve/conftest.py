@@ -91,6 +91,8 @@ def live_server(
     kv_memory: int = 1 << 30,
     chat_template: str | None = None,
     name: str = NAME,
+    api_key: str | None = None,
+    max_body: int | None = None,
     **engine_kw,
 ) -> Iterator[Live]:
     """uvicorn in a thread on a socket bound to port 0 (no fixed port); stopped and joined on exit."""
@@ -101,7 +103,8 @@ def live_server(
 
     engine = Engine(model, list(patterns), kv_memory, **engine_kw)
     state = ServeState(engine, tokenizer, name, chat_template)
-    app = create_app(state, shutdown_grace=1.0)
+    guard = {"api_key": api_key} | ({} if max_body is None else {"max_body": max_body})
+    app = create_app(state, shutdown_grace=1.0, **guard)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
