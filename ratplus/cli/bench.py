@@ -158,7 +158,7 @@ def _add_serve(bsub) -> None:
         "--prefix-requests", type=positive_int, default=4, help="requests per server after the first (prefix phase)"
     )
     s.add_argument("--prefill-chunk", type=positive_int, default=512, help="the prefix phase servers' --prefill-chunk")
-    s.add_argument("--soak-seconds", type=seconds, default=600.0, help="length of the soak phase")
+    s.add_argument("--soak-seconds", type=seconds, default=600.0, help="seconds the soak phase runs")
     s.add_argument("--soak-clients", type=positive_int, default=64, help="concurrent clients of the soak phase")
     s.add_argument("--soak-prompt", type=positive_int, default=256, help="longest soak prompt (tokens)")
     add_machine_flags(s)

@@ -36,15 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--pattern",
         default=None,
-        help="attention pattern, e.g. D16-W256-P4 (default: recorded default, adapted or dense)",
+        help="attention pattern, e.g. D16-W256-P4 (default: the folder's recorded default, else adapted, else dense)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
     p.add_argument(
         "--temperature",
         type=nonneg_float,
         default=0.0,
-        help="sampling temperature; 0 = greedy (the most likely token each step, so the same output every "
-        "run). Unlike ratplus serve, whose requests default to 1 as in OpenAI's API",
+        help="sampling temperature (default: 0 = greedy, the most likely token each step, so the same output "
+        "every run; ratplus serve's requests default to 1 instead, as OpenAI's API does)",
     )
     p.add_argument(
         "--top-k", type=nonneg_int, default=None, help="sample among the k most likely tokens (default: all)"
