@@ -1,32 +1,27 @@
 """Continuous batching over generation's fixed-shape decode step (``RATPlusLM.decode_step``).
 
-Shapes: B rows of a pool (running requests, rounded up), S cache slots, V vocab.
+Shapes: n running rows of a pattern's pool, V vocab.
 
 One engine thread owns the model and every cache. Each iteration it
-  1. admits queued requests in arrival order while their KV bytes (``admission.kv_bytes`` of
-     prompt + max_tokens) fit the budget and a row is free (a request that fits is admitted as it
-     arrives; the others when memory frees);
-  2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the oldest admitted request, so a
-     long prompt never stalls the running rows for more than one chunk;
-  3. runs one decode step per pattern pool that has running rows, samples each row with its own
-     settings, hands every token to its request, and retires finished or cancelled rows.
+  1. admits queued requests in arrival order while fewer than ``max_batch`` run and the request's
+     pool has, or can be given within ``--kv-memory``, a free row long enough (``_make_room``: the
+     allocated bytes, reshapes included, never pass the budget; docs/DESIGN.md section 10);
+  2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the oldest admitted request,
+     straight into its pool row, so a long prompt never stalls the running rows for more than one
+     chunk (a prompt that starts with a stored prefix restores it first: ``ratplus.serve.prefix``);
+  3. runs one decode step per pattern pool that has running rows (over those rows only), samples
+     each row with its own settings, hands every token to its request, and retires finished or
+     cancelled rows.
 Requests join and leave between steps; the HTTP side only queues requests and sets ``cancelled``.
 
-Why a pool of rows per pattern, not one cache per request or a growable batch: the decode step is
-one batched call over a ``RATPlusCache`` whose tensors are (B, h_kv, S, K), and that cache can drop
-rows (``select``, a full copy) but not add them. So each loaded pattern keeps one cache of B rows
-(B = the running rows rounded up to a power of two, at most ``max_batch``) with room for the
-longest running request (S from its prompt + max_tokens rounded up to 256 tokens). A request is
-prefilled alone, into a one-row cache built exactly as ``ratplus.generate`` builds it (so its
-first token is generate's), then its row is copied into a free pool row: the slot of a token depends
-only on its position and the pattern's P, W, D (``SlotLayout``), not on the cache's length, so the
-copy is exact (a cache too short for P + W + 1 clamps W, but then no token has left the window yet
-and every token sits at slot = position in both). A leaving row is replaced by the last running
-row (one row copy), keeping rows [0, n) dense; the pool is rebuilt smaller when a quarter or less
-of it runs, and freed when empty.
-Every row decodes at its own position (``held``), so each row's tokens are those it would get alone
-(greedy; tests/serve compare with ``ratplus.generate``). Spare rows decode a dummy token at
-position 0 and are ignored.
+Why a pool of rows per pattern (``ratplus.serve.pool``), not one cache per request: the decode step
+is one batched call over a ``RATPlusCache`` whose tensors are (B, h_kv, S, K). Each loaded pattern
+keeps one cache; a request's row is seen as a one-row cache while it is prefilled (the chunks run
+as ``ratplus.generate``'s prefill of that request alone), and the running rows ``[0, n)`` as an
+n-row cache for the decode step. The slot of a token depends only on its position and the
+pattern's P, W, D (``SlotLayout``), so rows keep their slots when the pool is reshaped. Every row
+decodes at its own position (``held``), so each row's tokens are those it would get alone (greedy;
+tests/serve compare with ``ratplus.generate``).
 """
 
 from __future__ import annotations
@@ -92,6 +87,9 @@ class Request:
     # (logprob, [(id, logprob), ...]) per sampled token, appended before its event is sent
     token_logprobs: list = field(default_factory=list)
     prompt_logprob_rows: list = field(default_factory=list)  # the same per prompt token 1..T-1
+    # response_format: masks each row's logits to what the grammar allows and is told each chosen
+    # token (ratplus.serve.constrain.Constraint); None: no constraint
+    constraint: Any = None
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -408,6 +406,7 @@ class Engine:
             self._prefills.remove(f)
             self.pools[f.request.pattern].drop_prefill(f.request)
             self._end(f.request, "cancelled")
+            self._shrink(self.pools[f.request.pattern])
         for pool in self.pools.values():
             gone = False
             for i in reversed(range(len(pool.rows))):
@@ -496,7 +495,12 @@ class Engine:
         of the raw logits for the rows that asked."""
         tokens = logits.argmax(dim=-1)
         for i, r in enumerate(rows):
-            if r.sampling is not None and (r.sampling.transforms_logits or r.temperature > 0):
+            if r.constraint is not None:
+                row = r.constraint.mask(logits[i])
+                tokens[i] = sample_row(row, r.sampling or SamplingParams(r.temperature, top_p=r.top_p), r.prompt,
+                                       r.tokens, r.stop_ids, r.generator)  # fmt: skip
+                r.constraint.consume(int(tokens[i]))
+            elif r.sampling is not None and (r.sampling.transforms_logits or r.temperature > 0):
                 tokens[i] = sample_row(logits[i], r.sampling, r.prompt, r.tokens, r.stop_ids, r.generator)
             elif r.temperature > 0:
                 tokens[i] = sample_next(logits[i : i + 1], r.temperature, None, r.top_p, r.generator)[0]
