@@ -185,3 +185,14 @@ def test_cancelled_rows_anywhere_leave_the_others_exact(model):
         else:
             assert r.tokens == solo(model, ids, n, p)
     assert engine.allocated() == 0 and engine.budget.in_use == 0
+
+
+def test_serve_refuses_a_budget_no_request_fits(ckpt, capsys):
+    """``ratplus serve --kv-memory 100``: exit 2 with one line naming the flag (issue 31: it was
+    accepted, and every request then waited forever)."""
+    from ratplus.cli import main
+
+    argv = ["serve", "--ckpt", str(ckpt), "--device", "cpu", "--port", "0", "--patterns", DENSE]
+    assert main([*argv, "--kv-memory", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-memory 100 B is smaller than the smallest request under dense" in err
