@@ -39,7 +39,12 @@ def add_parser(sub) -> None:
         help="comma-separated attention patterns to serve, e.g. dense,D16-W256-P4 (default: the folder's "
         "default or adapted pattern, and dense)",
     )
-    p.add_argument("--name", default=None, help="model name in the API (default: the folder's name)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="model name in the API (default: metadata.json's name, else the folder's name, or for a run's "
+        "final/checkpoint folder the model config's name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=port, default=8000, help="TCP port; 0 = any free one (the listening line names it)")
     p.add_argument("--max-batch", type=positive_int, default=16, help="most requests running at once")
@@ -49,6 +54,13 @@ def add_parser(sub) -> None:
         type=byte_size,
         default="4GiB",
         help="KV-cache budget of the admitted requests: bytes, or 512MB (MB = 10**6 B), 4GiB (GiB = 2**30 B)",
+    )
+    p.add_argument(
+        "--prefix-cache-memory",
+        type=_size_or_off,
+        default="512MiB",
+        help="memory for snapshots of shared prompt prefixes, prefilled once and reused (LRU); 0 = off "
+        "(default: 512MiB)",
     )
     p.add_argument(
         "--prefill-chunk", type=positive_int, default=512, help="prompt tokens prefilled between decode steps"
@@ -87,6 +99,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_run)
 
 
+def _size_or_off(text: str) -> int:
+    """``byte_size``, or 0 for ``0`` / ``off``."""
+    return 0 if str(text).strip().lower() in ("0", "off") else byte_size(text)
+
+
 def _api_key(args) -> str | None:
     """--api-key, else $RATPLUS_API_KEY, else None (no key). Never printed."""
     key = args.api_key if args.api_key is not None else os.environ.get("RATPLUS_API_KEY")
@@ -120,7 +137,7 @@ def _run(args) -> int:
     from ratplus.io.metadata import read_metadata
     from ratplus.runtime import resolve_device, resolve_dtype
     from ratplus.serve.app import ServeState, create_app, load_chat_template, run_server
-    from ratplus.serve.engine import Engine
+    from ratplus.serve.engine import Engine, served_name
 
     kv_memory = args.kv_memory  # bytes (common.byte_size)
     apply_threads(args.threads)
@@ -163,12 +180,13 @@ def _run(args) -> int:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         compile=compile_,
+        prefix_memory=args.prefix_cache_memory,
     )
     t_load = time.perf_counter() - t0
     if compile_:
         with torch.inference_mode():
             print(f"ratplus serve: compiled the decode step in {engine.warm_up():.1f} s", file=sys.stderr)
-    name = args.name or Path(args.ckpt).resolve().name
+    name = args.name or served_name(args.ckpt, config.name, meta.to_dict())
     state = ServeState(engine, tokenizer, name, load_chat_template(args.ckpt))
     app = create_app(state, shutdown_grace=args.shutdown_grace, api_key=api_key, max_body=max_body)
     host, port = sock.getsockname()[:2]
