@@ -93,6 +93,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--max-body",
+        type=byte_size,
         default="4MiB",
         help="largest request body: bytes, or 512KiB, 4MiB; a larger one gets HTTP 413 (default: 4MiB)",
     )
