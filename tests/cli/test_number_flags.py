@@ -29,6 +29,8 @@ CASES = [
     ([*S, "--kv-memory", "1e30"], "serve", "--kv-memory", "got '1e30'"),
     ([*S, "--kv-memory=-4GiB"], "serve", "--kv-memory", "expected a positive size"),
     ([*S, "--kv-memory", "0"], "serve", "--kv-memory", "expected a positive size"),
+    ([*S, "--max-body", "1e999"], "serve", "--max-body", "expected a positive size below 8 EiB"),
+    ([*S, "--prefix-cache-memory", "1e999"], "serve", "--prefix-cache-memory", "below 8 EiB"),
     ([*S, "--shutdown-grace", "inf"], "serve", "--shutdown-grace", "expected a finite number in [0, 10000000]"),
     ([*S, "--shutdown-grace", "nan"], "serve", "--shutdown-grace", "got 'nan'"),
     ([*S, "--shutdown-grace", "1e300"], "serve", "--shutdown-grace", "got '1e300'"),
