@@ -44,6 +44,7 @@ from ratplus.io.tokenizer import chat_prompt
 from ratplus.io.tokenizer import load_chat_template as load_chat_template  # re-exported: the CLI imports it here
 from ratplus.io.tokenizer import plain_chat_prompt as plain_chat_prompt  # re-exported: tests import it here
 from ratplus.serve import completions
+from ratplus.serve.constrain import Grammars
 from ratplus.serve.engine import Engine
 from ratplus.serve.engine import Request as EngineRequest
 from ratplus.serve.errors import APIError, validation_error
@@ -71,6 +72,7 @@ class ServeState:
         # without tokenizing megabytes.
         vocab = tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "get_vocab") else {}
         self.max_prompt_bytes = 2 * self.config.max_seq_len * max(map(len, vocab), default=64)
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.config.eos_token_id)
 
     def model_ids(self) -> list[str]:
         return [f"{self.name}:{p}" for p in self.patterns]
@@ -234,6 +236,7 @@ class ServeState:
             sampling=self.sampling(body, max_tokens),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            constraint=self.grammars.constraint(body.response_format),
         )
 
 

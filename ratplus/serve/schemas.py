@@ -2,9 +2,10 @@
 
 Strict means no coercion: ``max_tokens: "4"``, ``max_tokens: true`` and ``stream: "yes"`` are
 errors, not 4 and True; numbers out of range, unknown fields and fields this server does not
-implement (``tools``, ``best_of`` > 1, ``suffix``, ``response_format`` other than text, ...) are
-errors too. Each error is a 400 whose message and ``param`` name the field (``app`` formats it).
-Every string must be valid Unicode (a lone surrogate such as ``"\\ud800"`` cannot be tokenized).
+implement (``tools``, ``best_of`` > 1, ``suffix``, ...) are errors too; ``response_format``
+(``json_object``, ``json_schema``) is constrained decoding (``ratplus.serve.constrain``). Each
+error is a 400 whose message and ``param`` name the field (``errors`` formats it). Every string
+must be valid Unicode (a lone surrogate such as ``"\\ud800"`` cannot be tokenized).
 
 Field semantics (vLLM's where OpenAI has none): see the module docstring of ``ratplus.generation``
 for the order of the sampling transforms, and docs/guides/serve.md for the table of fields.
@@ -105,7 +106,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None  # an end-user id (OpenAI's abuse monitoring): accepted, not used
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = None  # text, json_object, json_schema (ratplus.serve.constrain)
     pattern: Text | None = None  # extra: the attention pattern, when ``model`` names the model only
     return_token_ids: bool = False  # extra: each choice also carries the generated token ids
     # not implemented: any value but the neutral one is refused by _refuse
@@ -158,13 +159,6 @@ class _Sampling(_Strict):
                 raise ValueError(f"the bias of token {key} must be in [-100, 100], got {value}")
         if v is not None and len(v) > 300:
             raise ValueError(f"at most 300 tokens, got {len(v)}")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v: ResponseFormat | None) -> ResponseFormat | None:
-        if v is not None and v.type != "text":
-            raise ValueError(f"{v.type} (constrained decoding) is not supported by this server; only type 'text'")
         return v
 
     @model_validator(mode="after")
