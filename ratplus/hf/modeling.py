@@ -126,6 +126,18 @@ class RATPlusModel(RATPlusPreTrainedModel):
         native.head.lm_head.weight = torch.nn.Parameter(torch.empty_like(native.head.lm_head.weight))
         self.attach(native)
         self.post_init()
+        # Patterns known to train, checked once each in eager code: the check parses pattern strings,
+        # which torch.compile cannot trace for head-group patterns (a graph break in every training forward).
+        self._trainable: set[str] = set()
+        self.note_trainable(config.attention_pattern)
+
+    def note_trainable(self, pattern: str) -> None:
+        """Remember ``pattern`` (canonical) as trainable when it is (inference-only ones are not noted)."""
+        try:
+            self.native.config.training_pattern(pattern, "attention_pattern")
+        except ValueError:
+            return
+        self._trainable.add(pattern)
 
     # transformers' _set_gradient_checkpointing sets this flag here and on every RATPlusBlock
     gradient_checkpointing = False
@@ -183,8 +195,9 @@ class RATPlusModel(RATPlusPreTrainedModel):
             )
         record: list[torch.Tensor] | None = [] if output_hidden_states else None
         native = self.native
-        if self.training and hf_cache is None and torch.is_grad_enabled():
+        if self.training and hf_cache is None and torch.is_grad_enabled() and pattern not in self._trainable:
             native.config.training_pattern(pattern, "attention_pattern")  # top-k / SnapKV do not train
+            self._trainable.add(pattern)
         if hf_cache is not None:
             if inputs_embeds is not None:
                 raise ValueError("inputs_embeds is not supported with a cache (use_cache=True); pass input_ids")
@@ -308,6 +321,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         """Switch the default attention pattern (any pattern spec) without reloading; returns its
         canonical string. Raises ValueError when it does not parse or does not fit the model."""
         self.config.attention_pattern = canonical_pattern(pattern, self.native.config)
+        self.model.note_trainable(self.config.attention_pattern)
         return self.config.attention_pattern
 
     # ---- forward ------------------------------------------------------------------------------

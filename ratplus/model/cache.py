@@ -258,10 +258,11 @@ class RATPlusCache:
             raise ValueError(f"input_ids has batch size {B} but the cache was built for {self.batch_size}")
         if T == 0:
             raise ValueError("input_ids is empty (T = 0)")
-        if (
-            input_ids.dtype not in (torch.int64, torch.int32)
-            or int(input_ids.min()) < 0
-            or int(input_ids.max()) >= self.config.vocab_size
+        if input_ids.dtype not in (torch.int64, torch.int32) or (
+            # the value check reads the ids on the host: skipped while torch.compile traces (a graph break
+            # otherwise), as RATPlusLM.check_ids does; out-of-range ids then fail in the embedding lookup
+            not torch.compiler.is_compiling()
+            and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)
         ):
             raise ValueError(f"input_ids must be integer token ids in [0, vocab_size={self.config.vocab_size})")
         if pattern is not None:
@@ -304,6 +305,10 @@ class RATPlusCache:
                 f"attention_mask must be (B, T) = ({B}, {T}) or (B, seq_len + T) = ({B}, {self.seq_len + T}), "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if any(self.lengths) and torch.compiler.is_compiling():
+            # a traced decode step: padding is only ever the prefill's, so the mask's values are not read
+            # on the host (a graph break); eager calls check them below
+            return [0] * B
         new = attention_mask[:, -T:].to("cpu")
         if not ((new == 0) | (new == 1)).all():
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")

@@ -42,6 +42,6 @@ def choose_scan_backend(device: torch.device) -> str:
 def announce(kind: str, backend: str, device: torch.device) -> None:
     """Log the chosen backend once per (device, backend) for the whole run."""
     key = (f"{kind}:{device.type}", backend)
-    if key not in _announced:
+    if key not in _announced and not torch.compiler.is_compiling():  # logging inside a trace breaks the graph
         _announced.add(key)
         logger.info("ratplus: %s backend on %s: %s", kind, device.type, backend)

@@ -1,6 +1,6 @@
 """Training through the transformers API: padding anywhere (each row trains as if alone), packed
 sequences, gradient checkpointing (transformers' own on RATPlusBlock, same gradients), hidden states and
-inputs_embeds, resize, from_pretrained from a state dict, torch.compile without graph breaks, the
+inputs_embeds, resize, from_pretrained from a state dict, the
 max_seq_len rule shared with ratplus.generate, and the refusals (cache with labels, top-k training)."""
 
 import pytest
@@ -227,34 +227,3 @@ def test_generate_stops_at_max_seq_len_like_ratplus_generate():
     assert torch.equal(out, native)
     with pytest.raises(ValueError, match="no room to generate"):
         model.generate(torch.ones(1, 64, dtype=torch.long), max_new_tokens=2, pad_token_id=0)
-
-
-def test_compile_forward_backward_without_graph_break():
-    """Dynamo traces the training forward, padding mask and loss included, as one graph
-    (fullgraph=True raises on a graph break); backward runs and matches eager. The gated-attention
-    baseline (apply_re=False) is used: the CPU scan kernel writes with out= into strided views,
-    which breaks the graph inside ratplus.ops.scan; the test below checks that is the only place."""
-    torch._dynamo.reset()
-    model = tiny(19, apply_re=False)
-    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(20))
-    mask = torch.ones_like(ids)
-    mask[1, -5:] = 0
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    loss = compiled(input_ids=ids, attention_mask=mask, labels=ids).loss
-    loss.backward()
-    got = _grads(model)
-    model.zero_grad()
-    ref = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    for name, grad in _grads(model).items():
-        torch.testing.assert_close(got[name], grad, msg=name)
-
-
-def test_compile_graph_breaks_only_in_the_scan_kernel():
-    torch._dynamo.reset()
-    model = tiny(21)
-    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(22))
-    explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-    places = {str(r.user_stack[-1].filename) for r in explained.break_reasons if r.user_stack}
-    assert places and all(p.endswith(("ops/scan/chunked.py", "ops/scan/__init__.py")) for p in places), places

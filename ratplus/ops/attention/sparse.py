@@ -107,6 +107,15 @@ def sparse_attention_blocked(
 Ranges = tuple[tuple[int, int, int], ...]  # key positions as (start, stop, step) slices
 
 
+def _store(out: torch.Tensor, rows: slice, op, *args: torch.Tensor) -> None:
+    """``op(*args, out=out[:, rows])``: the merged rows written in place, no temporary. While
+    ``torch.compile`` traces, the op's result is copied in instead (Dynamo cannot trace ``out=`` into
+    a strided view: a graph break per query group); the values are the same."""
+    if torch.compiler.is_compiling():
+        out[:, rows] = op(*args)
+    else:
+        op(*args, out=out[:, rows])
+
 class _Segment:
     """One flash call of the local part: query rows [qs, qe) against the keys at ``ranges``, with
     an additive mask."""
@@ -256,7 +265,7 @@ class _SegmentedAttention(torch.autograd.Function):
             if g.near_mask is None:
                 # two parts: out = base + w (o - base), w = exp(l - L), one pass
                 new = torch.logaddexp(l_loc, l)
-                torch.lerp(b, o, l.sub_(new).exp_().unsqueeze(-1), out=out[:, rows])
+                _store(out, rows, torch.lerp, b, o, l.sub_(new).exp_().unsqueeze(-1))
             elif not g.near_flash:
                 # three parts: far (o, l), local (b, l_loc) and the near keys, whose logits are
                 # kept as (N, n, R) so that reductions run over rows, the contiguous dim
@@ -269,7 +278,7 @@ class _SegmentedAttention(torch.autograd.Function):
                 z.reciprocal_()
                 # out = w_far o + P_near V_near + w_loc b: two passes on o (fresh, in cache), one on out
                 o.mul_(w_far.mul_(z).unsqueeze(-1)).baddbmm_(p.mul_(z.unsqueeze(1)).transpose(1, 2), plan.near(v3, g))
-                torch.addcmul(o, b, w_loc.mul_(z).unsqueeze(-1), out=out[:, rows])
+                _store(out, rows, torch.addcmul, o, b, w_loc.mul_(z).unsqueeze(-1))
             else:
                 # three parts again, the near one from a masked flash call over the rows after chunk a
                 D = plan.D
@@ -287,7 +296,7 @@ class _SegmentedAttention(torch.autograd.Function):
                 z.reciprocal_()
                 o.mul_(w_far.mul_(z).unsqueeze(-1))
                 o[:, D:].addcmul_(o2, w_near.mul_(z[:, D:]).unsqueeze(-1))
-                torch.addcmul(o, b, w_loc.mul_(z).unsqueeze(-1), out=out[:, rows])
+                _store(out, rows, torch.addcmul, o, b, w_loc.mul_(z).unsqueeze(-1))
             lse[:, rows] = new
         ctx.save_for_backward(q3, k3, v3, out, lse)
         ctx.plan, ctx.scale, ctx.shape = plan, scale, (B, H, T, K)

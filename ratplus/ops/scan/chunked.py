@@ -42,16 +42,19 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, rever
         b = torch.cat([b, b.new_zeros(*lead, pad, K)], dim=-2)
     a = a.reshape(*lead, N, L, K)  # (..., N, L, K)
     b = b.reshape(*lead, N, L, K)
-    local = torch.empty(*lead, N, L, K, dtype=b.dtype, device=b.device)  # in-chunk scan from a zero state
-    prod = torch.empty_like(local)  # product of the gates between a step and its chunk's entry edge
     steps = range(L - 2, -1, -1) if reverse else range(1, L)
     edge, exit_ = (L - 1, 0) if reverse else (0, L - 1)
-    local[..., edge, :] = b[..., edge, :]
-    prod[..., edge, :] = a[..., edge, :]
-    for i in steps:
-        j = i + 1 if reverse else i - 1  # the step before i in scan order
-        torch.addcmul(b[..., i, :], a[..., i, :], local[..., j, :], out=local[..., i, :])
-        torch.mul(prod[..., j, :], a[..., i, :], out=prod[..., i, :])
+    if torch.compiler.is_compiling():
+        local, prod = _in_chunk_functional(a, b, steps, edge, reverse)
+    else:
+        local = torch.empty(*lead, N, L, K, dtype=b.dtype, device=b.device)  # in-chunk scan from a zero state
+        prod = torch.empty_like(local)  # product of the gates between a step and its chunk's entry edge
+        local[..., edge, :] = b[..., edge, :]
+        prod[..., edge, :] = a[..., edge, :]
+        for i in steps:
+            j = i + 1 if reverse else i - 1  # the step before i in scan order
+            torch.addcmul(b[..., i, :], a[..., i, :], local[..., j, :], out=local[..., i, :])
+            torch.mul(prod[..., j, :], a[..., i, :], out=prod[..., i, :])
     # carry[n] = true state entering chunk n (from the left, or from the right when reverse)
     carry = torch.empty_like(local[..., :, 0, :])  # (..., N, K)
     state = torch.zeros_like(carry[..., 0, :]) if h0 is None else h0.to(b.dtype)
@@ -60,6 +63,21 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, rever
         state = torch.addcmul(local[..., n, exit_, :], prod[..., n, exit_, :], state)
     h = torch.addcmul(local, prod, carry.unsqueeze(-2))
     return h.reshape(*lead, N * L, K)[..., :T, :]
+
+
+def _in_chunk_functional(
+    a: torch.Tensor, b: torch.Tensor, steps: range, edge: int, reverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of ``linear_scan`` without ``out=``: the same ops, each step a new tensor, stacked at
+    the end. Used while ``torch.compile`` traces: Dynamo cannot trace ``out=`` into a strided view (a
+    graph break per call), and Inductor fuses the steps anyway. a, b (..., N, L, K) -> local, prod."""
+    local, prod = [b[..., edge, :]], [a[..., edge, :]]  # each (..., N, K), in scan order
+    for i in steps:
+        local.append(torch.addcmul(b[..., i, :], a[..., i, :], local[-1]))
+        prod.append(prod[-1] * a[..., i, :])
+    if reverse:  # scan order runs from the end: put the steps back in time order
+        local, prod = local[::-1], prod[::-1]
+    return torch.stack(local, dim=-2), torch.stack(prod, dim=-2)
 
 
 class _GatedScan(torch.autograd.Function):
@@ -81,10 +99,9 @@ class _GatedScan(torch.autograd.Function):
         grad_x = torch.addcmul(c, g, c, value=-1) if ctx.needs_input_grad[1] else None  # (1 - g) c
         grad_g = None
         if ctx.needs_input_grad[0]:
-            grad_g = torch.empty_like(c)  # (h_{t-1} - x_t) c_t
-            torch.sub(h[..., :-1, :], x[..., 1:, :], out=grad_g[..., 1:, :])
-            grad_g[..., 0, :] = (h0 - x[..., 0, :]) if ctx.has_h0 else -x[..., 0, :]
-            grad_g.mul_(c)
+            # (h_{t-1} - x_t) c_t, with h_{-1} = h0 (or 0); no out= into a view, so Dynamo traces it too
+            first = (h0 - x[..., 0, :]) if ctx.has_h0 else -x[..., 0, :]
+            grad_g = torch.cat([first.unsqueeze(-2), h[..., :-1, :] - x[..., 1:, :]], dim=-2).mul_(c)
         grad_h0 = g[..., 0, :] * c[..., 0, :] if (ctx.has_h0 and ctx.needs_input_grad[2]) else None
         return grad_g, grad_x, grad_h0
 
