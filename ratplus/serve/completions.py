@@ -73,7 +73,8 @@ async def generate(
 
         return sink
 
-    reqs = [state.build(body, ids, sink_for(i), chat) for i, ids in enumerate(prompts)]
+    # a worker thread: compiling a response_format schema can take a while
+    reqs = await run_in_threadpool(lambda: [state.build(body, ids, sink_for(i), chat) for i, ids in enumerate(prompts)])
     submitted = []
     try:
         for r in reqs:
