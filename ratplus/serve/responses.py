@@ -14,6 +14,8 @@ thread (the tokenizer's work stays off the event loop); the route hands them a b
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 from ratplus.generation import IncrementalDetokenizer
@@ -56,8 +58,38 @@ class TextStream:
 
 def token_text(tokenizer, token: int) -> str:
     """A token's own text (special tokens by name; a piece of a multi-byte character as U+FFFD)."""
-    text = tokenizer.decode([token], skip_special_tokens=False)
-    return text
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    others (controls, space, ...) for 256 + their rank among them."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for rank, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + rank)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token: int) -> list[int]:
+    """A token's raw bytes (chat logprobs' ``bytes``): exact for byte-level vocabularies (GPT-2,
+    Llama 3, SmolLM2) and byte-fallback pieces (``<0xE2>``), so a client can join the bytes of a
+    character split across tokens; else the UTF-8 of its text."""
+    piece = tokenizer.id_to_token(token) if hasattr(tokenizer, "id_to_token") else None
+    if piece is not None:
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return [int(m.group(1), 16)]
+        decoder = getattr(tokenizer, "decoder", None)
+        if type(decoder).__name__ == "ByteLevel":
+            table = _byte_level_table()
+            if all(c in table for c in piece):
+                return [table[c] for c in piece]
+    return list(token_text(tokenizer, token).encode("utf-8"))
 
 
 class Choice:
@@ -134,7 +166,7 @@ class Choice:
 
         def entry(token: int, lp: float) -> dict:
             text = token_text(self.tokenizer, token)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            return {"token": text, "logprob": lp, "bytes": token_bytes(self.tokenizer, token)}
 
         content = [
             {**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in top]}
@@ -143,4 +175,4 @@ class Choice:
         return {"content": content}
 
 
-__all__ = ["Choice", "TextStream", "token_text"]
+__all__ = ["Choice", "TextStream", "token_bytes", "token_text"]

@@ -117,7 +117,8 @@ def test_chat_logprobs_and_top_logprobs(live, model, tokenizer):
         assert entry["logprob"] == pytest.approx(float(ref[t]), abs=1e-4)
         assert entry["token"] == tokenizer.decode([t], skip_special_tokens=False)
         assert [e["logprob"] for e in entry["top_logprobs"]] == pytest.approx(ref.topk(2).values.tolist(), abs=1e-4)
-        assert entry["bytes"] == list(entry["token"].encode())
+        if entry["token"].isascii():
+            assert bytes(entry["bytes"]) == entry["token"].encode()
     got = []
     for ch in stream(live, body, "chat/completions"):
         for c in ch["choices"]:
@@ -126,6 +127,17 @@ def test_chat_logprobs_and_top_logprobs(live, model, tokenizer):
     assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in content], abs=1e-6)
     plain = post(live, {**body, "logprobs": False, "top_logprobs": None}, "chat/completions")["choices"][0]
     assert plain["logprobs"] is None and plain["message"]["content"] == choice["message"]["content"]
+
+
+def test_token_bytes_join_to_the_text(tokenizer):
+    """Chat logprobs' ``bytes`` are each token's raw bytes: joined, they decode to the text even
+    where a character is split across tokens (its pieces' texts are U+FFFD)."""
+    from ratplus.serve.responses import token_bytes, token_text
+
+    text = "naïve café — 日本語 🙂 fox"
+    ids = tokenizer.encode(text).ids
+    assert any(token_text(tokenizer, t) == "\ufffd" for t in ids)
+    assert b"".join(bytes(token_bytes(tokenizer, t)) for t in ids).decode("utf-8") == text
 
 
 # ---- echo, batched and token-id prompts --------------------------------------------------------------------
