@@ -105,7 +105,12 @@ class _Sampling(_Strict):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None  # an end-user id (OpenAI's abuse monitoring): accepted, not used
+    # accepted and not used: they change nothing in the output (an end-user id for abuse
+    # monitoring, OpenAI's stored-completions flag and tags (nothing is stored here), a tier)
+    user: Text | None = None
+    store: bool | None = None
+    metadata: dict[Text, Text] | None = None
+    service_tier: Text | None = None
     response_format: ResponseFormat | None = None  # text, json_object, json_schema (ratplus.serve.constrain)
     pattern: Text | None = None  # extra: the attention pattern, when ``model`` names the model only
     return_token_ids: bool = False  # extra: each choice also carries the generated token ids

@@ -338,7 +338,8 @@ def test_unsupported_or_bad_fields_get_400_naming_them(live, field, value, route
 
 def test_neutral_values_of_unsupported_fields_are_accepted(live):
     body = {"model": NAME, "prompt": "hi", "max_tokens": 2, "n": 1, "best_of": 1, "suffix": None, "user": "u-1",
-            "response_format": {"type": "text"}, "tools": None}  # fmt: skip
+            "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "response_format": {"type": "text"},
+            "tools": None}  # fmt: skip
     assert post(live, body)["usage"]["completion_tokens"] >= 1
 
 

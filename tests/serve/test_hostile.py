@@ -137,7 +137,9 @@ def test_hostile_requests_get_4xx_while_a_stream_keeps_flowing(model, tokenizer)
             chunks = (b"x" * 65536 for _ in range(MAX_BODY // 65536 + 4))
             _check(client.post(f"{live.url}/v1/completions", content=chunks), 413, "limit")
             # and the server is still right: a JSON body without a Content-Type is read as JSON
-            ok = client.post(f"{live.url}/v1/completions", content=_completion(), headers={"Content-Type": ""})
+            request = client.build_request("POST", f"{live.url}/v1/completions", content=_completion())
+            assert "content-type" not in request.headers
+            ok = client.send(request)
             assert ok.status_code == 200, ok.text
         table_end = time.monotonic()
         t.join(120)
