@@ -12,8 +12,9 @@ each, prompts of random token ids (distinct per client). Per pattern and client 
 
 Admission: at ``--admission-len`` tokens (prompt + max_tokens) under one ``--kv-memory``, the
 number of requests the server admits at once per pattern: more requests than fit are sent, the
-server's ``/metrics`` is read once all arrived (``requests_running`` admitted, the rest queued),
-then every client hangs up. Admission needs no prefill to finish, so this is cheap even for 8K
+server's ``/metrics`` is read until all arrived and the admitted count settled (the engine thread
+admits between its steps; ``requests_running`` at its most is the count admitted), then every
+client hangs up. Admission needs no prefill to finish, so this is cheap even for 8K
 prompts. The formula's count (budget // kv_bytes) is printed beside the measured one.
 
 Peer (``--peer``): the same-size transformers ``LlamaForCausalLM`` (``ratplus.bench.decode.llama_peer``,
@@ -27,6 +28,14 @@ exactly those ids (their count recorded from the usage chunk). Its stream carrie
 ``max_tokens``; one short request warms it up first. Its paged cache holds ``max(clients)`` requests
 of prompt + ``max_tokens`` (by default it would take most of the machine's free RAM); its peak RSS
 sums the server and its engine process.
+
+Prefix (``--phases prefix``): two more servers, without and with the prefix cache
+(``--prefix-cache-memory 0`` and the default), get prompts of one shared ``prefix_len``-token prefix
+plus ``suffix_len`` tokens of their own, one at a time, alternating between the two; TTFT of each
+(the first request apart: cold on both) and the snapshot hits from ``/metrics``.
+
+Soak: ``/metrics`` is read every 0.1 s all along; the scrapes whose allocated KV bytes exceed the
+budget are counted (the memory bound says 0).
 
 Without ``--ckpt`` the model is a preset with random weights and a small BPE tokenizer (the
 prompts are token ids; the text is not looked at). Output: tables, then one JSON line.
@@ -323,8 +332,11 @@ def throughput(
     }
 
 
-def admission(server: Server, model: str, count: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
-    """Send ``count`` long requests at once; read how many the server admitted; hang up on all."""
+def admission(
+    server: Server, model: str, count: int, prompt_len: int, new_tokens: int, vocab: int, settle: float = 2.0
+) -> dict:
+    """Send ``count`` long requests at once; read how many the server admitted (the most running at
+    once, after all arrived and the count settled); hang up on all."""
     import openai
 
     prompts = _prompts(count, prompt_len, vocab, seed=7)
@@ -337,14 +349,18 @@ def admission(server: Server, model: str, count: int, prompt_len: int, new_token
         before = finished(await asyncio.to_thread(server.metrics))
         tasks = [asyncio.ensure_future(_stream(client, model, p, new_tokens)) for p in prompts]
         deadline = time.monotonic() + 300
-        best = None
+        best, last, steady = None, None, None
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             m = await asyncio.to_thread(server.metrics)
             if best is None or m["ratplus_requests_running"] > best["ratplus_requests_running"]:
                 best = m
             arrived = m["ratplus_requests_running"] + m["ratplus_requests_queued"] + finished(m) - before
-            if arrived >= count:
+            # the engine thread admits between its steps (a prefill chunk may take a while): once every
+            # request arrived, wait until the admitted count has stayed the same for ``settle`` seconds
+            if m["ratplus_requests_running"] != last:
+                last, steady = m["ratplus_requests_running"], time.monotonic()
+            if arrived >= count and time.monotonic() - steady >= settle:
                 break
         for t in tasks:
             t.cancel()
