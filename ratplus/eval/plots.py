@@ -60,34 +60,42 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
     if all(math.isclose(r[COST_AXES[0][0]], r[COST_AXES[1][0]], rel_tol=1e-9) for r in rows):
         axes_of = ((COST_AXES[0][0], "attention FLOPs = KV-cache slots (fraction of dense)"),)
     fig, axes = plt.subplots(1, len(axes_of), figsize=(6 * len(axes_of), 4.5), squeeze=False)
+    placed = []
     for ax, (key, label) in zip(axes[0], axes_of):
+        points, polylines = [], []
         for name, rs in models.items():
             rs = sorted(rs, key=lambda r: r[key])
-            (line,) = ax.plot([r[key] for r in rs], [r[metric] for r in rs], marker="o", label=name)
+            xs, ys = [r[key] for r in rs], [r[metric] for r in rs]
+            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            polylines.append(list(zip(xs, ys)))
             # patterns that cost the same and score the same share one label
             labels: dict[tuple[float, float], list[str]] = {}
             for r in rs:
-                labels.setdefault((r[key], r[metric]), []).append(r["pattern"])
-            for (x, y), names in labels.items():
-                ax.annotate(
-                    " = ".join(names),
-                    (x, y),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                    color=line.get_color(),
-                )
+                labels.setdefault((r[key], r[metric]), []).append(_short(r["pattern"]))
+            points += [(x, y, " = ".join(names), line.get_color()) for (x, y), names in labels.items()]
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.margins(x=0.12, y=0.12)
         ax.set_xlabel(label)
         ax.set_ylabel(metric.upper() if metric == "ppl" else metric)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        placed.append((ax, points, polylines))
     seq_len = rows[0].get("seq_len")
     fig.suptitle(f"held-out {metric} vs attention cost" + (f" (context {seq_len})" if seq_len else ""))
-    return save_figure(fig, path, dpi=120)
+    _label_after_layout(fig, placed)
+    return save_figure(fig, path, dpi=120, layout=False)
+
+
+def _label_after_layout(fig, placed: list[tuple[Any, list, list]]) -> None:
+    """Lay the figure out, then label each (axes, points, polylines): the labels are placed in screen
+    space, so the axes must not move after them."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    for ax, points, polylines in placed:
+        _place_labels(ax, points, lines=polylines)
 
 
 def _place_labels(
@@ -210,11 +218,7 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
     seq_len, score = rows[0].get("seq_len"), rows[0].get("score_tokens")
     how = "relative to each model's own dense" if relative else "(no dense row: absolute)"
     fig.suptitle(f"held-out {metric} {how} vs KV-cache bytes (context {seq_len}, last {score} tokens scored)")
-    # the layout first: labels are placed in screen space, so the axes must not move after them
-    fig.tight_layout()
-    fig.canvas.draw()
-    for ax, labels, polylines in placed:
-        _place_labels(ax, labels, lines=polylines)
+    _label_after_layout(fig, placed)
     return save_figure(fig, path, 120, layout=False)
 
 
