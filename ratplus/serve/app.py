@@ -66,12 +66,13 @@ class ServeState:
         self.patterns = list(engine.pools)
         self.chat_template = chat_template
         self.created = int(time.time())
-        # A token covers at most as many bytes as its longest vocabulary string has characters (byte
-        # level: one character per byte; byte fallback and "##" pieces are longer than their bytes),
-        # so text longer than this (x2: normalizers may shrink text) cannot fit the context: refused
-        # without tokenizing megabytes.
+        # A token covers at most as many bytes of text as its vocabulary string has in UTF-8 (byte
+        # level: one character, 1-2 bytes, per byte; "<0x0A>", "##ing", "▁the" are longer than what
+        # they cover), so text longer than this (x2: normalizers may shrink text, e.g. strip
+        # accents) cannot fit the context: refused without tokenizing megabytes.
         vocab = tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "get_vocab") else {}
-        self.max_prompt_bytes = 2 * self.config.max_seq_len * max(map(len, vocab), default=64)
+        longest = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=64)
+        self.max_prompt_bytes = 2 * self.config.max_seq_len * longest
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.config.eos_token_id)
 
     def model_ids(self) -> list[str]:

@@ -375,3 +375,19 @@ def test_response_format_json_schema_gives_valid_json(live, model, pattern):
     assert c["message"]["content"].startswith("{")
     if c["finish_reason"] == "stop":
         assert isinstance(json.loads(c["message"]["content"]), dict)
+
+
+def test_long_text_prompts_near_the_context_are_accepted(live, tokenizer):
+    """The byte bound that refuses huge text prompts before tokenizing never refuses one that fits:
+    prompts of 1,000+ tokens (the context is 1,024) made of the longest tokens and of multi-byte text."""
+    longest = max(tokenizer.get_vocab(), key=lambda t: len(tokenizer.decode([tokenizer.token_to_id(t)])))
+    unit = tokenizer.decode([tokenizer.token_to_id(longest)])
+    for text in (unit * 2000, "日本語 🙂 naïve " * 400):
+        ids = tokenizer.encode(text).ids
+        n = 1020
+        while len(ids) > n:  # trim to n tokens of text
+            text = text[: int(len(text) * n / len(ids))]
+            ids = tokenizer.encode(text).ids
+        assert 900 < len(ids) <= 1020
+        r = post(live, {"model": NAME, "prompt": text, "max_tokens": 1, "temperature": 0})
+        assert r["usage"]["prompt_tokens"] == len(ids)
