@@ -421,7 +421,8 @@ def run_server(app: FastAPI, sock, shutdown_grace: float = 10.0, log_level: str 
         draining = False
 
         def handle_exit(self, sig, frame) -> None:
-            if self.draining:  # a second signal: uvicorn's own exit, now
+            if self.draining:  # a second signal: end the running requests and exit now
+                engine.drain(0.0)
                 super().handle_exit(sig, frame)
                 return
             self.draining = True

@@ -219,13 +219,16 @@ class Engine:
 
     def drain(self, grace: float) -> None:
         """Stop accepting; queued requests end with an error now, running ones may finish within
-        ``grace`` seconds, then end with an error."""
+        ``grace`` seconds, then end with an error. Called again while draining, it can only bring
+        the deadline closer (``stop``, a second signal)."""
         with self._cv:
             if self._state in ("new", "running"):
                 self._state = "draining"
                 self._deadline = time.monotonic() + grace
                 while self._waiting:
                     self._fail(self._waiting.popleft(), "the server is shutting down")
+            elif self._state == "draining":
+                self._deadline = min(self._deadline, time.monotonic() + grace)
             self._cv.notify()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -100,3 +100,26 @@ def test_sigterm_drains_running_requests_and_answers_503(ckpt):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_second_sigterm_ends_running_requests_at_once(ckpt):
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        proc, host, port = _start(ckpt, log)
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=60)
+            body = {"model": f"{NAME}:{DENSE}", "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}
+            resp = _post(conn, body | {"stream": True, "ignore_eos": True})
+            assert resp.status == 200 and resp.readline().startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)  # drains: the stream may run for the 30 s grace
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)  # stops: the stream ends with an error event
+            rest = resp.read().decode()
+            errors = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith('data: {"error"')]
+            assert errors and "shutting down" in errors[0]["error"]["message"]
+            proc.wait(20)
+            assert time.monotonic() - t0 < 15, "the second signal did not stop the server at once"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
