@@ -105,22 +105,22 @@ class PrefixCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
-        tensors = []
+        views = []
         for layer in view.layers:
             for g in layer.groups:
                 n = g.layout.num_valid(m)
-                tensors += [g.k[:, :, :n].clone(), g.v[:, :, :n].clone()]
-        tensors += [layer.state.clone() for layer in view.layers if layer.state is not None]
-        snap = _Snapshot(m, tensors, sum(t.nbytes for t in tensors))
-        if snap.nbytes > self.budget:
+                views += [g.k[:, :, :n], g.v[:, :, :n]]
+        views += [layer.state for layer in view.layers if layer.state is not None]
+        nbytes = sum(t.nbytes for t in views)
+        if nbytes > self.budget:
             return
-        with self._lock:
-            while self.nbytes + snap.nbytes > self.budget:
+        with self._lock:  # room first, then the copy: the snapshots never pass their budget
+            while self.nbytes + nbytes > self.budget:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes
                 self.evictions += 1
-            self._entries[key] = snap
-            self.nbytes += snap.nbytes
+            self._entries[key] = _Snapshot(m, [t.clone() for t in views], nbytes)
+            self.nbytes += nbytes
 
     def count(self, reused: int, prompt: int) -> None:
         with self._lock:
