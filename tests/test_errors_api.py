@@ -156,14 +156,15 @@ def test_recall_run_that_diverges_is_an_error_not_zero_accuracy(tmp_path, monkey
     """A NaN loss stops the probe with FloatingPointError (the CLI's one-line error), instead of
     finishing with every accuracy 0 and exit 0."""
     import ratplus.eval.recall as recall
+    import ratplus.eval.recall_train as recall_train
 
-    real = recall.optimizer_steps
+    real = recall_train.optimizer_steps
 
     def nan_loss(*args, **kwargs):
         losses, norm = real(*args, **kwargs)
         return {k: float("nan") for k in losses}, norm
 
-    monkeypatch.setattr(recall, "optimizer_steps", nan_loss)
+    monkeypatch.setattr(recall_train, "optimizer_steps", nan_loss)
     cfg = recall.quick_config(steps=3, adapt_steps=0, eval_batches=1, models=("ratplus",), progress=False)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 .* lower the learning rate"):
         recall.run_recall_probe(cfg, tmp_path, plot=False)

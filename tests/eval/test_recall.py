@@ -204,15 +204,16 @@ def test_tiny_end_to_end(tmp_path):
 def test_adaptation_lr_schedule(monkeypatch, constant):
     """Adaptation starts at adapt_lr_mult x lr; cosine ends at min_lr, the constant schedule stays put."""
     from ratplus.eval import recall as R
+    from ratplus.eval import recall_train
 
     seen: list[float] = []
-    real = R.optimizer_steps
+    real = recall_train.optimizer_steps
 
     def spy(model, opt, batch, patterns, **kw):
         seen.append(opt.param_groups[0]["lr"])
         return real(model, opt, batch, patterns, **kw)
 
-    monkeypatch.setattr(R, "optimizer_steps", spy)
+    monkeypatch.setattr(recall_train, "optimizer_steps", spy)  # the probe's training step lives there
     cfg = quick_config(adapt_steps=4, adapt_lr_mult=0.5, adapt_constant_lr=constant, progress=False)
     model = RATPlusLM(cfg.model_config(baseline=False))
     R.adapt(model, cfg, "D8")
