@@ -41,6 +41,16 @@ def save_figure(fig, path: str | Path, dpi: int, layout: bool = True) -> Path:
     return out
 
 
+def _by_model(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each model, in first-seen order; no rows is an error (an empty plot says nothing)."""
+    if not rows:
+        raise ValueError("no results to plot")
+    models: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        models.setdefault(r["model"], []).append(r)
+    return models
+
+
 def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
     """Two panels, ``metric`` against attention FLOPs and against KV-cache size (log x, both relative
     to dense), one line per model, each point labelled with its pattern; one panel, its axis naming
@@ -51,11 +61,7 @@ def plot_ppl(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") 
 
     plt = _pyplot()
 
-    if not rows:
-        raise ValueError("no results to plot")
-    models: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        models.setdefault(r["model"], []).append(r)
+    models = _by_model(rows)
     axes_of = COST_AXES
     if all(math.isclose(r[COST_AXES[0][0]], r[COST_AXES[1][0]], rel_tol=1e-9) for r in rows):
         axes_of = ((COST_AXES[0][0], "attention FLOPs = KV-cache slots (fraction of dense)"),)
@@ -171,11 +177,7 @@ def plot_budget(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl
     own axis (the title says which). Returns the PNG path."""
     plt = _pyplot()
 
-    if not rows:
-        raise ValueError("no results to plot")
-    models: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        models.setdefault(r["model"], []).append(r)
+    models = _by_model(rows)
     dense = {
         m: next((r[metric] for r in rs if r["method"] == "dense" and r[metric] > 0), None) for m, rs in models.items()
     }
