@@ -152,8 +152,8 @@ def gain_notes(gain_from: dict[str, int | None], seq_lens: list[int]) -> list[st
         lines.append(
             "At short T dense SDPA is one fused kernel over a small T x T tile while the sparse path pays a fixed "
             "cost per call (gathering the kept keys, one segment per window): sparse runs slower there. Its "
-            "saving grows with T (the FLOP ratio column), so the gain appears at long T, e.g. 16K-32K on a "
-            "2-core CPU (docs/benchmarks/attention_cpu_20261130.md)."
+            "saving grows with T (the FLOP ratio column), so the gain appears at long T: D16 about 11x and D64 "
+            "26-30x dense at T=16K on a 2-core CPU (docs/benchmarks/attention_cpu_20261130.md)."
         )
     return lines
 
