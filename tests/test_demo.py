@@ -90,6 +90,10 @@ def test_report_files(tmp_path):
     assert "dense 80.0%" in report and "-15.0 points" not in report and "+15.0 points" in report
     assert "The adaptation budget decides the sparse rows" in report
     assert "dense accuracy is below 90%" in report  # an unlearnt task is flagged, not presented as a result
+    assert "D16 keeps 75%" not in report  # no keep ratio of an unlearnt task (the quick run said "keeps 250%")
+    assert "a 4.7M-parameter model after 1K tokens" in report  # the run's own budget, not the default's
+    lines = report.splitlines()
+    assert all(lines[i - 1] == "" for i, line in enumerate(lines) if line.startswith("#") and i > 0)  # no table runs on
     for name in ("ppl_by_pattern.png", "recall_by_pattern.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     good = _results(101.0, 140.0, RECALL_OK)
