@@ -337,21 +337,11 @@ def _source(args, spec: str | None) -> str:
     return json.dumps([args.text_field, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
 
 
-def _prefix(docs, max_chars: int):
-    """The first documents of ``docs`` up to ``max_chars`` characters (what the BPE is trained on)."""
-    total = 0
-    for d in docs:
-        yield d
-        total += len(d)
-        if total >= max_chars:
-            return
-
-
 def _data_prepare(args) -> int:
-    from ratplus.io.corpus import corpus_documents, iter_documents, iter_hf_dataset
+    from ratplus.io.corpus import corpus_documents, iter_document_pieces, iter_hf_dataset
     from ratplus.io.tokenizer import eos_id, get_tokenizer, vocab_size
     from ratplus.runtime import remove_path
-    from ratplus.train.data import prepare_splits, val_route
+    from ratplus.train.data import prepare_splits, text_prefix, val_route
 
     route = val_route(args.val_fraction, args.val_docs)  # checks both
     if args.input is not None and args.hf_dataset is not None:
@@ -369,18 +359,18 @@ def _data_prepare(args) -> int:
         def documents():  # a fresh pass over the input each call
             if args.hf_dataset is not None:
                 return iter_hf_dataset(args.hf_dataset, args.hf_config, args.split, args.text_field)
-            return iter_documents(args.input, args.text_field)
+            return iter_document_pieces(args.input, args.text_field)  # a long text file comes in pieces
 
         if next(documents(), None) is None:  # before training a tokenizer on nothing
             raise ValueError(f"the corpus {args.input or args.hf_dataset} is empty (no non-blank document)")
         source = _source(args, args.input)
         if args.val_input is not None:
-            val_docs = iter_documents(args.val_input, args.text_field)
+            val_docs = iter_document_pieces(args.val_input, args.text_field)
             jobs = [(documents(), {"train": splits["train"]}, None, source)]
             jobs.append((val_docs, {"val": splits["val"]}, None, _source(args, args.val_input)))
         else:
             jobs = [(documents(), splits, route, source)]
-        bpe_text = _prefix(documents(), args.bpe_sample) if args.tokenizer == "bpe" else None
+        bpe_text = text_prefix(documents(), args.bpe_sample) if args.tokenizer == "bpe" else None
     tok = get_tokenizer(args.tokenizer, bpe_text, args.vocab_size)
     existed = {p: p.exists() for p in splits.values()}
     try:

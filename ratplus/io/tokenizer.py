@@ -197,6 +197,30 @@ def chat_prompt(template: str | None, messages: list[tuple[str, str]], eos_token
         raise ValueError(f"the chat template failed: {e}") from e
 
 
+#: Text with every kind of border ``split_pieces`` cuts at, next to words, numbers, punctuation,
+#: contractions, runs of spaces and non-ASCII letters (``pieces_exact``'s probe).
+_PROBE = (
+    "It's 2024: the   café's 3.14 rate\tdidn't change.\nNext line, (quoted) “text” here;\n\n"
+    "naïve  x=1+2 ... Ünïcödé wörds 你好 世界 don't 'single' end\nA\n 12345 678 $9.99 -- ok?! yes"
+)
+
+
+def pieces_exact(tokenizer: Tokenizer) -> bool:
+    """Whether cutting a text at ``ratplus.io.corpus.split_pieces``'s borders leaves its ids as they
+    are in one call (ids of the two sides, concatenated), checked at every border of a probe text.
+    True for byte-level BPEs with GPT-2's pre-tokenizer (each border starts a pre-token); a tokenizer
+    that adds a prefix to every call (Metaspace, ``add_prefix_space``) may differ."""
+    from ratplus.io.corpus import PIECE_BORDER
+
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    whole = encode(_PROBE)
+    for m in PIECE_BORDER.finditer(_PROBE):
+        left, right = _PROBE[: m.start()], _PROBE[m.start() :]
+        if encode(left) + encode(right) != whole:
+            return False
+    return True
+
+
 def vocab_size(tokenizer: Tokenizer) -> int:
     """Number of ids the tokenizer can emit (added tokens included): the model needs at least this."""
     return tokenizer.get_vocab_size(with_added_tokens=True)

@@ -38,9 +38,9 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ratplus.config import read_json
-from ratplus.io.corpus import jsonl_objects
+from ratplus.io.corpus import PIECE_CHARS, jsonl_objects, split_pieces
 from ratplus.io.folder import replace_dir
-from ratplus.io.tokenizer import TOKENIZER_FILE, eos_id, folder_tokenizer, vocab_size
+from ratplus.io.tokenizer import TOKENIZER_FILE, eos_id, folder_tokenizer, pieces_exact, vocab_size
 from ratplus.runtime import atomic_write_text, remove_path, writing
 
 logger = logging.getLogger("ratplus")
@@ -148,8 +148,9 @@ class _SplitWriter:
     def _name(self) -> str:
         return f"shard_{len(self.shards):05d}.bin"
 
-    def add(self, ids: np.ndarray) -> None:
-        self.num_documents += 1
+    def add(self, ids: np.ndarray, ends: bool = True) -> None:
+        """Append tokens; ``ends``: they end a document (a long one comes in several calls)."""
+        self.num_documents += ends
         while len(ids):
             take = min(len(ids), self.shard_tokens - self.current)
             ids[:take].tofile(self.file)
@@ -183,35 +184,86 @@ class _SplitWriter:
         return self.shards
 
 
-def _encode_chunk(tokenizer: Tokenizer, texts: list[str], eos: int, vocab: int, np_dtype: Any) -> list[np.ndarray]:
-    """Token ids of each text followed by EOS. ``encode_batch`` releases the GIL and runs on every core,
-    so chunks in flight in threads overlap with reading and writing."""
+#: A document is a string, or an iterable of its pieces (``ratplus.io.corpus.TextFilePieces``).
+Document = str | Iterable[str]
+#: One tokenizer input: a piece of a document and whether the document ends with it (then EOS follows).
+Piece = tuple[str, bool]
+
+
+def _encode_chunk(tokenizer: Tokenizer, pieces: list[Piece], eos: int, vocab: int, np_dtype: Any) -> list[Any]:
+    """(token ids, ends) of each piece, EOS after the last piece of a document. ``encode_batch``
+    releases the GIL and runs on every core, so chunks in flight in threads overlap with reading and
+    writing."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets: same ids, faster
     out = []
-    for enc in encode(texts, add_special_tokens=False):
-        ids = np.asarray([*enc.ids, eos], dtype=np.int64)
-        if ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
+    for enc, (_, ends) in zip(encode([t for t, _ in pieces], add_special_tokens=False), pieces):
+        ids = np.asarray([*enc.ids, eos] if ends else enc.ids, dtype=np.int64)
+        if len(ids) and ids.max() >= vocab:  # a tokenizer whose ids exceed its own vocab size
             raise ValueError(f"token id {int(ids.max())} >= the tokenizer's vocab size {vocab}")
-        out.append(ids.astype(np_dtype))
+        out.append((ids.astype(np_dtype), ends))
     return out
 
 
-def _chunks(documents: Iterable[str], skip: int) -> Iterator[tuple[list[str], int]]:
-    """(non-blank documents, UTF-8 bytes) in chunks of about ``CHUNK_CHARS`` characters, after
-    skipping the first ``skip`` non-blank documents (already tokenized by an interrupted run)."""
-    chunk: list[str] = []
+def _blank(doc: Document) -> bool:
+    return not doc.strip() if isinstance(doc, str) else bool(getattr(doc, "blank", False))
+
+
+def _pieces(doc: Document) -> Iterator[str]:
+    """A document in pieces of at most ``PIECE_CHARS`` characters (a long one is never tokenized in one
+    call: its memory would grow with it, about 100 bytes per character)."""
+    yield from (split_pieces(doc, PIECE_CHARS) if isinstance(doc, str) else doc)
+
+
+def text_prefix(documents: Iterable[Document], max_chars: int) -> Iterator[str]:
+    """The text of the first documents up to about ``max_chars`` characters (what a BPE is trained on,
+    ``--bpe-sample``): whole documents while they are short, then the pieces of a long one, stopping
+    once ``max_chars`` characters were given."""
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"bpe_sample (--bpe-sample) must be an int >= 1 (characters), got {max_chars!r}")
+    total = 0
+    for d in documents:
+        for piece in [d] if isinstance(d, str) and len(d) <= PIECE_CHARS else _pieces(d):
+            yield piece
+            total += len(piece)
+            if total >= max_chars:
+                return
+
+
+def _chunks(
+    documents: Iterable[Document], skip: int, on_split: Callable[[], None] = lambda: None
+) -> Iterator[tuple[list[Piece], int, int]]:
+    """(pieces, UTF-8 bytes, documents ended) in chunks of about ``CHUNK_CHARS`` characters of the
+    non-blank documents, after skipping the first ``skip`` of them (already tokenized by an
+    interrupted run). A long document spans chunks (``on_split`` is called for each); a chunk may
+    end inside one."""
+    chunk: list[Piece] = []
     chars = 0
     skipped = 0
+
+    def done() -> tuple[list[Piece], int, int]:
+        return chunk, sum(len(t.encode()) for t, _ in chunk), sum(ends for _, ends in chunk)
+
     for d in documents:
-        if not d.strip():
+        if _blank(d):
             continue
         if skipped < skip:
             skipped += 1
             continue
-        chunk.append(d)
-        chars += len(d)
+        pieces = _pieces(d)
+        prev = next(pieces, "")
+        for n, piece in enumerate(pieces):  # one piece behind: the last one is marked as the document's end
+            if n == 0:
+                on_split()
+            chunk.append((prev, False))
+            chars += len(prev)
+            prev = piece
+            if chars >= CHUNK_CHARS:
+                yield done()
+                chunk, chars = [], 0
+        chunk.append((prev, True))
+        chars += len(prev)
         if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
-            yield chunk, sum(len(t.encode()) for t in chunk)
+            yield done()
             chunk, chars = [], 0
     if skipped < skip:
         raise ValueError(
@@ -219,7 +271,7 @@ def _chunks(documents: Iterable[str], skip: int) -> Iterator[tuple[list[str], in
             "the input changed; pass overwrite=True (--overwrite) to start over"
         )
     if chunk:
-        yield chunk, sum(len(t.encode()) for t in chunk)
+        yield done()
 
 
 def _remove_dead_leftovers(out: Path) -> None:
@@ -233,7 +285,7 @@ def _remove_dead_leftovers(out: Path) -> None:
 
 
 def prepare_splits(
-    documents: Iterable[str],
+    documents: Iterable[Document],
     tokenizer: Tokenizer,
     outs: dict[str, str | Path],
     route: Callable[[int], str] | None = None,
@@ -252,8 +304,12 @@ def prepare_splits(
 
     Streaming: documents are read, tokenized in chunks of about ``CHUNK_CHARS`` characters
     (``workers`` chunks in flight, default one per CPU) and appended to the shard files, so memory
-    does not grow with the corpus. The output does not depend on ``workers``: chunks are written in
-    reading order.
+    does not grow with the corpus. A document longer than ``PIECE_CHARS`` characters (a string, or an
+    iterable of pieces such as ``ratplus.io.corpus.TextFilePieces``) is tokenized in pieces cut at
+    spaces or single newlines between words (``ratplus.io.corpus.split_pieces``), so memory does not
+    grow with a document either; for byte-level BPEs (GPT-2's, ``train_bpe``'s) the ids are those of
+    one call (``ratplus.io.tokenizer.pieces_exact`` checks a tokenizer). The output does not depend on
+    ``workers``: chunks are written in reading order.
 
     Resumable: the folders are built in ``<first out>.partial`` and renamed into place when complete.
     ``progress.json`` there records, at every finished shard (and every ``CHECKPOINT_SECONDS``), the
@@ -319,20 +375,38 @@ def prepare_splits(
             ThreadPoolExecutor(max_workers=workers) as pool,
             tqdm(desc=desc, unit="doc", initial=resumed, disable=not show_progress) as bar,
         ):
-            in_flight: deque[tuple[Future[list[np.ndarray]], int]] = deque()
+            in_flight: deque[tuple[Future[list[Any]], int]] = deque()
 
             def drain_one() -> None:
                 fut, nbytes = in_flight.popleft()
-                for ids in fut.result():
-                    writers[route(state["read"])].add(ids)
-                    state["read"] += 1
+                ended = True
+                for ids, ended in fut.result():
+                    writers[route(state["read"])].add(ids, ended)
+                    state["read"] += ended
                 state["bytes"] += nbytes
-                if any(w.completed for w in writers.values()) or time.monotonic() - state["saved"] > CHECKPOINT_SECONDS:
+                # resume points fall between documents (a resumed run skips whole documents)
+                due = (
+                    any(w.completed for w in writers.values()) or time.monotonic() - state["saved"] > CHECKPOINT_SECONDS
+                )
+                if ended and due:
                     save_progress()
 
-            for chunk, nbytes in _chunks(documents, resumed):
+            noted: list[bool] = []
+
+            def on_split() -> None:  # once per prepare, and only when a long document shows up
+                if not noted:
+                    noted.append(True)
+                    if not pieces_exact(tokenizer):
+                        logger.warning(
+                            "ratplus: documents longer than %d characters are tokenized in pieces; this tokenizer "
+                            "pre-tokenizes each call on its own (a prefix per call), so its ids at the pieces' "
+                            "borders may differ from one call over the whole document",
+                            PIECE_CHARS,
+                        )
+
+            for chunk, nbytes, ended in _chunks(documents, resumed, on_split):
                 in_flight.append((pool.submit(_encode_chunk, tokenizer, chunk, eos, vocab, np_dtype), nbytes))
-                bar.update(len(chunk))
+                bar.update(ended)
                 if len(in_flight) >= workers:  # bounded: at most ``workers`` chunks read ahead
                     drain_one()
             while in_flight:
@@ -399,7 +473,7 @@ def _load_progress(work: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def prepare_shards(
-    documents: Iterable[str],
+    documents: Iterable[Document],
     tokenizer: Tokenizer,
     out_dir: str | Path,
     shard_tokens: int = 2**26,
@@ -529,6 +603,9 @@ class TokenDataset:
 
 # ---- SFT: prompt / answer records ------------------------------------------------------------------
 
+#: Records per tokenizer call of ``SFTDataset``.
+SFT_BATCH = 256
+
 
 def read_sft_records(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, answer) pairs of a JSON-lines file with records {"prompt": ..., "answer": ...}."""
@@ -556,16 +633,30 @@ class SFTDataset:
     def __init__(self, records: Sequence[tuple[str, str]], tokenizer: Tokenizer, max_len: int):
         self.eos_id = eos_id(tokenizer)
         self.examples: list[tuple[list[int], int]] = []  # (full token list, prompt length)
-        prompts = tokenizer.encode_batch([p for p, _ in records], add_special_tokens=False)
-        answers = tokenizer.encode_batch([a for _, a in records], add_special_tokens=False)
-        for n, (p, a) in enumerate(zip(prompts, answers)):
-            full = [*p.ids, *a.ids, self.eos_id]
-            if len(full) - 1 > max_len:
+        # A record too long for max_len whatever its tokens is refused before any tokenizer call (one
+        # call holds about 100 bytes per character): no token covers more characters than the longest
+        # token string of the vocabulary (twice that, for normalizers that drop characters).
+        per_token = 2 * max(len(t) for t in tokenizer.get_vocab(with_added_tokens=True))
+        for n, (p, a) in enumerate(records):
+            if len(p) + len(a) > (max_len + 1) * per_token:
                 raise ValueError(
-                    f"SFT record {n + 1} has {len(full) - 1} tokens (prompt {len(p.ids)} + answer {len(a.ids)} "
-                    f"+ EOS, minus one) but the maximum sequence length is {max_len}"
+                    f"SFT record {n + 1} has {len(p) + len(a):,} characters (prompt {len(p):,} + answer {len(a):,}): "
+                    f"more than the maximum sequence length of {max_len} tokens can hold with this tokenizer "
+                    f"(at most {per_token // 2} characters per token)"
                 )
-            self.examples.append((full, len(p.ids)))
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        for first in range(0, len(records), SFT_BATCH):  # ids kept, the tokenizer's encodings dropped per batch
+            batch = records[first : first + SFT_BATCH]
+            prompts = encode([p for p, _ in batch], add_special_tokens=False)
+            answers = encode([a for _, a in batch], add_special_tokens=False)
+            for n, (p, a) in enumerate(zip(prompts, answers), first):
+                full = [*p.ids, *a.ids, self.eos_id]
+                if len(full) - 1 > max_len:
+                    raise ValueError(
+                        f"SFT record {n + 1} has {len(full) - 1} tokens (prompt {len(p.ids)} + answer "
+                        f"{len(a.ids)} + EOS, minus one) but the maximum sequence length is {max_len}"
+                    )
+                self.examples.append((full, len(p.ids)))
 
     def __len__(self) -> int:
         return len(self.examples)

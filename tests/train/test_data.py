@@ -73,7 +73,7 @@ def test_read_parquet_missing_column(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
-    with pytest.raises(ValueError, match="cannot read column 'text'"):
+    with pytest.raises(ValueError, match=r"c\.parquet has no column 'text' \(columns: body\)"):
         read_documents(tmp_path / "c.parquet")
 
 
@@ -195,6 +195,26 @@ def test_sft_answers_only_labels(tmp_path, tokenizer):
     assert torch.equal(ds.batch(0, 2, seed=3)[0], ds.batch(0, 2, seed=3)[0])
     with pytest.raises(ValueError, match="maximum sequence length is 4"):
         SFTDataset(records, tokenizer, max_len=4)
+
+
+def test_sft_refuses_a_huge_record_before_tokenizing(tokenizer):
+    """A 20 MB prompt cannot fit max_len tokens whatever its tokens: refused from its length, without a
+    tokenizer call (one call over it held 3.36 GiB of RSS before the refusal)."""
+
+    class NoEncoding:  # the real tokenizer, except that tokenizing fails the test
+        def __getattr__(self, name):
+            if name.startswith("encode"):
+                raise AssertionError("the records were tokenized")
+            return getattr(tokenizer, name)
+
+    huge = [("ok", "fine"), ("x" * 20_000_000, "answer")]
+    longest = max(len(t) for t in tokenizer.get_vocab(with_added_tokens=True))
+    with pytest.raises(ValueError, match=r"SFT record 2 has 20,000,006 characters .* maximum sequence length of 64"):
+        SFTDataset(huge, NoEncoding(), max_len=64)
+    # the bound is safe: the longest record it lets through is refused later only by its true token count
+    edge = "a" * ((64 + 1) * 2 * longest - 1)
+    with pytest.raises(ValueError, match=r"tokens .* but the maximum sequence length is 64"):
+        SFTDataset([(edge, "b")], tokenizer, max_len=64)
 
 
 def test_sft_bad_records(tmp_path):

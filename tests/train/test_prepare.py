@@ -191,11 +191,11 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, docs, tokeniz
     real_add = data_mod._SplitWriter.add
     calls = []
 
-    def add_then_stop(self, ids):
+    def add_then_stop(self, ids, ends=True):
         calls.append(1)
         if len(calls) == 120:  # Ctrl-C midway, after some shards were completed
             raise KeyboardInterrupt
-        real_add(self, ids)
+        real_add(self, ids, ends)
 
     monkeypatch.setattr(data_mod._SplitWriter, "add", add_then_stop)
     with pytest.raises(KeyboardInterrupt):
@@ -244,10 +244,10 @@ def test_sigkill_midway_then_rerun_gives_identical_shards(tmp_path, docs):
         "import ratplus.train.data as d\n"
         f"progress = pathlib.Path({str(progress)!r})\n"
         "real = d._SplitWriter.add\n"
-        "def add(self, ids):\n"
+        "def add(self, ids, ends=True):\n"
         "    if progress.is_file() and json.loads(progress.read_text())['splits']['train']['shards']:\n"
         "        time.sleep(3600)\n"
-        "    real(self, ids)\n"
+        "    real(self, ids, ends)\n"
         "d._SplitWriter.add = add\n"
         "from ratplus.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
@@ -277,3 +277,80 @@ def test_leftover_tmp_folders_of_dead_prepares_are_removed(tmp_path, docs, token
     (tmp_path / f"train.tmp-{os.getpid()}x").mkdir()  # not a pid: left alone
     prepare_splits(docs[:2], tokenizer, {"train": tmp_path / "train"}, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train", f"train.tmp-{os.getpid()}x"]
+
+
+# ---- long documents: tokenized in pieces, memory bounded by the piece, not the document ------------
+
+
+def _reference_ids(documents: list[str], tokenizer) -> np.ndarray:
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    return np.asarray([i for d in documents for i in [*tokenizer.encode(d, add_special_tokens=False).ids, eos]])
+
+
+def _stream(folder: Path) -> np.ndarray:
+    ds = TokenDataset(folder)
+    return ds.tokens(0, ds.num_tokens)
+
+
+def test_a_long_single_line_document_is_tokenized_in_pieces_exactly(tmp_path, docs, tokenizer, monkeypatch):
+    """A text file of one line (read as pieces) and a long string: the shards hold the ids of one
+    tokenizer call per document, and the Python heap's peak does not grow with the file (8x longer,
+    about the same peak, far below the file)."""
+    from ratplus.io.corpus import TextFilePieces
+
+    monkeypatch.setattr(data_mod, "PIECE_CHARS", 2**11)
+    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 2**13)
+    words = " ".join("".join(docs).split())  # single spaces between words: every cut exact
+    long_str = "\n".join(docs)  # cut at spaces and single newlines
+    peaks = {}
+    for repeat in (2, 24):
+        line = " ".join([words] * repeat)  # 48 KB, 570 KB
+        (tmp_path / "line.txt").write_text(line)
+        documents = [TextFilePieces(tmp_path / "line.txt", 2**11), "a short one", long_str]
+        out = tmp_path / f"out{repeat}"
+        tracemalloc.start()
+        prepare_splits(documents, tokenizer, {"train": out}, shard_tokens=5000, show_progress=False, workers=1)
+        peaks[repeat] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert np.array_equal(_stream(out), _reference_ids([line, "a short one", long_str], tokenizer))
+        assert json.loads((out / "meta.json").read_text())["num_documents"] == 3
+    assert peaks[24] < 1.5 * peaks[2] + 2**16 and peaks[24] < len(line) // 3, peaks
+
+
+def test_resume_inside_a_long_document_restarts_it(tmp_path, docs, tokenizer, monkeypatch):
+    """Resume points fall between documents: a run stopped inside a long document (after shards of it
+    were finished) resumes to the same bytes as an uninterrupted run."""
+    monkeypatch.setattr(data_mod, "PIECE_CHARS", 500)
+    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 1000)
+    many = [*_many_docs(docs, 20), " ".join("".join(docs).split()), *_many_docs(docs, 5)]
+    outs = lambda root: {"train": root / "train"}  # noqa: E731
+    prepare_splits(many, tokenizer, outs(tmp_path / "ref"), shard_tokens=300, show_progress=False)
+    real_add, calls = data_mod._SplitWriter.add, []
+
+    def add_then_stop(self, ids, ends=True):
+        calls.append(ends)
+        if len(calls) == 40:  # inside the long document, shards of it finished
+            raise KeyboardInterrupt
+        real_add(self, ids, ends)
+
+    monkeypatch.setattr(data_mod._SplitWriter, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_splits(many, tokenizer, outs(tmp_path / "run"), shard_tokens=300, show_progress=False)
+    monkeypatch.setattr(data_mod._SplitWriter, "add", real_add)
+    assert calls[-1] is False and calls.count(True) == 20  # stopped mid-document
+    progress = json.loads((tmp_path / "run" / "train.partial" / "progress.json").read_text())
+    assert 0 < progress["documents_read"] <= 20  # a resume point before the long document, which is redone
+    s = prepare_splits(many, tokenizer, outs(tmp_path / "run"), shard_tokens=300, show_progress=False)
+    assert s.resumed_documents == progress["documents_read"]
+    assert _shard_bytes(tmp_path / "run" / "train") == _shard_bytes(tmp_path / "ref" / "train")
+
+
+def test_bpe_sample_is_a_prefix_of_pieces(tmp_path):
+    from ratplus.io.corpus import TextFilePieces
+
+    (tmp_path / "a.txt").write_text("word " * 100_000)
+    got = list(data_mod.text_prefix(["short", TextFilePieces(tmp_path / "a.txt", 1000), "never"], 5000))
+    assert got[0] == "short" and all(len(p) <= 1000 for p in got) and 5000 <= sum(map(len, got)) < 6005
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="bpe_sample \\(--bpe-sample\\) must be an int >= 1"):
+            list(data_mod.text_prefix(["x"], bad))
