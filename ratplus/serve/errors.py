@@ -9,10 +9,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 
+def _printable(text: Any) -> Any:
+    """Text safe to encode as UTF-8 (lone surrogates from the request escaped), else as it is."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
+
+
 class APIError(Exception):
     """An error the client sees as ``{"error": {...}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        message, param = _printable(message), _printable(param)  # a lone surrogate could not be encoded
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -58,6 +64,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         msg = "unknown field: this server does not implement it (docs/guides/serve.md lists the fields)"
     elif param is None and kind == "model_attributes_type":
         msg = "the body must be a JSON object"
+    elif param is None and kind == "missing":
+        msg = "the body is empty: send a JSON object"
     elif param is None:
         named = msg.split(":", 1)[0]
         if named in _BODY_FIELDS:

@@ -72,7 +72,11 @@ CASES = [
     ("a JSON null body", "POST", "/v1/completions", b"null", None, 400, "JSON object"),
     ("a JSON string body", "POST", "/v1/completions", b'"prompt"', None, 400, "JSON object"),
     ("not JSON", "POST", "/v1/completions", b"model=tiny&prompt=hi", None, 400, "JSON"),
-    ("an empty body", "POST", "/v1/completions", b"", None, 400, ""),
+    ("an empty body", "POST", "/v1/completions", b"", None, 400, "empty"),
+    ("a lone surrogate as a field name", "POST", "/v1/completions", b'{"model": "tiny", "\\ud800": 1}', None, 400,
+     ""),
+    ("a lone surrogate as a logit_bias key", "POST", "/v1/completions", _completion(logit_bias={"\ud800": 1}), None,
+     400, "surrogate"),
     ("truncated JSON", "POST", "/v1/chat/completions", b'{"model": "tiny", "messages": [', None, 400, "JSON"),
     ("deeply nested JSON", "POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None, 400, ""),
     ("a body over the limit", "POST", "/v1/completions", _completion(prompt="a" * (MAX_BODY + 10)), None, 413,
@@ -148,3 +152,11 @@ def test_hostile_requests_get_4xx_while_a_stream_keeps_flowing(model, tokenizer)
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         assert max(gaps) < 1.0, f"the stream stalled for {max(gaps):.2f} s"
         assert live.engine.finished.get("error", 0) == 0
+
+
+def test_error_bodies_encode_whatever_the_request_held():
+    """An error that quotes a request's lone surrogate still encodes (escaped), never a 500."""
+    from ratplus.serve.errors import APIError
+
+    body = json.loads(APIError(400, "model 't\ud800' not found", param="a\udfff").raw())
+    assert body["error"]["message"] == "model 't\\ud800' not found" and body["error"]["param"] == "a\\udfff"
