@@ -12,10 +12,17 @@ Stop tokens are disabled on both sides so every run generates exactly ``new_toke
 Peer rows (``peer=True``): ``generate()`` of the same-size ``LlamaForCausalLM`` (random weights,
 see ``ratplus.bench.decode.llama_peer``) on the same prompts, with transformers' default
 ``DynamicCache`` and with ``cache_implementation="static"``, timed in the same interleaved rounds.
+
+Compiled rows (``compile=True``): the HF model's full forward over the prompts (no cache, the
+scoring / training shape) eager and under ``torch.compile(model)``, and ``generate()`` eager and
+with ``torch.compile(model.forward)``, side by side with their ratio. The compiled logits must
+match eager (``COMPILE_ATOL``) and the compiled generate must give the same tokens, else nothing is
+timed. Compilation happens in the warm-up call and is reported apart (``compile_seconds``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -49,8 +56,11 @@ def run(
     dtype: torch.dtype,
     json_path: str | None = None,
     peer: bool = True,
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> dict[str, Any]:
-    """Check token parity, time both generate() paths, print a table and the JSON record."""
+    """Check token parity, time both generate() paths (and, with ``compile``, eager vs compiled forward
+    and generate), print a table and the JSON record."""
     from ratplus.generation import generate
     from ratplus.hf import from_native
 
@@ -87,6 +97,7 @@ def run(
                 ids, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, pad_token_id=0, **extra
             )
             params[f"llama generate ({kind})"] = sum(t.numel() for t in llama.parameters())
+    compiled = compile_rows(native, pattern, ids, new_tokens, compile_backend) if compile else None
     times = time_interleaved(fns, device, repeats, warmup=1)
     tokens = batch * new_tokens
     base = times["ratplus.generate"]
@@ -118,5 +129,69 @@ def run(
         "params": params,
         "ratio_hf_over_native": ratio,
     }
+    if compiled is not None:
+        fns_c, compile_seconds = compiled
+        # compiled in compile_rows; one more warm-up round: the compiled forward's frames are shared by
+        # both compiled wrappers (one code object), so a call after the other kind may trace once more
+        times_c = time_interleaved(fns_c, device, repeats, warmup=1)
+        rows_c = []
+        for what in ("forward", "generate"):
+            eager, comp = times_c[f"{what} eager"], times_c[f"{what} compiled"]
+            rows_c.append([what, eager * 1e3, comp * 1e3, eager / comp, compile_seconds[what]])
+        print(f"torch.compile ({compile_backend}) vs eager, HF model, pattern {hf.config.attention_pattern}")
+        print_table(["path", "eager ms", "compiled ms", "speedup", "compile s"], rows_c)
+        record["compile_backend"] = compile_backend
+        record["compiled_seconds"] = times_c
+        record["compile_seconds"] = compile_seconds
+        record["speedup_compiled"] = {w: row[3] for w, row in zip(("forward", "generate"), rows_c)}
     emit_json(record, json_path)
     return record
+
+
+#: Largest |compiled - eager| logit difference accepted before timing (float32 reassociation only).
+COMPILE_ATOL = 1e-3
+
+
+def compile_rows(
+    native: RATPlusLM, pattern: str, ids: torch.Tensor, new_tokens: int, backend: str
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Eager and compiled callables of the HF forward (ids (B, T), no cache) and of generate(), after
+    checking the compiled ones against eager; also the seconds each first (compiling) call took."""
+    from ratplus.hf import from_native
+
+    # three wrappers of the same weights: eager, one compiled as a module, one whose forward generate calls
+    eager, whole, comp = (from_native(native, attention_pattern=pattern).eval() for _ in range(3))
+    compiled_model = torch.compile(whole, backend=backend)
+    comp.forward = torch.compile(comp.forward, backend=backend)
+    for m in (eager, comp):
+        m.generation_config.eos_token_id = None
+
+    def forward(model):
+        def call() -> torch.Tensor:
+            with torch.no_grad():
+                return model(input_ids=ids, use_cache=False).logits
+
+        return call
+
+    def gen(model):
+        return lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, pad_token_id=0)
+
+    fns = {
+        "forward eager": forward(eager),
+        "forward compiled": forward(compiled_model),
+        "generate eager": gen(eager),
+        "generate compiled": gen(comp),
+    }
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    got = fns["forward compiled"]()
+    seconds["forward"] = time.perf_counter() - start
+    diff = float((got - fns["forward eager"]()).abs().max())
+    if diff > COMPILE_ATOL:
+        raise ValueError(f"compiled forward differs from eager by {diff:.3g} > {COMPILE_ATOL}; refusing to time it")
+    start = time.perf_counter()
+    got = fns["generate compiled"]()
+    seconds["generate"] = time.perf_counter() - start
+    if not torch.equal(got, fns["generate eager"]()):
+        raise ValueError("compiled generate() gave other tokens than eager; refusing to time it")
+    return fns, seconds

@@ -126,6 +126,12 @@ def add_parser(sub) -> None:
     h.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated per call")
     h.add_argument("--repeats", type=positive_int, default=3, help="timed calls after warm-up (median)")
     h.add_argument("--no-peer", action="store_true", help="skip the same-size LlamaForCausalLM generate() rows")
+    h.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile'd HF forward and generate() next to eager "
+        "(default: off; compiling takes minutes on CPU)",
+    )
     add_machine_flags(h, threads=True)
     h.set_defaults(func=_hf)
     _add_serve(bsub)
@@ -214,7 +220,7 @@ def _train(args) -> int:
 
 
 def _hf(args) -> int:
-    shape = picked(args, "preset", "pattern", "batch", "prompt_len", "new_tokens", "repeats")
+    shape = picked(args, "preset", "pattern", "batch", "prompt_len", "new_tokens", "repeats", "compile")
     return _run("hf", args, model_dir=args.model, peer=not args.no_peer, **shape)
 
 

@@ -35,3 +35,37 @@ def test_bench_hf_without_peer(capsys):
     assert main([*args, "--repeats", "1", "--no-peer"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(record["seconds"]) == {"ratplus.generate", "hf generate"}
+
+
+@pytest.mark.slow  # about 25 s: tracing prefill and decode steps, even with Dynamo's eager backend
+def test_bench_hf_compiled_rows_side_by_side(capsys):
+    """Eager vs compiled forward and generate in one table and the JSON record (Dynamo's eager
+    backend here: the same trace and parity checks without inductor's minutes of C++ compilation)."""
+    import torch
+
+    from ratplus.bench.hf import run
+
+    record = run(
+        "tiny", None, "D4-W8-P2", 1, 12, 2, 1, torch.device("cpu"), torch.float32, peer=False,
+        compile=True, compile_backend="eager",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "torch.compile (eager) vs eager" in out and "speedup" in out
+    assert set(record["compiled_seconds"]) == {
+        "forward eager",
+        "forward compiled",
+        "generate eager",
+        "generate compiled",
+    }
+    for what in ("forward", "generate"):
+        s = record["compiled_seconds"]
+        assert record["speedup_compiled"][what] == pytest.approx(s[f"{what} eager"] / s[f"{what} compiled"])
+        assert record["compile_seconds"][what] > 0
+
+
+@pytest.mark.slow
+def test_bench_hf_compile_flag(capsys):
+    args = ["bench", "hf", "--preset", "tiny", "--pattern", "dense", "--prompt-len", "8", "--new-tokens", "2"]
+    assert main([*args, "--repeats", "1", "--no-peer", "--compile"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["compile_backend"] == "inductor" and set(record["speedup_compiled"]) == {"forward", "generate"}
