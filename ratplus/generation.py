@@ -262,6 +262,34 @@ class IncrementalDetokenizer:
         return now[len(before) :]
 
 
+class _History:
+    """What the penalties of ``generate`` need per row, on the device (no read back per token):
+    which tokens the prompt or output hold (repetition) and each output token's count (presence,
+    frequency), as (B, V) tensors."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, vocab_size: int):
+        B = ids.shape[0]
+        self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=ids.device)
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        self.seen.scatter_(1, ids, real)  # padding (mask 0) marks nothing
+        self.counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=ids.device)
+
+    def apply(self, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """logits (B, V) with apply_penalties' transforms, every row at once."""
+        out = logits.float()
+        if p.repetition_penalty != 1:
+            r = p.repetition_penalty
+            out = torch.where(self.seen, torch.where(out > 0, out / r, out * r), out)
+        if p.presence_penalty or p.frequency_penalty:
+            out = out - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        return out
+
+    def add(self, token: torch.Tensor, live: torch.Tensor) -> None:
+        """Count this step's tokens (B,) of the rows still running (``live``)."""
+        self.seen.scatter_(1, token.view(-1, 1), live.view(-1, 1) | self.seen.gather(1, token.view(-1, 1)))
+        self.counts.scatter_add_(1, token.view(-1, 1), live.view(-1, 1).float())
+
+
 def _stop_and_pad(
     vocab_size: int, eos_token_id: int | None, stop_tokens: int | Iterable[int] | None, pad_token_id: int | None
 ) -> tuple[list[int], int]:
@@ -334,6 +362,11 @@ def generate_stream(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     stop_check_every: int = 8,
+    *,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> Iterator[torch.Tensor]:
     """Like ``generate`` but yields the new tokens of each step, (B,) int64 (``pad_token_id`` for
     rows that already stopped), as soon as they are sampled.
@@ -347,6 +380,12 @@ def generate_stream(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
+    penalties = SamplingParams(
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+    ).check(config.vocab_size)
     stop, pad_token_id = _stop_and_pad(config.vocab_size, config.eos_token_id, stop_tokens, pad_token_id)
     ids, mask = _prompt_tensor(input_ids, attention_mask, pad_token_id)
     if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
@@ -380,9 +419,14 @@ def generate_stream(
         logits = model.logits(h[:, -1:])[:, -1]  # (B, V)
         fixed = cache.supports_fixed_step
         held = torch.tensor(cache.lengths, dtype=torch.long, device=device)  # (B,) tokens per row
+        history = _History(ids, mask, config.vocab_size) if penalties.transforms_logits else None
         for step in range(new):
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if history is not None:  # on the device, no read back: (B, V) seen / counts tensors
+                logits = history.apply(logits, penalties)
+            token = sample_next(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
             token = torch.where(finished, pad, token)
+            if history is not None:
+                history.add(token, ~finished)
             yield token
             if step == new - 1:
                 return
@@ -412,6 +456,11 @@ def generate(
     streamer: Streamer | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    *,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after each prompt; returns (B, T + new) int64.
 
@@ -425,6 +474,8 @@ def generate(
     max_length: cap on prompt + new tokens per row (default and maximum: ``config.max_seq_len``).
     attention_mask: (B, T), 0 on left padding, for a padded tensor prompt.
     streamer: called with the (B,) new tokens of every step as they come.
+    min_p, repetition_penalty, presence_penalty, frequency_penalty: as in ``sample_next`` and
+      ``apply_penalties`` (module docstring), applied to every row on the device (1 / 0 = off).
     """
     stop, pad = _stop_and_pad(model.config.vocab_size, model.config.eos_token_id, stop_tokens, pad_token_id)
     ids, _ = _prompt_tensor(input_ids, attention_mask, pad)
@@ -445,6 +496,10 @@ def generate(
         backend,
         # a streamer reads every token on the host anyway; it must not see steps after the last stop
         1 if streamer is not None else 8,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     ):
         if streamer is not None:
             streamer(tokens)

@@ -287,3 +287,54 @@ def test_incremental_detokenizer_prints_every_character():
         assert "".join(d.push(t) for t in soup) + d.flush() == tok.decode(soup)
     d = IncrementalDetokenizer(tok, context=tok.encode("a prompt").ids)  # the prompt seeds the window
     assert "".join(d.push(t) for t in tok.encode(" and more").ids) + d.flush() == " and more"
+
+
+@pytest.mark.parametrize("kw", [{"repetition_penalty": 1.6}, {"presence_penalty": 1.2, "frequency_penalty": 0.5},
+                                {"repetition_penalty": 0.7, "frequency_penalty": -0.4}])  # fmt: skip
+def test_generate_penalties_equal_a_plain_loop_per_row(model, kw):
+    """Ragged prompts (left padding must not count as seen tokens), greedy: each row equals a full
+    forward per step with the penalties of its own prompt and output applied in plain Python."""
+    torch.manual_seed(2)
+    rows = [torch.randint(0, 256, (n,)).tolist() for n in (5, 9, 3)]
+    out = generate(model, rows, 12, pattern="D4-W2-P1", stop_tokens=[], **kw)
+    plain = generate(model, rows, 12, pattern="D4-W2-P1", stop_tokens=[])
+    assert not torch.equal(out, plain)  # the penalties change these continuations
+    T = max(map(len, rows))
+    for b, prompt in enumerate(rows):
+        seq: list[int] = []
+        with torch.no_grad():
+            for _ in range(12):
+                logits = model(torch.tensor([prompt + seq]), pattern="D4-W2-P1")[0, -1]
+                logits = _naive_penalties(
+                    logits, prompt, seq, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0),
+                    kw.get("repetition_penalty", 1.0),
+                )  # fmt: skip
+                seq.append(int(logits.argmax()))
+        assert out[b, T:].tolist() == seq
+
+
+def test_generate_min_p_and_bad_values(model):
+    ids = torch.randint(0, 256, (2, 6))
+    greedy = generate(model, ids, 8)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, ids, 8, temperature=1.5, min_p=1.0, generator=g), greedy)
+    for bad, field in [({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                       ({"presence_penalty": 9}, "presence_penalty")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            generate(model, ids, 4, **bad)
+
+
+def test_cli_generate_sampling_flags(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=12, init_std=0.3)).eval()
+    save_pretrained(model, tmp_path / "m")
+    flags = {"--repetition-penalty": 1.8, "--presence-penalty": 0.5, "--frequency-penalty": 0.3}
+    argv = ["generate", "--ckpt", str(tmp_path / "m"), "--prompt-ids", "1,2,3", "--max-new-tokens", "8"]
+    assert main([*argv, *(str(x) for kv in flags.items() for x in kv)]) == 0
+    got = capsys.readouterr().out.split("|")[1].split()
+    want = generate(model, torch.tensor([[1, 2, 3]]), 8, repetition_penalty=1.8, presence_penalty=0.5,
+                    frequency_penalty=0.3)[0, 3:].tolist()  # fmt: skip
+    assert got == [str(i) for i in want] != [str(i) for i in generate(model, torch.tensor([[1, 2, 3]]), 8)[0, 3:]]
+    with pytest.raises(SystemExit):
+        main([*argv, "--presence-penalty", "3"])
+    assert "argument --presence-penalty" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from ratplus.cli.common import add_device, comma_list, nonneg_float, nonneg_int, number, positive_int
+from ratplus.cli.common import add_device, comma_list, fraction, nonneg_float, nonneg_int, number, positive_int
 
 token_ids = comma_list(nonneg_int, "token ids")
 
@@ -54,6 +54,31 @@ def add_parser(sub) -> None:
         type=number(float, 0, 1, low_open=True),
         default=None,
         help="sample from the smallest set of tokens whose probability reaches p (default: 1, all)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=fraction,
+        default=None,
+        help="sample only tokens at least this fraction as likely as the most likely one (default: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=number(float, 0, 10, low_open=True),
+        default=1.0,
+        help="every token already in the prompt or the output: its logit divided by this when positive, "
+        "multiplied when negative (default: 1 = off; 1.1-1.3 curbs loops)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=number(float, -2, 2),
+        default=0.0,
+        help="subtracted from the logit of every token generated so far, once (default: 0 = off)",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=number(float, -2, 2),
+        default=0.0,
+        help="subtracted from the logit of every generated token, times its count so far (default: 0 = off)",
     )
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampling draws")
     p.add_argument("--stop", type=token_ids, default=None, help="stop token ids (default: the config's eos_token_id)")
@@ -134,6 +159,10 @@ def _run(args) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         stop_tokens=args.stop,
         max_length=args.max_length,
         streamer=stream,
