@@ -18,6 +18,7 @@ continues from its last resume point when started again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -348,6 +349,7 @@ def prepare_splits(
         if progress is None:
             remove_path(work)
             progress = {"fingerprint": fingerprint, "documents_read": 0, "text_bytes": 0, "splits": {}}
+        made_parent = not work.parent.exists()  # removed again when nothing is written
         (work).mkdir(parents=True, exist_ok=True)
         resumed = int(progress["documents_read"])
         resumed_tokens = sum(
@@ -411,10 +413,20 @@ def prepare_splits(
                     drain_one()
             while in_flight:
                 drain_one()
-        if state["read"] == 0:
+        empty_train = len(writers) > 1 and "train" in writers and writers["train"].num_documents == 0
+        if state["read"] == 0 or empty_train:
             for w in writers.values():
                 w.file.close()
             remove_path(work)
+            if made_parent:
+                with contextlib.suppress(OSError):  # still empty
+                    work.parent.rmdir()
+            if empty_train:  # the route held out every document (val_docs >= the corpus)
+                n, held = state["read"], ", ".join(k for k in outs if k != "train")
+                raise ValueError(
+                    f"every one of the corpus's {n} documents was held out for {held} (val_docs / --val-docs >= "
+                    f"{n}?): nothing is left to train on; hold out fewer documents"
+                )
             raise ValueError("the corpus is empty (no non-blank document)")
         summary = PrepareSummary(
             paths=outs,

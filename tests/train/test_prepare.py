@@ -354,3 +354,23 @@ def test_bpe_sample_is_a_prefix_of_pieces(tmp_path):
     for bad in (0, -1):
         with pytest.raises(ValueError, match="bpe_sample \\(--bpe-sample\\) must be an int >= 1"):
             list(data_mod.text_prefix(["x"], bad))
+
+
+def test_val_docs_that_take_the_whole_corpus_are_refused(tmp_path, docs, tokenizer, capsys):
+    """--val-docs >= the number of documents leaves nothing to train on: refused (the message names
+    --val-docs), nothing written; one document fewer writes both splits."""
+    outs = {"train": tmp_path / "o" / "train", "val": tmp_path / "o" / "val"}
+    for n in (len(docs), len(docs) + 5):
+        with pytest.raises(ValueError, match=f"every one of the corpus's {len(docs)} documents was held out for val"):
+            prepare_splits(docs, tokenizer, outs, val_route(val_docs=n), show_progress=False)
+        assert not (tmp_path / "o").exists()
+    s = prepare_splits(docs, tokenizer, outs, val_route(val_docs=len(docs) - 1), show_progress=False)
+    assert s.documents == {"train": 1, "val": len(docs) - 1}
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, d in enumerate(docs[:3]):
+        (folder / f"{i}.txt").write_text(d)
+    argv = ["data", "prepare", "--input", str(folder), "--out", str(tmp_path / "c"), "--vocab-size", "300"]
+    assert main([*argv, "--val-docs", "3"]) == 2
+    assert "(val_docs / --val-docs >= 3?): nothing is left to train on" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
