@@ -21,6 +21,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+# lm-eval fills its model registry lazily, only while the registry is empty: registering "ratplus"
+# first would hide its own models (local-completions, hf, ...) from `ratplus eval lm-eval --model`
+import lm_eval.models  # noqa: F401
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils

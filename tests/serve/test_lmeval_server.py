@@ -76,7 +76,6 @@ def _samples(results: dict, task: str) -> dict[int, dict]:
 
 
 def _through_server(url: str, ckpt: Path, tasks: list[str], chat: bool) -> dict:
-    import lm_eval.models  # noqa: F401  (registers the API models; lm-eval skips it once "ratplus" is registered)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -124,3 +123,19 @@ def test_lm_eval_api_clients_equal_the_direct_run(model, tokenizer, ckpt, offlin
         got = _samples(run, "srv_gen")
         assert [got[i]["filtered_resps"] for i in sorted(got)] == [want[i]["filtered_resps"] for i in sorted(want)]
         assert run["results"]["srv_gen"]["exact_match,none"] == direct["results"]["srv_gen"]["exact_match,none"]
+
+
+def test_lm_eval_own_models_stay_registered_next_to_ratplus():
+    """`ratplus eval lm-eval --model local-completions`: the wrapper registers "ratplus" first, and
+    lm-eval fills its registry only while it is empty (a fresh process: nothing imported before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ratplus.eval.harness\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('local-completions').__name__, get_model('ratplus').__name__)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["LocalCompletionsAPI", "RATPlusHarnessLM"], out.stderr[-2000:]
