@@ -136,14 +136,14 @@ class ServeState:
             raise APIError(400, "prompt: the prompt is empty (no tokens)", param="prompt")
         return ids
 
-    def encode_prompts(self, prompt: Any, echo: bool = False) -> tuple[list[list[int]], list[str | None]]:
+    def encode_prompts(self, prompt: Any, echo: bool = False, n: int = 1) -> tuple[list[list[int]], list[str | None]]:
         """A completions ``prompt`` (text, token ids, or a batch of either) -> token ids per prompt,
         and each prompt's text when ``echo`` (worker thread)."""
         batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-        if len(batch) > self.engine.max_queue:
+        if len(batch) * n > self.engine.max_queue:
             raise APIError(
                 400,
-                f"prompt: {len(batch)} prompts in one request; at most --max-queue ({self.engine.max_queue})",
+                f"prompt: {len(batch)} prompts x n={n} in one request; at most --max-queue ({self.engine.max_queue})",
                 param="prompt",
             )
         ids = [self.encode(p) for p in batch]
@@ -184,7 +184,9 @@ class ServeState:
             min_tokens=body.min_tokens,
         ).check(vocab)
 
-    def build(self, body: _Sampling, ids: list[int], sink, chat: bool = False) -> EngineRequest:
+    def build(self, body: _Sampling, ids: list[int], sink, chat: bool = False, sample: int = 0) -> EngineRequest:
+        """One engine request: ``ids`` under ``body``'s settings; ``sample`` numbers the n samples of
+        one prompt (its seed is ``seed + sample``, so the n samples differ and each is reproducible)."""
         pattern = self.resolve_pattern(body.model, body.pattern)
         limit = self.config.max_seq_len
         max_tokens = body.new_tokens()
@@ -231,7 +233,7 @@ class ServeState:
             sink=sink,
             temperature=body.temperature,
             top_p=None if body.top_p >= 1 else body.top_p,
-            seed=body.seed,
+            seed=None if body.seed is None else (body.seed + sample) % 2**64,
             stop_ids=tuple(dict.fromkeys(stop_ids)),
             kv_bytes=need,
             sampling=self.sampling(body, max_tokens),
@@ -321,7 +323,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions_route(body: CompletionBody, request: Request):
-        prompts, texts = await run_in_threadpool(state.encode_prompts, body.prompt, body.echo)
+        prompts, texts = await run_in_threadpool(state.encode_prompts, body.prompt, body.echo, body.n)
         return await completions.generate(state, body, prompts, request, chat=False, echo_texts=texts)
 
     @app.post("/v1/chat/completions")

@@ -74,7 +74,13 @@ async def generate(
         return sink
 
     # a worker thread: compiling a response_format schema can take a while
-    reqs = await run_in_threadpool(lambda: [state.build(body, ids, sink_for(i), chat) for i, ids in enumerate(prompts)])
+    # n samples per prompt: choice index = prompt index x n + sample (OpenAI's order)
+    n = body.n
+
+    def build() -> list:
+        return [state.build(body, ids, sink_for(i * n + j), chat, j) for i, ids in enumerate(prompts) for j in range(n)]
+
+    reqs = await run_in_threadpool(build)
     submitted = []
     try:
         for r in reqs:
@@ -88,8 +94,8 @@ async def generate(
                 429, f"the server is at capacity: {e}; retry later", "rate_limit_error", code="queue_full"
             ) from e
         raise APIError(503, str(e), "server_error", code="shutting_down") from e
-    echo_texts = echo_texts or [None] * len(reqs)
-    choices = [Choice(i, r, state.tokenizer, body.stop or [], chat, echo_texts[i]) for i, r in enumerate(reqs)]
+    echo_texts = echo_texts or [None] * len(prompts)
+    choices = [Choice(k, r, state.tokenizer, body.stop or [], chat, echo_texts[k // n]) for k, r in enumerate(reqs)]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     model_id = f"{state.name}:{reqs[0].pattern}"
     if body.stream:
@@ -210,7 +216,7 @@ async def _sse(
                     last.update({"delta": {}} if chat else {"text": ""})
                     yield data([last])
         if body.stream_options and body.stream_options.include_usage:
-            n_prompt = sum(len(c.req.prompt) for c in choices)
+            n_prompt = sum(len(c.req.prompt) for c in choices[:: body.n])  # each prompt once, as for n = 1
             n = sum(len(c.stream.tokens) for c in choices)
             usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
             yield data([], usage=usage)

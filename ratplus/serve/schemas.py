@@ -97,7 +97,7 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     logit_bias: dict[Text, float] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=16)  # samples per prompt (choice index: prompt x n + sample)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
@@ -138,13 +138,6 @@ class _Sampling(_Strict):
         if any(v == ok and type(v) is type(ok) for ok in _NEUTRAL.get(info.field_name, (None,))):
             return v
         raise ValueError(UNSUPPORTED[info.field_name])
-
-    @field_validator("n")
-    @classmethod
-    def _one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported (send the request n times, with different seeds)")
-        return v
 
     @field_validator("stop")
     @classmethod

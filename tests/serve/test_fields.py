@@ -185,6 +185,35 @@ def test_batched_text_prompts_get_one_choice_each(live, model, tokenizer):
     assert [by_index[i] for i in range(3)] == [c["text"] for c in r["choices"]]
 
 
+def test_n_samples_per_prompt(live, model, tokenizer):
+    """n = 3 with a seed: three choices per prompt (index = prompt x n + sample), sample j drawn
+    with seed + j exactly as ``ratplus.generate`` draws it; streamed the same; prompt tokens counted
+    once per prompt."""
+    prompts = [PROMPT, PROMPT[:6]]
+    body = {"model": f"{NAME}:{DENSE}", "prompt": prompts, "n": 3, "max_tokens": 6, "temperature": 0.9,
+            "seed": 100, "ignore_eos": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    r = post(live, {k: v for k, v in body.items() if k != "stream_options"})
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    assert r["usage"]["prompt_tokens"] == sum(map(len, prompts)) and r["usage"]["completion_tokens"] == 36
+    for c in r["choices"]:
+        i, j = divmod(c["index"], 3)
+        g = torch.Generator().manual_seed(100 + j)
+        want = generate(model, [prompts[i]], 6, pattern=DENSE, temperature=0.9, generator=g, stop_tokens=[])
+        assert c["token_ids"] == want[0, len(prompts[i]) :].tolist()
+    assert len({tuple(c["token_ids"]) for c in r["choices"][:3]}) == 3  # the samples differ
+    streamed: dict[int, list[int]] = {}
+    chunks = stream(live, body)
+    for ch in chunks:
+        for c in ch["choices"]:
+            streamed.setdefault(c["index"], []).extend(c.get("token_ids", []))
+    assert [streamed[k] for k in range(6)] == [c["token_ids"] for c in r["choices"]]
+    assert chunks[-1]["usage"] == r["usage"]
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4,
+            "temperature": 1.0, "seed": 1}  # fmt: skip
+    assert [c["index"] for c in post(live, chat, "chat/completions")["choices"]] == [0, 1]
+
+
 # ---- penalties and logit_bias (greedy: the reference is exact) -----------------------------------------------
 def _presence(v):
     def f(logits, out):
@@ -313,8 +342,9 @@ def test_max_completion_tokens_everywhere(live):
         ("response_format", {"type": "json_schema"}, "completions"),
         ("best_of", 2, "completions"),
         ("suffix", " the end", "completions"),
-        ("n", 2, "completions"),
-        ("n", 3, "chat/completions"),
+        ("n", 0, "completions"),
+        ("n", 17, "chat/completions"),
+        ("n", True, "completions"),
         ("echo", True, "chat/completions"),
         ("top_logprobs", 2, "chat/completions"),  # without logprobs: true
         ("logprobs", 21, "completions"),

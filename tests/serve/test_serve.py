@@ -219,7 +219,7 @@ def _error(r: httpx.Response, status: int) -> dict:
         ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature"),
         ({"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
-        ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n=1"),
+        ({"model": "tiny", "prompt": "hi", "n": 17}, 400, "less than or equal to 16"),
         ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": "tiny", "prompt": ""}, 400, "empty"),
         ({"model": "tiny", "prompt": [1, 99999]}, 400, "outside"),
