@@ -39,6 +39,7 @@ from ratplus.hf.cache import RATPlusHFCache
 from ratplus.hf.configuration import RATPlusConfig, canonical_pattern
 from ratplus.hf.hub import AUTO_MAP, TOKENIZER_FILES, save_tokenizer, tokenizer_pad_id, write_hub_files
 from ratplus.io.folder import state_dict_problems
+from ratplus.io.manifest import MANIFEST_FILE, verify_folder
 from ratplus.model.rat import Block, RATPlusLM
 
 # Name under which `generate` passes the cache to `forward` and reads it back from the output:
@@ -469,6 +470,10 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         write_hub_files(save_directory, self.config)
         if source is not None:
             save_tokenizer(source, save_directory, self.config)
+        # A manifest of an earlier write (``convert`` signs its folders) no longer describes these
+        # files: it goes. No new one: a Trainer, or transformers' own tools, write their files and
+        # rewrite ours after this save; from_pretrained loads a folder without a manifest as it is.
+        (Path(save_directory) / MANIFEST_FILE).unlink(missing_ok=True)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None, *args: Any, **kwargs: Any):
@@ -478,9 +483,14 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         unexpected and mismatched keys there (the keys missing are initialised at random, as in transformers).
         ``None`` with ``config=`` and ``state_dict=`` builds the model from those, as in transformers."""
         want_info = kwargs.pop("output_loading_info", False)
+        verify = kwargs.pop("verify", None)  # sha256 | size | off (ratplus.io.manifest), default $RATPLUS_VERIFY
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("ignore_mismatched_sizes is not supported: a RAT+ checkpoint must match its config")
         folder = None if pretrained_model_name_or_path is None else Path(pretrained_model_name_or_path)
+        if folder is not None and folder.is_dir() and not kwargs.get("subfolder"):
+            # a folder with a manifest (convert writes one) is checked as a native folder is: an edited
+            # config.json or a truncated weights file is refused; a folder without one loads as it is
+            verify_folder(folder, verify, require=False)
         if folder is not None and folder.is_dir() and not kwargs.get("subfolder") and not want_info:
             # Checked before loading: transformers reports some mismatches only as log lines (and, for a
             # missing tied embedding, not at all) while initialising the weights at random.

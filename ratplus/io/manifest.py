@@ -8,6 +8,11 @@ variable ``RATPLUS_VERIFY`` when the call gives none):
 
 * ``sha256`` (default): sizes and SHA-256 of every listed file (about 1.7 s per GiB, README).
 * ``size``: sizes only, for very large checkpoints on trusted storage (catches truncation, not edits).
+* ``off``: no check, for a folder edited on purpose (a ``config.json`` changed by hand); a one-line
+  note says so. Every refusal names this switch.
+
+Native folders, training checkpoints and Hugging Face folders (``from_pretrained``, ``convert``) are
+all checked the same way.
 
 A folder without a manifest (written by another tool) loads with a one-line note; an empty or
 malformed manifest, or one that leaves out the weights or the config, is an error.
@@ -29,7 +34,9 @@ logger = logging.getLogger("ratplus")
 MANIFEST_FILE = "manifest.json"
 FORMAT = "ratplus-checkpoint"
 VERIFY_ENV = "RATPLUS_VERIFY"
-LEVELS = ("sha256", "size")
+LEVELS = ("sha256", "size", "off")
+#: How to load a folder edited on purpose (every refusal ends with it).
+OPT_OUT = f"edited on purpose? {VERIFY_ENV}=off (or verify='off') loads it unchecked"
 #: Files a loader reads: when present in a folder with a manifest, the manifest must cover them.
 REQUIRED = ("config.json", "model.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -103,6 +110,9 @@ def verify_folder(path: str | Path, verify: str | None = None, require: bool = T
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
+    if level == "off":
+        logger.info("ratplus: note: %s is loaded without checking its %s (verify off)", folder, MANIFEST_FILE)
+        return False
     if not (folder / MANIFEST_FILE).is_file():
         if require:
             raise FolderError(f"{folder} has no {MANIFEST_FILE}: it is incomplete or not a ratplus checkpoint")
@@ -122,10 +132,11 @@ def verify_folder(path: str | Path, verify: str | None = None, require: bool = T
         if size != entry["bytes"]:
             raise FolderError(
                 f"{f} has {size} bytes but {MANIFEST_FILE} says {entry['bytes']}: it is truncated or was "
-                "overwritten; refusing to load it"
+                f"overwritten; refusing to load it ({OPT_OUT})"
             )
         if level == "sha256" and sha256_file(f) != entry["sha256"]:
             raise FolderError(
-                f"{f} does not match its SHA-256 in {MANIFEST_FILE}: it was modified or is corrupt; refusing to load it"
+                f"{f} does not match its SHA-256 in {MANIFEST_FILE}: it was modified or is corrupt; refusing to load "
+                f"it ({OPT_OUT})"
             )
     return True

@@ -345,6 +345,7 @@ def test_convert_of_an_hf_folder_with_an_unsafe_pickle_is_refused(tmp_path, caps
     save_pretrained(_model(), tmp_path / "native")
     convert(tmp_path / "native", tmp_path / "hf", to="hf")
     (tmp_path / "hf" / "model.safetensors").unlink()
+    (tmp_path / "hf" / "manifest.json").unlink()  # a folder of another tool: no manifest to refuse it first
 
     class Unsafe:
         def __reduce__(self):

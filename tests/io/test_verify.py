@@ -114,3 +114,63 @@ def test_every_loader_refuses_a_damaged_folder(folder, tmp_path, capsys):
 
     with pytest.raises(FolderError, match=r"model.safetensors"):
         RATPlusHarnessLM(ckpt=str(folder), device="cpu")
+
+
+def test_off_loads_a_folder_edited_on_purpose_and_every_refusal_names_it(folder, caplog):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_base"] = 500000.0
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FolderError, match=r"config\.json .*RATPLUS_VERIFY=off \(or verify='off'\) loads it unchecked"):
+        load_pretrained(folder)
+    with caplog.at_level(logging.INFO, logger="ratplus"):
+        assert load_pretrained(folder, verify="off").config.rope_base == 500000.0
+    assert any("without checking" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("key", "value"), [("rope_base", 500000.0), ("max_seq_len", 4096)])
+def test_hf_folder_edited_after_writing_is_refused_on_load_and_convert(
+    folder, tmp_path, capsys, monkeypatch, key, value
+):
+    """A Hugging Face folder carries the manifest too (convert and save_pretrained write it): an edit of
+    its config.json is refused by from_pretrained and by convert, as for a native folder, unless the
+    check is switched off on purpose."""
+    pytest.importorskip("transformers")
+    from ratplus.hf import RATPlusForCausalLM
+    from ratplus.hf.convert import convert
+
+    hf_dir = tmp_path / "hf"
+    convert(folder, hf_dir, to="hf")
+    assert verify_folder(hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg[key] = value
+    (hf_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    with pytest.raises(FolderError, match=r"config\.json does not match its SHA-256.*RATPLUS_VERIFY=off"):
+        RATPlusForCausalLM.from_pretrained(hf_dir)
+    assert main(["convert", str(hf_dir), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ratplus convert: error: ") and "RATPLUS_VERIFY=off" in err[-1], err
+    assert not (tmp_path / "back").exists()
+    # on purpose: the switch, as a keyword or the environment
+    assert getattr(RATPlusForCausalLM.from_pretrained(hf_dir, verify="off").native.config, key) == value
+    monkeypatch.setenv(VERIFY_ENV, "off")
+    assert main(["convert", str(hf_dir), str(tmp_path / "back")]) == 0
+    assert getattr(load_pretrained(tmp_path / "back").config, key) == value
+
+
+def test_hf_save_pretrained_over_a_signed_folder_drops_the_stale_manifest(folder, tmp_path):
+    """save_pretrained (which transformers' tools and Trainers rewrite after) writes no manifest, and
+    removes the one convert wrote there before: the folder then loads as a folder of another tool."""
+    pytest.importorskip("transformers")
+    from ratplus.hf import RATPlusForCausalLM, from_native
+    from ratplus.hf.convert import convert
+
+    out = tmp_path / "hf"
+    convert(folder, out, to="hf")
+    assert (out / MANIFEST_FILE).is_file()
+    model = from_native(folder)
+    with torch.no_grad():
+        model.native.embedding.wte.weight.add_(1.0)  # other weights: the old manifest would refuse them
+    model.save_pretrained(out)
+    assert not (out / MANIFEST_FILE).exists()
+    back = RATPlusForCausalLM.from_pretrained(out)
+    assert torch.equal(back.native.embedding.wte.weight, model.native.embedding.wte.weight)
