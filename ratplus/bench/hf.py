@@ -14,8 +14,9 @@ see ``ratplus.bench.decode.llama_peer``) on the same prompts, with transformers'
 ``DynamicCache`` and with ``cache_implementation="static"``, timed in the same interleaved rounds.
 
 Compiled rows (``compile=True``): the HF model's full forward over the prompts (no cache, the
-scoring / training shape) eager and under ``torch.compile(model)``, and ``generate()`` eager and
-with ``torch.compile(model.forward)``, side by side with their ratio. The compiled logits must
+scoring / training shape) eager and under ``torch.compile(model)``, and ``generate()`` eager, with
+``torch.compile(model.forward)`` and with ``model.compile_decode()`` (the compiled fixed-shape step),
+side by side with their ratio. The compiled logits must
 match eager (``COMPILE_ATOL``) and the compiled generate must give the same tokens, else nothing is
 timed. Compilation happens in the warm-up call and is reported apart (``compile_seconds``).
 """
@@ -135,19 +136,26 @@ def run(
         # both compiled wrappers (one code object), so a call after the other kind may trace once more
         times_c = time_interleaved(fns_c, device, repeats, warmup=1)
         rows_c = []
-        for what in ("forward", "generate"):
-            eager, comp = times_c[f"{what} eager"], times_c[f"{what} compiled"]
+        for what, eager_key, comp_key in COMPILED_ROWS:
+            eager, comp = times_c[eager_key], times_c[comp_key]
             rows_c.append([what, eager * 1e3, comp * 1e3, eager / comp, compile_seconds[what]])
         print(f"torch.compile ({compile_backend}) vs eager, HF model, pattern {hf.config.attention_pattern}")
         print_table(["path", "eager ms", "compiled ms", "speedup", "compile s"], rows_c)
         record["compile_backend"] = compile_backend
         record["compiled_seconds"] = times_c
         record["compile_seconds"] = compile_seconds
-        record["speedup_compiled"] = {w: row[3] for w, row in zip(("forward", "generate"), rows_c)}
+        record["speedup_compiled"] = {row[0]: row[3] for row in rows_c}
     emit_json(record, json_path)
     return record
 
 
+#: (row, eager key, compiled key) of the compiled table: the full forward under torch.compile(model),
+#: generate() with a compiled forward, generate() with compile_decode()'s compiled fixed-shape step.
+COMPILED_ROWS = (
+    ("forward", "forward eager", "forward compiled"),
+    ("generate", "generate eager", "generate compiled"),
+    ("compile_decode", "generate eager", "generate compile_decode"),
+)
 #: Largest |compiled - eager| logit difference accepted before timing (float32 reassociation only).
 COMPILE_ATOL = 1e-3
 
@@ -159,11 +167,13 @@ def compile_rows(
     checking the compiled ones against eager; also the seconds each first (compiling) call took."""
     from ratplus.hf import from_native
 
-    # three wrappers of the same weights: eager, one compiled as a module, one whose forward generate calls
-    eager, whole, comp = (from_native(native, attention_pattern=pattern).eval() for _ in range(3))
+    # four wrappers of the same weights: eager, compiled as a module, with a compiled forward (what
+    # torch.compile(model) gives generate), with the compiled fixed-shape decode step (compile_decode)
+    eager, whole, comp, fixed = (from_native(native, attention_pattern=pattern).eval() for _ in range(4))
     compiled_model = torch.compile(whole, backend=backend)
     comp.forward = torch.compile(comp.forward, backend=backend)
-    for m in (eager, comp):
+    fixed.compile_decode(backend=backend)
+    for m in (eager, comp, fixed):
         m.generation_config.eos_token_id = None
 
     def forward(model):
@@ -181,6 +191,7 @@ def compile_rows(
         "forward compiled": forward(compiled_model),
         "generate eager": gen(eager),
         "generate compiled": gen(comp),
+        "generate compile_decode": gen(fixed),
     }
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -189,9 +200,11 @@ def compile_rows(
     diff = float((got - fns["forward eager"]()).abs().max())
     if diff > COMPILE_ATOL:
         raise ValueError(f"compiled forward differs from eager by {diff:.3g} > {COMPILE_ATOL}; refusing to time it")
-    start = time.perf_counter()
-    got = fns["generate compiled"]()
-    seconds["generate"] = time.perf_counter() - start
-    if not torch.equal(got, fns["generate eager"]()):
-        raise ValueError("compiled generate() gave other tokens than eager; refusing to time it")
+    want = fns["generate eager"]()
+    for what in ("generate", "compile_decode"):
+        start = time.perf_counter()
+        got = fns[f"generate {'compiled' if what == 'generate' else what}"]()
+        seconds[what] = time.perf_counter() - start
+        if not torch.equal(got, want):
+            raise ValueError(f"{what}: compiled generate() gave other tokens than eager; refusing to time it")
     return fns, seconds

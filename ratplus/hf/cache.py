@@ -16,6 +16,8 @@ cannot be taken back, so assisted decoding is unsupported) and ``update`` (nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -35,11 +37,14 @@ class RATPlusHFCache(Cache):
     first forward (``pattern`` holds its canonical string from then on); another one is refused.
     """
 
-    def __init__(self, max_len: int | None = None):
+    def __init__(self, max_len: int | None = None, decode_core: Callable | None = None):
         super().__init__(layers=[])
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         self.max_len = max_len
+        # RATPlusLM.decode_step_hidden, or a torch.compile of it (RATPlusForCausalLM.compile_decode): one-token
+        # steps then run the fixed-shape step (positions as a tensor: one compiled graph for every step)
+        self.decode_core = decode_core
         self.pattern: str | None = None
         self.inner = None  # ratplus.model.cache.RATPlusCache once the first forward ran
 
@@ -77,9 +82,36 @@ class RATPlusHFCache(Cache):
         if self.inner.max_len < needed <= limit:
             # generation continues past the size asked for: grow in chunks (one copy per chunk)
             self.inner.grow(min(limit, max(needed, self.inner.max_len + GROW_CHUNK)))
+        if (
+            self.decode_core is not None
+            and input_ids.shape[1] == 1
+            and all_hidden is None
+            and self.inner.supports_fixed_step
+            and not torch.compiler.is_compiling()
+        ):
+            return self._fixed_step(input_ids, attention_mask)
         # pattern=None: the inner cache runs the pattern it was built for (checked above), without
         # parsing the string again on every decode step.
         return model.hidden(input_ids, cache=self.inner, attention_mask=attention_mask, all_hidden=all_hidden)
+
+    def _fixed_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One token per row through ``decode_core`` (the fixed-shape step; host bookkeeping here, in
+        eager code, so a compiled core sees the same shapes at every step). Returns (B, 1, C)."""
+        inner = self.inner
+        if not any(inner.lengths):
+            raise ValueError("the fixed-shape step continues a prefilled cache; the first call must be the prompt")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("padding is only allowed on the left of the first call (the prefill)")
+        held = torch.tensor(inner.lengths, dtype=torch.long, device=input_ids.device)  # (B,)
+        with torch.no_grad():  # the cache is inference-only (its buffers are written in place)
+            inner.begin_fixed_step(held)
+            try:
+                h = self.decode_core(input_ids, inner, held)
+            except BaseException:
+                inner.end_fixed_step(ok=False)
+                raise
+            inner.end_fixed_step()
+        return h
 
     # ---- what GenerationMixin reads -----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -283,6 +283,7 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = RATPlusModel(config)
         self._tokenizer_source: Any = None  # a folder to copy tokenizer files from, or a tokenizer object
+        self._decode_core: Any = None  # compile_decode()'s compiled fixed-shape step, handed to new caches
         self.post_init()
 
     # ---- embeddings (PreTrainedModel API) -----------------------------------------------------
@@ -445,7 +446,23 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: "
                 "RAT+ always decodes with its own compact cache"
             )
-        model_kwargs[CACHE_KWARG] = RATPlusHFCache(max_len=min(max_cache_length, self.config.max_seq_len))
+        model_kwargs[CACHE_KWARG] = RATPlusHFCache(
+            max_len=min(max_cache_length, self.config.max_seq_len), decode_core=self._decode_core
+        )
+
+    def compile_decode(self, enable: bool = True, **compile_kwargs: Any) -> RATPlusForCausalLM:
+        """Decode ``generate()``'s one-token steps with ``torch.compile(native.decode_step_hidden,
+        fullgraph=True, dynamic=False, **compile_kwargs)``: the fixed-shape step (positions as a tensor,
+        slot writes by index tensors, a mask over every slot), one graph for every step of a cache size.
+        Compiling ``model.forward`` instead traces the general cached forward, whose host bookkeeping
+        (Python ints per row) changes every step: it recompiles each step until Dynamo's limit, then
+        runs eager. Top-k patterns keep the eager step. ``enable=False`` goes back to eager."""
+        if not enable:
+            self._decode_core = None
+            return self
+        options = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self._decode_core = torch.compile(self.native.decode_step_hidden, **options)
+        return self
 
     # ---- saving -------------------------------------------------------------------------------
     def attach_tokenizer(self, tokenizer: Any) -> None:

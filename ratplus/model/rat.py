@@ -423,11 +423,16 @@ class RATPlusLM(nn.Module):
 
     def decode_step_core(self, token: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
         """The tensor work of ``decode_step`` (between ``cache.begin_fixed_step`` and ``end_fixed_step``)."""
+        return self.logits(self.decode_step_hidden(token, cache, held))[:, -1]
+
+    def decode_step_hidden(self, token: torch.Tensor, cache: RATPlusCache, held: torch.Tensor) -> torch.Tensor:
+        """``decode_step_core`` up to the last block: its output (B, 1, C) before the final norm (the HF
+        model applies the norm and head itself)."""
         x = self.embedding.wte(token)  # (B, 1, C)
         cos, sin = self.rope(held.view(-1, 1, 1), x.dtype)  # (B, 1, 1, K): each row at its own position
         for block, layer_pattern, layer_cache in zip(self.backbone.layers, cache.pattern, cache.layers, strict=True):
             x = block(x, layer_pattern, cos, sin, cache=layer_cache)
-        return self.logits(x)[:, -1]
+        return x
 
     def _forward_cached(self, input_ids, pattern, cache, attention_mask, backend, scan_backend, all_hidden=None):
         # The cache is inference-only: its buffers are written in place, so a graph through them could not

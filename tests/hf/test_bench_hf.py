@@ -51,15 +51,20 @@ def test_bench_hf_compiled_rows_side_by_side(capsys):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "torch.compile (eager) vs eager" in out and "speedup" in out
-    assert set(record["compiled_seconds"]) == {
+    s = record["compiled_seconds"]
+    assert set(s) == {
         "forward eager",
         "forward compiled",
         "generate eager",
         "generate compiled",
+        "generate compile_decode",
     }
-    for what in ("forward", "generate"):
-        s = record["compiled_seconds"]
-        assert record["speedup_compiled"][what] == pytest.approx(s[f"{what} eager"] / s[f"{what} compiled"])
+    for what, eager, compiled in (
+        ("forward", "forward eager", "forward compiled"),
+        ("generate", "generate eager", "generate compiled"),
+        ("compile_decode", "generate eager", "generate compile_decode"),
+    ):
+        assert record["speedup_compiled"][what] == pytest.approx(s[eager] / s[compiled])
         assert record["compile_seconds"][what] > 0
 
 
@@ -68,4 +73,8 @@ def test_bench_hf_compile_flag(capsys):
     args = ["bench", "hf", "--preset", "tiny", "--pattern", "dense", "--prompt-len", "8", "--new-tokens", "2"]
     assert main([*args, "--repeats", "1", "--no-peer", "--compile"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert record["compile_backend"] == "inductor" and set(record["speedup_compiled"]) == {"forward", "generate"}
+    assert record["compile_backend"] == "inductor" and set(record["speedup_compiled"]) == {
+        "forward",
+        "generate",
+        "compile_decode",
+    }

@@ -118,3 +118,22 @@ def test_traced_sparse_attention_matches_reference(pattern):
     q, k, v = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(3))
     fn = torch.compile(lambda q, k, v: attention(q, k, v, p, backend="sparse"), backend="eager", fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), attention(q, k, v, p, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "D4-W8-P2", "topk-B8-K2-W8-P2-quest"])
+def test_compile_decode_one_graph_for_every_step(pattern):
+    """compile_decode(): generate()'s one-token steps run the fixed-shape step, traced once for the whole
+    generation (left padding included) and giving eager's tokens; top-k keeps the eager step."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny(pattern).eval()
+    ids = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **kwargs)
+    counter = CompileCounter()
+    got = model.compile_decode(backend=counter).generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    assert counter.frame_count == (0 if pattern.startswith("topk") else 1)
+    assert torch.equal(model.compile_decode(False).generate(ids, **kwargs), want)
