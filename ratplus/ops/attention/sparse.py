@@ -116,6 +116,7 @@ def _store(out: torch.Tensor, rows: slice, op, *args: torch.Tensor) -> None:
     else:
         op(*args, out=out[:, rows])
 
+
 class _Segment:
     """One flash call of the local part: query rows [qs, qe) against the keys at ``ranges``, with
     an additive mask."""
