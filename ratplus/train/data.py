@@ -124,27 +124,68 @@ class PrepareSummary:
         )
 
 
+class DamagedShardError(ValueError):
+    """A shard recorded by an interrupted prepare no longer holds what was recorded (its size or its
+    SHA-256): the prepare starts over instead of resuming on top of it."""
+
+
+def _file_sha256(path: Path, limit: int) -> tuple[str, Any]:
+    """SHA-256 (hex) of the first ``limit`` bytes of ``path``, and the hash object to continue it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while limit > 0 and (block := f.read(min(limit, 1 << 22))):
+            h.update(block)
+            limit -= len(block)
+    return h.hexdigest(), h
+
+
 class _SplitWriter:
     """Appends one split's tokens to ``shard_NNNNN.bin`` files of ``shard_tokens`` tokens each, written
-    as they come (nothing held back in memory). ``state()`` is what ``progress.json`` records: the
-    finished shards, the tokens of the current one and the document count."""
+    as they come (nothing held back in memory), hashing them on the way. ``state()`` is what
+    ``progress.json`` records: the finished shards (tokens, SHA-256), the tokens and SHA-256 of the
+    current one, and the document count. Resuming from a state checks every recorded shard and the
+    current one's recorded part first (``DamagedShardError``)."""
 
     def __init__(self, folder: Path, shard_tokens: int, np_dtype: Any, state: dict[str, Any] | None = None):
         self.folder, self.shard_tokens, self.np_dtype = folder, shard_tokens, np_dtype
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.itemsize = np.dtype(np_dtype).itemsize
         state = state or {"shards": [], "current_tokens": 0, "num_documents": 0}
         self.shards: list[dict[str, Any]] = list(state["shards"])
         self.current = int(state["current_tokens"])
         self.num_documents = int(state["num_documents"])
         self.completed = False  # a shard was finished since the last resume point
+        self.hash = self._check(state)  # before anything is changed on disk
+        self.folder.mkdir(parents=True, exist_ok=True)
         keep = {s["file"] for s in self.shards} | {self._name()}
         for f in self.folder.glob("shard_*.bin"):  # shards a killed run wrote after its last resume point
             if f.name not in keep:
                 f.unlink()
         path = self.folder / self._name()
         self.file = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115  (open across add() calls)
-        self.file.truncate(self.current * np.dtype(np_dtype).itemsize)  # drop what came after the resume point
+        self.file.truncate(self.current * self.itemsize)  # drop what came after the resume point
         self.file.seek(0, os.SEEK_END)
+
+    def _check(self, state: dict[str, Any]) -> Any:
+        """Each recorded shard has its recorded size and SHA-256, the current one at least its recorded
+        tokens, whose SHA-256 matches; returns the hash to continue the current shard with."""
+        for sh in self.shards:
+            f = self.folder / sh["file"]
+            size = f.stat().st_size if f.is_file() else None
+            if size != sh["num_tokens"] * self.itemsize:
+                want = sh["num_tokens"] * self.itemsize
+                raise DamagedShardError(f"shard {f} has {size} bytes, {want} were recorded (truncated or changed)")
+            if "sha256" in sh and _file_sha256(f, size)[0] != sh["sha256"]:
+                raise DamagedShardError(f"shard {f} does not match its recorded SHA-256 (changed after it was written)")
+        f, want = self.folder / self._name(), self.current * self.itemsize
+        if not want:
+            return hashlib.sha256()
+        if not f.is_file() or f.stat().st_size < want:
+            have = f.stat().st_size if f.is_file() else 0
+            raise DamagedShardError(f"shard {f} has {have} bytes, at least {want} were recorded (truncated)")
+        digest, h = _file_sha256(f, want)
+        if state.get("current_sha256", digest) != digest:
+            raise DamagedShardError(f"shard {f} does not match its recorded SHA-256 (changed after it was written)")
+        return h
 
     def _name(self) -> str:
         return f"shard_{len(self.shards):05d}.bin"
@@ -154,7 +195,9 @@ class _SplitWriter:
         self.num_documents += ends
         while len(ids):
             take = min(len(ids), self.shard_tokens - self.current)
-            ids[:take].tofile(self.file)
+            raw = ids[:take].tobytes()
+            self.file.write(raw)
+            self.hash.update(raw)
             self.current += take
             ids = ids[take:]
             if self.current == self.shard_tokens:
@@ -165,15 +208,20 @@ class _SplitWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        self.shards.append({"file": self._name(), "num_tokens": self.current})
-        self.current, self.completed = 0, True
+        self.shards.append({"file": self._name(), "num_tokens": self.current, "sha256": self.hash.hexdigest()})
+        self.current, self.completed, self.hash = 0, True, hashlib.sha256()
 
     def sync(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
 
     def state(self) -> dict[str, Any]:
-        return {"shards": self.shards, "current_tokens": self.current, "num_documents": self.num_documents}
+        return {
+            "shards": self.shards,
+            "current_tokens": self.current,
+            "current_sha256": self.hash.hexdigest(),
+            "num_documents": self.num_documents,
+        }
 
     def close(self) -> list[dict[str, Any]]:
         """Finish the last shard (if it holds tokens) and return every shard."""
@@ -345,17 +393,29 @@ def prepare_splits(
     ).hexdigest()
     start = time.perf_counter()
     with writing(outs[first], partial=[work]):
+        fresh = {"fingerprint": fingerprint, "documents_read": 0, "text_bytes": 0, "splits": {}}
         progress = _load_progress(work, fingerprint)
         if progress is None:
             remove_path(work)
-            progress = {"fingerprint": fingerprint, "documents_read": 0, "text_bytes": 0, "splits": {}}
+            progress = fresh
         made_parent = not work.parent.exists()  # removed again when nothing is written
         (work).mkdir(parents=True, exist_ok=True)
+        writers: dict[str, _SplitWriter] = {}
+        try:
+            for k in outs:
+                writers[k] = _SplitWriter(work / k, shard_tokens, np_dtype, progress["splits"].get(k))
+        except DamagedShardError as e:  # resuming on top of it would give another corpus than the input's
+            logger.warning("ratplus: %s; the prepare in %s starts over", e, work)
+            for w in writers.values():
+                w.file.close()
+            remove_path(work)
+            work.mkdir(parents=True)
+            progress = fresh
+            writers = {k: _SplitWriter(work / k, shard_tokens, np_dtype) for k in outs}
         resumed = int(progress["documents_read"])
         resumed_tokens = sum(
             sum(sh["num_tokens"] for sh in st["shards"]) + st["current_tokens"] for st in progress["splits"].values()
         )
-        writers = {k: _SplitWriter(work / k, shard_tokens, np_dtype, progress["splits"].get(k)) for k in outs}
         state = {"read": resumed, "bytes": int(progress["text_bytes"]), "saved": time.monotonic()}
 
         def save_progress() -> None:

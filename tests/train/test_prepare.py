@@ -3,6 +3,7 @@ determinism, resume after an interruption or a SIGKILL, the document-level valid
 
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -374,3 +375,44 @@ def test_val_docs_that_take_the_whole_corpus_are_refused(tmp_path, docs, tokeniz
     assert main([*argv, "--val-docs", "3"]) == 2
     assert "(val_docs / --val-docs >= 3?): nothing is left to train on" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "truncate_current"])
+def test_resume_over_a_damaged_shard_starts_over_and_matches(tmp_path, docs, tokenizer, monkeypatch, caplog, damage):
+    """A shard recorded by the interrupted run and damaged afterwards (cut short, or a byte changed; or
+    the current shard cut below its recorded tokens) is found by its size or SHA-256 on resume: the
+    prepare starts over and writes the reference corpus, not one with a hole in it."""
+    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 2000)
+    many = _many_docs(docs, 200)
+    outs = lambda root: {"train": root / "train", "val": root / "val"}  # noqa: E731
+    prepare_splits(many, tokenizer, outs(tmp_path / "ref"), val_route(0.1), 600, show_progress=False)
+    real_add, calls = data_mod._SplitWriter.add, []
+
+    def add_then_stop(self, ids, ends=True):
+        calls.append(1)
+        if len(calls) == 120:
+            raise KeyboardInterrupt
+        real_add(self, ids, ends)
+
+    monkeypatch.setattr(data_mod._SplitWriter, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_splits(many, tokenizer, outs(tmp_path / "run"), val_route(0.1), 600, show_progress=False)
+    monkeypatch.setattr(data_mod._SplitWriter, "add", real_add)
+    work = tmp_path / "run" / "train.partial"
+    state = json.loads((work / "progress.json").read_text())["splits"]["train"]
+    assert state["shards"] and state["current_tokens"] and all("sha256" in s for s in state["shards"])
+    first = work / "train" / state["shards"][0]["file"]
+    current = work / "train" / f"shard_{len(state['shards']):05d}.bin"
+    if damage == "truncate":
+        first.write_bytes(first.read_bytes()[:-10])
+    elif damage == "flip":
+        data = bytearray(first.read_bytes())
+        data[7] ^= 1
+        first.write_bytes(bytes(data))
+    else:
+        current.write_bytes(current.read_bytes()[:4])
+    with caplog.at_level(logging.WARNING, logger="ratplus"):
+        s = prepare_splits(many, tokenizer, outs(tmp_path / "run"), val_route(0.1), 600, show_progress=False)
+    assert s.resumed_documents == 0 and any("starts over" in r.getMessage() for r in caplog.records)
+    for split in ("train", "val"):
+        assert _shard_bytes(tmp_path / "run" / split) == _shard_bytes(tmp_path / "ref" / split)
