@@ -197,3 +197,28 @@ def test_generate_refuses_prompts_that_are_not_int_ids(prompt, match):
     model = RATPlusLM(ModelConfig.from_preset("tiny"))
     with pytest.raises(ValueError, match=match):
         generate(model, prompt, 2)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"joint_train": False, "train_pattern": "snapkv-C16-O4"}, "is inference-only"),
+        ({"joint_train": False, "train_pattern": "topk-B8-K1"}, "is inference-only"),
+        ({"sparse_pattern": "Dfoo"}, "unknown attention pattern 'Dfoo'"),
+        ({"joint_train": False, "train_pattern": "D8:3+D4:3"}, "covers 6 heads but the layer has num_heads=4"),
+        ({"seq_len": 100000}, "seq_len=100000 is above the model's max_seq_len=256"),
+        ({"seq_len": 64, "data": "/nonexistent/shards"}, "data folder not found"),
+    ],
+)
+def test_plan_only_runs_the_checks_of_the_run(fields, match, tmp_path):
+    """``plan_only`` (--dry-run) is the run stopped before the model: what ``train`` refuses, it
+    refuses, and it writes nothing."""
+    from ratplus.train.trainer import plan_only, train
+
+    cfg = TrainConfig(model="tiny", steps=1, out_dir=str(tmp_path / "run"), progress=False, **fields)
+    for run in (plan_only, train):
+        with pytest.raises(ValueError, match=match) if "data" not in fields else pytest.raises(FileNotFoundError):
+            run(cfg)
+    assert not (tmp_path / "run").exists()
+    plan = plan_only(TrainConfig(model="tiny", steps=1, seq_len=64, out_dir=str(tmp_path / "run")), show=lambda _: None)
+    assert plan.fits and plan.seq_len == 64 and not (tmp_path / "run").exists()
