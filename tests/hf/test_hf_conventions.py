@@ -113,3 +113,21 @@ def test_pad_token_id_comes_from_the_tokenizer_on_convert(tmp_path):
     again.config.pad_token_id = None
     again.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["pad_token_id"] == 0
+
+
+def test_peft_modules_to_save_lm_head():
+    """PEFT's modules_to_save=["lm_head"] (an untied head) finds the head, trains its copy, and
+    model.lm_head is then PEFT's wrapper; the logits at step 0 are the base model's."""
+    peft = pytest.importorskip("peft")
+    model = tiny(tie_embeddings=False)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lora = peft.LoraConfig(r=4, target_modules=["in_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(model, lora)
+    out = wrapped(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref)
+    assert type(model.lm_head).__name__ == "ModulesToSaveWrapper"
+    trained = [n for n, p in wrapped.named_parameters() if p.requires_grad and p.grad is not None]
+    assert any("lm_head.modules_to_save" in n for n in trained)
