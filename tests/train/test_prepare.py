@@ -17,7 +17,7 @@ import pytest
 
 from ratplus.cli import main
 from ratplus.io.corpus import iter_documents, iter_hf_dataset, read_documents
-from ratplus.train import data as data_mod
+from ratplus.train import prepare as data_mod
 from ratplus.train.data import TokenDataset, prepare_splits, val_route
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,7 +242,7 @@ def test_sigkill_midway_then_rerun_gives_identical_shards(tmp_path, docs):
     # the SIGKILL lands midway however fast the machine is: no race between the prepare and the poll.
     stall = (
         "import json, pathlib, sys, time\n"
-        "import ratplus.train.data as d\n"
+        "import ratplus.train.prepare as d\n"
         f"progress = pathlib.Path({str(progress)!r})\n"
         "real = d._SplitWriter.add\n"
         "def add(self, ids, ends=True):\n"
