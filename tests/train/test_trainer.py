@@ -283,7 +283,7 @@ def test_default_data_is_the_bundled_corpus(tmp_path, monkeypatch, docs):
         calls.append(split)
         return docs[:3] if split == "train" else docs[3:4]
 
-    monkeypatch.setattr(T, "shakespeare_documents", few_plays)
+    monkeypatch.setattr("ratplus.train.run.shakespeare_documents", few_plays)  # the run prepares it
     cfg = TrainConfig(
         out_dir=str(tmp_path / "r"), model="tiny", model_overrides={"vocab_size": 300}, seq_len=32, batch_size=2,
         steps=1, eval_batches=1, progress=False,
