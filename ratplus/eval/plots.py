@@ -115,9 +115,11 @@ def _place_labels(
     px = fig.dpi / 72  # pixels per point
     h, char_w = fontsize * px * 1.2, fontsize * px * 0.62
     offsets = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 12), (5, -20), (-5, 12), (-5, -20)]
-    offsets += [(dx, dy) for k in range(2, 7) for dy in (3 + 9 * k, -11 - 9 * k) for dx in (5, -5)]
+    offsets += [(dx, dy) for k in range(2, 10) for dy in (3 + 9 * k, -11 - 9 * k) for dx in (5, -5)]
     marks = [ax.transData.transform((x, y)) for x, y, _, _ in points]
     taken = [(mx - 4, my - 4, mx + 4, my + 4) for mx, my in marks]  # the markers themselves (+ the pad below)
+    e = ax.get_window_extent()
+    frame = (e.x0, e.y0, e.x1, e.y1)
     if ax.get_legend() is not None:
         e = ax.get_legend().get_window_extent()
         taken.append((e.x0, e.y0, e.x1, e.y1))
@@ -141,8 +143,9 @@ def _place_labels(
             x0 = mx + dx * px if dx > 0 else mx + dx * px - w
             boxes.append((x0, my + dy * px, x0 + w, my + dy * px + h))
         free = [i for i, b in enumerate(boxes) if not hits(b, taken)]
-        clear = [i for i in free if not any(_inside(p, boxes[i]) for p in crossed)]
-        pick = (clear or free or [0])[0]
+        within = [i for i in free if _within(boxes[i], frame)]  # not cut off, not over the next panel
+        clear = [i for i in within if not any(_inside(p, boxes[i]) for p in crossed)]
+        pick = (clear or within or free or [0])[0]
         taken.append(boxes[pick])
         choice = offsets[pick]
         ax.annotate(
@@ -157,6 +160,10 @@ def _place_labels(
             # a label pushed away from its point keeps a thin line to it
             arrowprops=None if abs(choice[1]) < 12 else {"arrowstyle": "-", "lw": 0.5, "color": color},
         )
+
+
+def _within(box: tuple[float, float, float, float], frame: tuple[float, float, float, float]) -> bool:
+    return frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
 
 
 def _inside(point: tuple[float, float], box: tuple[float, float, float, float], pad: float = 3) -> bool:
