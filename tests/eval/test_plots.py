@@ -68,6 +68,8 @@ def test_budget_plot_shares_a_relative_axis_and_its_labels_do_not_overlap(figure
         boxes = [Text.get_window_extent(t) for t in ax.texts]  # the text alone, without a leader line
         assert len(boxes) == sum(r["model"] == model for r in rows)
         assert not any(p.overlaps(q) for i, p in enumerate(boxes) for q in boxes[i + 1 :])
+        frame = ax.get_window_extent()  # no label cut off or running over the next panel
+        assert all(frame.x0 <= t.x0 and t.x1 <= frame.x1 and frame.y0 <= t.y0 and t.y1 <= frame.y1 for t in boxes)
 
 
 def test_budget_plot_without_a_dense_row_keeps_absolute_axes(figures, tmp_path):
