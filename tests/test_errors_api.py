@@ -1,6 +1,7 @@
 """The Python API checks numbers, types and pattern strings before any work, with a ValueError
 naming the field (the CLI shares these checks)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -220,5 +221,26 @@ def test_plan_only_runs_the_checks_of_the_run(fields, match, tmp_path):
         with pytest.raises(ValueError, match=match) if "data" not in fields else pytest.raises(FileNotFoundError):
             run(cfg)
     assert not (tmp_path / "run").exists()
-    plan = plan_only(TrainConfig(model="tiny", steps=1, seq_len=64, out_dir=str(tmp_path / "run")), show=lambda _: None)
+    ok = TrainConfig(model="tiny", steps=1, seq_len=64, out_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="vocab_size must be an int in \\[257"):  # tiny's 256: no BPE of that size
+        plan_only(ok, show=lambda _: None)
+    plan = plan_only(dataclasses.replace(ok, model_overrides={"vocab_size": 300}), show=lambda _: None)
     assert plan.fits and plan.seq_len == 64 and not (tmp_path / "run").exists()
+
+
+def test_dry_run_checks_the_starting_weights_against_the_model(tmp_path):
+    """adapt from a folder with an override that changes the shapes: the dry run reads the weights'
+    names and shapes from the safetensors header and refuses with the run's own message."""
+    from ratplus.io.folder import save_pretrained
+    from ratplus.train.trainer import adapt
+
+    torch.manual_seed(0)
+    save_pretrained(RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=300)), tmp_path / "m")
+    args = dict(steps=1, seq_len=64, out_dir=str(tmp_path / "a"), model_overrides={"ffn_mult": 2})
+    errors = []
+    for dry in (True, False):
+        with pytest.raises(ValueError, match=r"model.safetensors does not match the model config: shape") as e:
+            adapt(tmp_path / "m", "D4", dry_run=dry, **args)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    assert adapt(tmp_path / "m", "D4", dry_run=True, steps=1, seq_len=64, out_dir=str(tmp_path / "a")).fits

@@ -55,6 +55,15 @@ def _byte_level(model: models.Model) -> Tokenizer:
 MAX_BPE_VOCAB = 2**20
 
 
+def check_bpe_vocab(vocab_size: int) -> None:
+    """The vocabulary ``train_bpe`` accepts (a dry run checks it without training)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= MAX_BPE_VOCAB:
+        raise ValueError(
+            f"vocab_size must be an int in [257, {MAX_BPE_VOCAB}] (256 bytes + the EOS token; larger tables do not "
+            f"fit memory), got {vocab_size!r}"
+        )
+
+
 def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
@@ -68,11 +77,7 @@ def train_bpe(
     deterministic for the same texts. The result may hold fewer tokens than asked when the text has
     too few distinct merges (``tokenizer.get_vocab_size()`` is the truth).
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= MAX_BPE_VOCAB:
-        raise ValueError(
-            f"vocab_size must be an int in [257, {MAX_BPE_VOCAB}] (256 bytes + the EOS token; larger tables do not "
-            f"fit memory), got {vocab_size!r}"
-        )
+    check_bpe_vocab(vocab_size)
     tok = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

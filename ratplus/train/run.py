@@ -41,10 +41,17 @@ from tqdm.auto import tqdm
 
 from ratplus.config import ModelConfig
 from ratplus.io.corpus import shakespeare_documents, shakespeare_plays
-from ratplus.io.folder import load_config, load_into, load_state_dict_file
+from ratplus.io.folder import EMBED_KEY, HEAD_KEY, load_config, load_into, load_state_dict_file, state_dict_problems
 from ratplus.io.lock import folder_lock
 from ratplus.io.metadata import ModelMetadata, read_metadata
-from ratplus.io.tokenizer import TOKENIZER_CONFIG_FILE, eos_id, get_tokenizer, load_tokenizer_file, vocab_size
+from ratplus.io.tokenizer import (
+    TOKENIZER_CONFIG_FILE,
+    check_bpe_vocab,
+    eos_id,
+    get_tokenizer,
+    load_tokenizer_file,
+    vocab_size,
+)
 from ratplus.model.rat import RATPlusLM
 from ratplus.model.uptrain import add_recurrence
 from ratplus.runtime import atomic_write_text, resolve_device, writing
@@ -62,7 +69,7 @@ from ratplus.train.data import (
     read_sft_records,
 )
 from ratplus.train.memory import MemoryPlan, check_plan
-from ratplus.train.plan import base_model_config, plan_run, plan_sparse, strip_compile_prefix, uses_bf16
+from ratplus.train.plan import COMPILE_PREFIX, base_model_config, plan_run, plan_sparse, strip_compile_prefix, uses_bf16
 from ratplus.train.step import build_optimizer, count_targets, loss_sum, lr_factor, optimizer_steps
 
 logger = logging.getLogger("ratplus")
@@ -222,6 +229,8 @@ class _Run:
         self.config = config
         self.plan = self._check_memory(config)  # again with the data's vocabulary, before any weight exists
         if dry_run:  # every check above ran; the model would be the first allocation
+            if cfg.init_from is not None and not cfg.uptrain:
+                self._check_init_weights(config)
             show(self.plan.table())
             return
         torch.manual_seed(cfg.seed)  # same initial weights on every process (FSDP shards them as they are)
@@ -270,6 +279,26 @@ class _Run:
         check_plan(plan, config, sparse=plan_sparse(self.step_patterns), grad_accum=self.cfg.grad_accum)
         return plan
 
+    def _check_init_weights(self, config: ModelConfig) -> None:
+        """The dry run's stand-in for loading ``init_from``'s weights: their names and shapes, read from
+        the safetensors header (nothing loaded), against the model's, with ``load_into``'s message."""
+        from safetensors import safe_open
+
+        weights = Path(self.cfg.init_from) / "model.safetensors"
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                keys = list(f.keys())
+                found = {k.replace(COMPILE_PREFIX, ""): tuple(f.get_slice(k).get_shape()) for k in keys}
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise ValueError(f"cannot read weights {weights}: {e}") from e
+        if config.tie_embeddings and HEAD_KEY not in found and EMBED_KEY in found:
+            found[HEAD_KEY] = found[EMBED_KEY]  # stored once (with_tied_keys)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in RATPlusLM(config).state_dict().items()}
+        problems = state_dict_problems(expected, found)
+        if problems:
+            raise ValueError(f"{weights} does not match the model config: " + " | ".join(problems))
+
     def _broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (a dry run has no process group: its own)."""
         return obj if self.dry_run else D.broadcast_object(obj, self.info)
@@ -281,6 +310,7 @@ class _Run:
         if self.init_tokenizer is not None:
             tok = self.init_tokenizer
         elif self.cfg.tokenizer == "bpe":
+            check_bpe_vocab(config.vocab_size)  # what train_bpe would refuse
             return config.vocab_size, None
         else:
             tok = get_tokenizer(self.cfg.tokenizer)

@@ -190,19 +190,18 @@ def test_a_diverged_run_is_one_line(files, monkeypatch, capsys):
 @pytest.mark.parametrize("command", ["adapt", "sft"])
 def test_dry_run_prints_the_plan_and_writes_nothing(files, capsys, command):
     """adapt and sft take --dry-run like train: the memory plan is printed, no output folder is made
-    (the model's max_seq_len is 256: adapt's default 512 is refused by the run, so by the dry run too;
-    SFT needs the model's tokenizer)."""
+    (the dry run refuses what the run refuses: --seq-len within max_seq_len 256, a tokenizer)."""
     from ratplus.io.tokenizer import train_bpe
 
     out = files / f"dry_{command}"
-    model = files / "model"
+    model = files / f"model_tok_{command}"  # tiny's 256 ids are too few for the bundled corpus's BPE
+    tok = train_bpe(["To be, or not to be."] * 5, 300)
+    torch.manual_seed(0)
+    save_pretrained(RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=300)), model, tokenizer=tok)
     if command == "adapt":
         extra = ["--pattern", "D4", "--steps", "1", "--seq-len", "64"]
     else:
-        extra, model = ["--data", str(files / "sft.jsonl")], files / "model_tok"
-        tok = train_bpe(["To be, or not to be."] * 5, 300)
-        torch.manual_seed(0)
-        save_pretrained(RATPlusLM(ModelConfig.from_preset("tiny", vocab_size=300)), model, tokenizer=tok)
+        extra = ["--data", str(files / "sft.jsonl")]
     assert main([command, "--ckpt", str(model), *extra, "--out", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "total per process" in printed and "-> fits" in printed
