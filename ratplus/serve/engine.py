@@ -30,6 +30,7 @@ import collections
 import ctypes
 import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -575,7 +576,9 @@ def served_name(folder: str | Path, config_name: str | None, metadata: dict[str,
     recorded = (metadata or {}).get("name")
     if isinstance(recorded, str) and recorded.strip():
         return recorded.strip()
-    path = Path(folder).resolve()
+    # abspath, not resolve(): a link's own name is the name the user chose (the demo's
+    # models/ratplus-D16-W0-P0 points at a hashed run folder whose name says nothing)
+    path = Path(os.path.abspath(folder))
     if not _GENERIC_FOLDERS.fullmatch(path.name):
         return path.name
     if config_name and config_name != "custom":

@@ -30,6 +30,16 @@ def test_served_name(tmp_path, folder, config_name, metadata, want):
     assert served_name(tmp_path / folder, config_name, metadata) == want
 
 
+def test_served_name_keeps_a_links_own_name(tmp_path):
+    """The demo's ``models/ratplus-D16-W0-P0`` links to a hashed run folder: the link's name is served."""
+    target = tmp_path / "adapt_ratplus_D16-W0-P0_215a7c17" / "final"
+    target.mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "models" / "ratplus-D16-W0-P0"
+    link.symlink_to(target)
+    assert served_name(link, "demo", {}) == "ratplus-D16-W0-P0"
+
+
 def test_serve_lists_a_final_folder_under_the_models_name(tmp_path, model, tokenizer):
     """``ratplus serve --ckpt runs/<run>/final``: /v1/models says ``tiny:dense`` (the config's name)."""
     pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'ratplus[serve]'")
