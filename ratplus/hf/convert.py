@@ -56,7 +56,7 @@ from ratplus.io.folder import (
     save_pretrained,
     state_dict_problems,
 )
-from ratplus.io.manifest import write_manifest
+from ratplus.io.manifest import MANIFEST_FILE, write_manifest
 from ratplus.io.metadata import ModelMetadata, read_metadata
 from ratplus.model.rat import RATPlusLM
 from ratplus.runtime import writing
@@ -473,7 +473,10 @@ def save_hf(model: RATPlusLM, dst: str | Path, tokenizer: Any = None, pattern: P
         hf.save_pretrained(dst)
     except Exception as e:
         raise _as_os_error(e, dst) from e
-    write_manifest(dst)  # like every folder ratplus writes: size + SHA-256 of each file, checked by verify
+    # like every folder ratplus writes: size + SHA-256 of each file, checked by verify; the model card
+    # (README.md) is left out: it is documentation, meant to be edited before a folder is shared
+    card = _hf().hub.CARD_FILE
+    write_manifest(dst, [p.name for p in Path(dst).iterdir() if p.is_file() and p.name not in (card, MANIFEST_FILE)])
     return Path(dst)
 
 

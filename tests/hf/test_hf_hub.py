@@ -111,3 +111,22 @@ def test_a_card_the_user_wrote_is_kept(folder, tmp_path):
     model.set_attention_pattern("dense")
     model.save_pretrained(tmp_path / "fresh")  # ratplus' own card is rewritten with the new default pattern
     assert "dense causal attention" in (tmp_path / "fresh" / CARD_FILE).read_text()
+
+
+def test_card_of_a_converted_folder_can_be_edited(tmp_path):
+    """convert's manifest covers the model's files but not the model card: editing README.md before
+    sharing the folder keeps it loadable (an edited config.json is still refused)."""
+    from ratplus import ModelConfig, RATPlusLM
+    from ratplus.hf.convert import save_hf
+
+    native = RATPlusLM(ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_seq_len=32))
+    folder = save_hf(native, tmp_path / "hf", pattern="D4-W2-P1")
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert CARD_FILE not in manifest and LOADER_FILE in manifest and "config.json" in manifest
+    (folder / CARD_FILE).write_text("# my card\n")
+    assert isinstance(RATPlusForCausalLM.from_pretrained(folder), RATPlusForCausalLM)
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_pattern"] = "dense"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json"):
+        RATPlusForCausalLM.from_pretrained(folder)
