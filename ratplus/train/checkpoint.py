@@ -208,15 +208,22 @@ class Checkpoint:
     train_config: dict[str, Any]
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Verify and read a training checkpoint folder (raises ``CheckpointError`` if damaged)."""
-    from safetensors.torch import load
-
+def verify_checkpoint(path: str | Path) -> Path:
+    """``path`` checked against its manifest and for every file of a training checkpoint (what
+    ``load_checkpoint`` checks before reading anything)."""
     folder = Path(path)
     verify_folder(folder)
     for name in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, TENSORS_FILE, TRAIN_CONFIG_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is a model folder, not a training checkpoint (no {name})")
+    return folder
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Verify and read a training checkpoint folder (raises ``CheckpointError`` if damaged)."""
+    from safetensors.torch import load
+
+    folder = verify_checkpoint(path)
     config = load_config(folder)
     state_js = json.loads((folder / STATE_FILE).read_text())
     tensors = load((folder / TENSORS_FILE).read_bytes())

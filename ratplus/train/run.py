@@ -231,6 +231,7 @@ class _Run:
         if dry_run:  # every check above ran; the model would be the first allocation
             if cfg.init_from is not None and not cfg.uptrain:
                 self._check_init_weights(config)
+            self._check_resume()
             show(self.plan.table())
             return
         torch.manual_seed(cfg.seed)  # same initial weights on every process (FSDP shards them as they are)
@@ -411,26 +412,39 @@ class _Run:
             ckpt_io.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
         D.barrier(self.info)
 
-    def maybe_resume(self) -> None:
+    def _resume_target(self) -> Path | None:
+        """The checkpoint ``resume`` names (the newest valid one for True), None to start from scratch."""
         cfg = self.cfg
         if cfg.resume is False:
+            return None
+        if cfg.resume is not True:
+            return Path(cfg.resume)
+        found: Path | str | None = None
+        if self.info.is_main:
+            try:
+                found = ckpt_io.latest_checkpoint(self.ckpt_root)
+            except ckpt_io.CheckpointError as e:  # every checkpoint damaged: all ranks stop together
+                found = f"error: {e}"
+        found = self._broadcast(found)
+        if isinstance(found, str):
+            raise ckpt_io.CheckpointError(found.removeprefix("error: "))
+        if found is None:
+            logger.info("ratplus: no checkpoint in %s, starting from scratch", self.ckpt_root)
+        return found
+
+    def _check_resume(self) -> None:
+        """The dry run's stand-in for ``maybe_resume``: the checkpoint is verified and its model
+        configuration compared, without loading its tensors."""
+        path = self._resume_target()
+        if path is not None:
+            ckpt_io.verify_checkpoint(path)
+            if load_config(path) != self.config:
+                raise ValueError(f"checkpoint {path} is for another model configuration than this run")
+
+    def maybe_resume(self) -> None:
+        path = self._resume_target()
+        if path is None:
             return
-        if cfg.resume is True:
-            found: Path | str | None = None
-            if self.info.is_main:
-                try:
-                    found = ckpt_io.latest_checkpoint(self.ckpt_root)
-                except ckpt_io.CheckpointError as e:  # every checkpoint damaged: all ranks stop together
-                    found = f"error: {e}"
-            found = D.broadcast_object(found, self.info)
-            if isinstance(found, str):
-                raise ckpt_io.CheckpointError(found.removeprefix("error: "))
-            path = found
-            if path is None:
-                logger.info("ratplus: no checkpoint in %s, starting from scratch", self.ckpt_root)
-                return
-        else:
-            path = Path(cfg.resume)
         ck = ckpt_io.load_checkpoint(path)
         if ck.config != self.config:
             raise ValueError(f"checkpoint {path} is for another model configuration than this run")

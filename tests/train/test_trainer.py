@@ -335,3 +335,22 @@ def test_adapt_refuses_a_tampered_model_folder(tmp_path, pretrained):
     with pytest.raises(CheckpointError, match="does not match its SHA-256"):
         adapt(copy_dir, "D4", out_dir=tmp_path / "ad", steps=1, seq_len=32, batch_size=2, progress=False)
     assert not (tmp_path / "ad").exists()
+
+
+def test_dry_run_checks_the_checkpoint_it_would_resume(tmp_path, data_dir):
+    """--resume under --dry-run: the checkpoint is verified and its model compared, as the run does,
+    without loading it; a model folder named as the checkpoint is refused the same way."""
+    from ratplus.train.checkpoint import CheckpointError
+    from ratplus.train.trainer import plan_only
+
+    out = train(_cfg(tmp_path, data_dir, steps=2, eval_interval=0))
+    other = _cfg(tmp_path, data_dir, steps=4, resume=True, model_overrides={"ffn_mult": 2})
+    errors = []
+    for run in (plan_only, train):
+        with pytest.raises(ValueError, match="is for another model configuration than this run") as e:
+            run(other)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    plan_only(_cfg(tmp_path, data_dir, steps=4, resume=True))  # the same model: fits
+    with pytest.raises(CheckpointError, match="is a model folder, not a training checkpoint"):
+        plan_only(_cfg(tmp_path, data_dir, steps=4, resume=str(out)))
