@@ -229,7 +229,7 @@ class _Run:
         self.config = config
         self.plan = self._check_memory(config)  # again with the data's vocabulary, before any weight exists
         if dry_run:  # every check above ran; the model would be the first allocation
-            if cfg.init_from is not None and not cfg.uptrain:
+            if cfg.init_from is not None:
                 self._check_init_weights(config)
             self._check_resume()
             show(self.plan.table())
@@ -282,7 +282,8 @@ class _Run:
 
     def _check_init_weights(self, config: ModelConfig) -> None:
         """The dry run's stand-in for loading ``init_from``'s weights: their names and shapes, read from
-        the safetensors header (nothing loaded), against the model's, with ``load_into``'s message."""
+        the safetensors header (nothing loaded), against the model's, with ``load_into``'s message;
+        for uptraining, after ``add_recurrence`` on shape-only (meta) tensors."""
         from safetensors import safe_open
 
         weights = Path(self.cfg.init_from) / "model.safetensors"
@@ -292,6 +293,10 @@ class _Run:
                 found = {k.replace(COMPILE_PREFIX, ""): tuple(f.get_slice(k).get_shape()) for k in keys}
         except Exception as e:  # safetensors raises several types for a damaged file
             raise ValueError(f"cannot read weights {weights}: {e}") from e
+        if self.cfg.uptrain:
+            meta = {k: torch.empty(shape, device="meta") for k, shape in found.items()}
+            grown = add_recurrence(meta, load_config(self.cfg.init_from), self.cfg.gate_init)
+            found = {k: tuple(v.shape) for k, v in grown.items()}
         if config.tie_embeddings and HEAD_KEY not in found and EMBED_KEY in found:
             found[HEAD_KEY] = found[EMBED_KEY]  # stored once (with_tied_keys)
         with torch.device("meta"):

@@ -137,3 +137,17 @@ def test_gate_curriculum_moves_the_biases_on_its_schedule(tmp_path, data_dir, to
         torch.testing.assert_close(block.seq_layer.fgate_bias, torch.zeros(16), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"gate_open .* needs uptrain"):
         TrainConfig(steps=1, gate_open=0.5).validate()
+
+
+def test_uptrain_dry_run_checks_the_grown_weights(tmp_path, tokenizer, data_dir):
+    """The dry run grows the dense weights' shapes (add_recurrence on meta tensors) and compares them
+    with the model, refusing a mismatch with the run's own message."""
+    save_pretrained(dense_llama_like(tokenizer.get_vocab_size()), tmp_path / "dense", tokenizer=tokenizer)
+    args = dict(data=str(data_dir), steps=1, seq_len=32, out_dir=str(tmp_path / "o"))
+    assert uptrain(tmp_path / "dense", dry_run=True, **args).fits
+    errors = []
+    for dry in (True, False):
+        with pytest.raises(ValueError, match="does not match the model config: shape mismatches") as e:
+            uptrain(tmp_path / "dense", dry_run=dry, model_overrides={"ffn_dim": 40}, **args)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and not (tmp_path / "o").exists()
