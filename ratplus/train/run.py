@@ -54,7 +54,7 @@ from ratplus.io.tokenizer import (
 )
 from ratplus.model.rat import RATPlusLM
 from ratplus.model.uptrain import add_recurrence
-from ratplus.runtime import atomic_write_text, resolve_device, writing
+from ratplus.runtime import atomic_write_text, resolve_device
 from ratplus.train import checkpoint as ckpt_io
 from ratplus.train import distributed as D
 from ratplus.train.config import BASELINE_SPARSE, RATPLUS_SPARSE, TrainConfig
@@ -70,53 +70,10 @@ from ratplus.train.data import (
 )
 from ratplus.train.memory import MemoryPlan, check_plan
 from ratplus.train.plan import COMPILE_PREFIX, base_model_config, plan_run, plan_sparse, strip_compile_prefix, uses_bf16
+from ratplus.train.runlog import LOG_FILE, RunLog  # noqa: F401  (LOG_FILE re-exported)
 from ratplus.train.step import build_optimizer, count_targets, loss_sum, lr_factor, optimizer_steps
 
 logger = logging.getLogger("ratplus")
-
-LOG_FILE = "log.jsonl"
-
-
-class _Log:
-    """JSON-lines log (and TensorBoard scalars when asked), written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
-        self.path, self.enabled, self.tb = out_dir / LOG_FILE, enabled, None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def trim(self, step: int) -> None:
-        """Keep the records up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with writing(self.path), open(self.path, "a") as f:  # a line cut short is dropped by trim() on resume
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, dict):
-                    for sub, v in value.items():
-                        self.tb.add_scalar(f"{key}/{sub}", v, record["step"])
-                elif isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _same_tokenizer(a: Tokenizer | None, b: Tokenizer | None) -> bool:
@@ -267,7 +224,7 @@ class _Run:
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         )
         self.step, self.tokens_seen = 0, 0
-        self.log = _Log(self.out, info.is_main, cfg.tensorboard)
+        self.log = RunLog(self.out, info.is_main, cfg.tensorboard)
         self.last_eval: dict[str, float] = {}
 
     # -- setup helpers ---------------------------------------------------------------------------------
