@@ -252,18 +252,25 @@ def _run_packed(
     positions). Exact per sequence, for every pattern, with gradients."""
     B, T, C = x.shape
     keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-    token = keep.flatten().nonzero().squeeze(1)  # (n,) kept tokens, index into B * T
-    is_start = starts.flatten()[token]  # (n,)
-    seq = is_start.cumsum(0) - 1  # (n,) sequence of each kept token
-    rank = torch.arange(token.numel(), device=x.device)
-    offset = rank - rank[is_start][seq]  # (n,) position inside its sequence
-    N, L = int(is_start.sum()), int(offset.max()) + 1
-    index = torch.zeros(N, L, dtype=torch.long, device=x.device)
-    index[seq, offset] = token
+    flat_keep = keep.flatten()  # (B*T,)
+    flat_start = starts.flatten() & flat_keep  # (B*T,)
+    rank = flat_keep.cumsum(0) - 1  # (B*T,) rank of each kept token among the kept ones
+    seq = flat_start.cumsum(0) - 1  # (B*T,) sequence of each kept token
+    first = torch.where(flat_start, rank, -1).cummax(0).values  # rank of the start of its sequence
+    offset = rank - first  # (B*T,) position inside its sequence (kept tokens)
+    # Every shape above is static; the regrouped batch's size is not: one host read for both sizes
+    # (the one graph break of a packed batch under torch.compile).
+    sizes = torch.stack([flat_start.sum(), offset.masked_fill(~flat_keep, 0).max() + 1])
+    N, L = (int(v) for v in sizes.tolist())
+    row = torch.where(flat_keep, seq, N)  # masked tokens go to a spare row N, never run
+    col = torch.where(flat_keep, offset, 0)
+    index = torch.zeros(N + 1, L, dtype=torch.long, device=x.device)
+    index[row, col] = torch.arange(B * T, device=x.device)
     flat = x.reshape(B * T, C)
     parts: list[torch.Tensor] | None = [] if record is not None else None
-    h = native.hidden(None, pattern, inputs_embeds=flat[index], all_hidden=parts)  # (N, L, C)
-    back = lambda t: t.new_zeros(B * T, C).index_put((token,), t[seq, offset]).view(B, T, C)  # noqa: E731
+    h = native.hidden(None, pattern, inputs_embeds=flat[index[:N]], all_hidden=parts)  # (N, L, C)
+    dead = ~flat_keep.unsqueeze(-1)  # (B*T, 1)
+    back = lambda t: t[row.clamp(max=N - 1), col].masked_fill(dead, 0.0).view(B, T, C)  # noqa: E731
     if record is not None:
         record.extend(back(t) for t in parts)
     return back(h)

@@ -112,6 +112,37 @@ def test_packed_sequences_run_as_if_alone():
     assert len(out.hidden_states) == model.config.num_layers + 1
 
 
+def test_packed_rows_with_padding_run_as_if_alone():
+    """Two packed rows, one right-padded, one left-padded: every sequence's logits are its own run
+    alone, masked positions give zero logits; under torch.compile the regrouping breaks the graph at
+    its two host reads only (whether a row packs several sequences; the regrouped batch's size), no
+    dynamic-shape op (nonzero) any more."""
+    model = tiny(5, attention_pattern="D4-W8-P2").eval()
+    gen = torch.Generator().manual_seed(7)
+    seqs = [[torch.randint(0, 97, (n,), generator=gen) for n in lens] for lens in ((7, 12), (5, 3, 9))]
+    T = 22
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    pos = torch.zeros(2, T, dtype=torch.long)
+    for r, row in enumerate(seqs):
+        tokens = torch.cat(row)
+        cols = torch.arange(tokens.numel()) if r == 0 else torch.arange(T - tokens.numel(), T)
+        ids[r, cols], mask[r, cols] = tokens, 1
+        pos[r, cols] = torch.cat([torch.arange(s.numel()) for s in row])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        for r, row in enumerate(seqs):
+            expected = torch.cat([model(input_ids=s[None]).logits[0] for s in row])
+            torch.testing.assert_close(out[r][mask[r].bool()], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[mask == 0], torch.zeros_like(out[mask == 0]))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, position_ids=pos)
+    torch._dynamo.reset()
+    lines = {(f.filename, f.lineno) for r in explained.break_reasons for f in r.user_stack[-1:]}
+    assert len(lines) == 2 and all(name.endswith("hf/modeling.py") for name, _ in lines), lines
+    assert not any("Dynamic shape operator" in r.reason for r in explained.break_reasons)
+
+
 @pytest.mark.parametrize(("every", "reentrant"), [(1, False), (2, False), (1, True)])
 def test_gradient_checkpointing_is_transformers_own(every, reentrant):
     """The blocks are GradientCheckpointingLayer s (RATPlusBlock): transformers' switch recomputes every
