@@ -1,6 +1,8 @@
 """The playground page (``GET /``): one prompt, every loaded pattern side by side, each streaming
 its own completion from ``/v1/completions``, with the request's KV bytes (``/v1/patterns``) and its
-tokens per second. Plain HTML and JavaScript, no external files."""
+tokens per second. Plain HTML and JavaScript, no external files. A server started with
+``--api-key`` needs the key in the page's key field: it is sent as ``Authorization: Bearer`` with
+every ``/v1`` request and kept in the page only (never stored, never sent elsewhere)."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -25,17 +27,37 @@ PAGE = """<!doctype html>
   <label>max tokens <input id="max_tokens" type="number" value="64" min="1" style="width:5em"></label>
   <label>temperature <input id="temperature" type="number" value="0" min="0" max="2" step="0.1"
     style="width:4em"></label>
+  <label>API key <input id="api_key" type="password" autocomplete="off" placeholder="if the server has one"
+    style="width:12em"></label>
   <button id="submit">Generate</button>
 </div>
+<div id="notice" class="stats"></div>
 <div id="outputs"></div>
 <script>
 const outputs = document.getElementById("outputs");
+const notice = document.getElementById("notice");
+const keyField = document.getElementById("api_key");
 let patterns = [];
 
+// /v1 requests carry the key field's value when it has one (servers started with --api-key)
+function api(path, options = {}) {
+  const headers = {...(options.headers || {})};
+  if (keyField.value) headers["Authorization"] = "Bearer " + keyField.value;
+  return fetch(path, {...options, headers});
+}
+
 async function loadPatterns() {
-  const r = await fetch("/v1/patterns");
-  patterns = (await r.json()).data;
+  const r = await api("/v1/patterns");
   outputs.innerHTML = "";
+  patterns = [];
+  if (!r.ok) {
+    notice.textContent = r.status === 401
+      ? "this server needs an API key: type it in the key field"
+      : "error: " + (await r.json()).error.message;
+    return;
+  }
+  notice.textContent = "";
+  patterns = (await r.json()).data;
   for (const p of patterns) {
     const col = document.createElement("div");
     col.className = "col";
@@ -52,7 +74,7 @@ async function run(p, prompt, maxTokens, temperature) {
   out.textContent = ""; stats.textContent = "waiting";
   const t0 = performance.now();
   let first = null, tokens = 0, usage = null;
-  const r = await fetch("/v1/completions", {
+  const r = await api("/v1/completions", {
     method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({model: p.id, prompt, max_tokens: maxTokens, temperature, stream: true,
                           stream_options: {include_usage: true}}),
@@ -85,7 +107,7 @@ async function run(p, prompt, maxTokens, temperature) {
   const n = usage ? usage.completion_tokens : tokens;
   let kv = "";
   if (usage) {
-    const q = await fetch(`/v1/patterns?prompt_tokens=${usage.prompt_tokens}&max_tokens=${maxTokens}`);
+    const q = await api(`/v1/patterns?prompt_tokens=${usage.prompt_tokens}&max_tokens=${maxTokens}`);
     const row = (await q.json()).data.find(x => x.pattern === p.pattern);
     kv = `KV ${(row.kv_bytes / 1024).toFixed(1)} KiB, `;
   }
@@ -116,6 +138,7 @@ button.addEventListener("click", async () => {
     const prompt = document.getElementById("prompt").value;
     const maxTokens = numberField("max_tokens", v => parseInt(v, 10));
     const temperature = numberField("temperature", parseFloat);
+    if (!patterns.length) await loadPatterns();
     for (const col of outputs.children) delete col.dataset.done;
     await Promise.allSettled(patterns.map(p => run(p, prompt, maxTokens, temperature)));
   } finally {
@@ -123,6 +146,7 @@ button.addEventListener("click", async () => {
     button.disabled = false;
   }
 });
+keyField.addEventListener("change", loadPatterns);
 loadPatterns();
 </script>
 </body>

@@ -94,6 +94,20 @@ def test_an_empty_max_tokens_field_sends_its_default(model, tokenizer):
         assert [r.max_tokens for r in seen] == [64, 64]
 
 
+def test_the_playground_sends_the_api_key_it_is_given(model, tokenizer):
+    """A server started with --api-key: the page says it needs the key, then streams with it."""
+    prompt = "Once upon a time"
+    ids = tokenizer.encode(prompt).ids
+    with live_server(model, tokenizer, api_key="s3cret-key") as live:
+        columns = run_playground(live.url, prompt, 8, columns=2, api_key="s3cret-key")
+    eos = model.config.eos_token_id
+    for pattern in (DENSE, D16):
+        out = generate(model, [ids], 8, pattern=pattern)[0, len(ids) :].tolist()
+        text, stats = columns[pattern]
+        assert text == tokenizer.decode(out[: out.index(eos)] if eos in out else out), pattern
+        assert "tokens/s" in stats
+
+
 def run_playground(
     url: str,
     prompt: str,
@@ -102,19 +116,28 @@ def run_playground(
     timeout: float = 60,
     double_click: bool = False,
     expect_max_tokens: str | None = None,
+    api_key: str | None = None,
 ) -> dict[str, tuple]:
     """Open the playground at ``url`` in headless Chromium, submit ``prompt`` (``double_click``: two
     clicks in a row), wait until every one of its ``columns`` pattern columns is done; returns pattern
     -> (output text, stats line). ``expect_max_tokens``: what the max-tokens field must show after the
-    click. Keeps a screenshot at $RATPLUS_PLAYGROUND_SCREENSHOT when set."""
+    click. ``api_key``: the page must first say it needs a key, then list the columns once the key
+    is typed into its key field. Keeps a screenshot at $RATPLUS_PLAYGROUND_SCREENSHOT when set."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver, profile = _browser()
     try:
         driver.get(url + "/")
         wait = WebDriverWait(driver, timeout)
+        if api_key is not None:
+            wait.until(lambda d: "API key" in d.find_element(By.ID, "notice").text)
+            assert not driver.find_elements(By.CSS_SELECTOR, ".col")
+            key = driver.find_element(By.ID, "api_key")
+            key.send_keys(api_key)
+            key.send_keys(Keys.TAB)  # the change event: the page lists the patterns with the key
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".col")) == columns)
         box = driver.find_element(By.ID, "prompt")
         box.clear()
