@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="train dense, adapt sparse, evaluate: the end-to-end main job",
-        description="Train dense, adapt sparse, evaluate, on a bundled corpus: about 11 minutes on an idle 2-core "
-        "CPU (10 min 38 s measured), several times that when other jobs share the cores. Ends with the models' "
-        "stable names (<out>/models/...) and commands to run them (docs/guides/demo.md).",
+        description="Train dense, adapt sparse, evaluate, on a bundled corpus: 11-13 minutes on an idle "
+        "2-core CPU (10 min 38 s and 13 min 4 s measured), several times that when other jobs share the "
+        "cores. Ends with the models' stable names (<out>/models/...) and commands to run them (docs/guides/demo.md).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (finished stages are reused)")
     p.add_argument(

@@ -24,7 +24,7 @@ documents. The report and the printed summary give ready-to-run commands on them
 
 Perplexity alone cannot show that the dilated keys carry long-range information (at this scale most
 prediction is local); the recall probe asks that directly, at a tiny budget (its figures say how much
-adaptation they had). Time on an idle 2-core CPU: 10 min 38 s measured (docs/guides/demo.md; the
+adaptation they had). Time on an idle 2-core CPU: 10 min 38 s and 13 min 4 s measured (docs/guides/demo.md; the
 budget is 20), ``--quick`` (a smoke run whose numbers mean nothing) about 1 minute (the budget is 3).
 """
 
